@@ -1,0 +1,177 @@
+"""``python -m sweeper [overrides]``: compose the config, check it, run the sweep, say where results are.
+
+A user's mistake (bad override, value, search space or dataset) ends with one
+line on stderr and exit code 2, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper.config import ConfigError, register_configs
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+# A checkout (or editable install) reads conf/ beside the package; a wheel ships it as sweeper.conf.
+CONFIG_PATH = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "config.yaml").is_file() else "pkg://sweeper.conf"
+CONFIG_NAME = "config"
+
+# Hydra reads `key=interval(...)` as a sweep of the app itself; search-space values are quoted
+# so that `search.space.train.lr=tag(log, interval(1e-5, 1e-2))` reaches us as a string.
+_SPACE_OVERRIDE = re.compile(r"^\+{0,2}(search\.space\.[\w.]+)=(.*)$")
+# Hydra flags after which the run is Hydra's business (help, printing the config, multirun).
+_HYDRA_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i",
+                     "--shell-completion", "-sc", "--multirun", "-m", "--version"}
+
+register_configs()
+logger = logging.getLogger("sweeper")
+
+
+def quote_space_overrides(argv: list[str]) -> list[str]:
+    """Quote search-space expressions for Hydra and let them add parameters without ``+``."""
+    quoted = []
+    for arg in argv:
+        match = _SPACE_OVERRIDE.match(arg)
+        if match:
+            key, value = match.groups()
+            if not value.startswith(("'", '"')):
+                value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            arg = f"++{key}={value}"
+        quoted.append(arg)
+    return quoted
+
+
+def split_hydra_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """Separate overrides from Hydra flags; returns (overrides, extra config dirs, hydra_only)."""
+    overrides, config_dirs, hydra_only = [], [], False
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--config-dir", "-cd"):
+            config_dirs.append(next(args, ""))
+        elif arg.startswith("--config-dir="):
+            config_dirs.append(arg.split("=", 1)[1])
+        elif arg.split("=", 1)[0] in _HYDRA_ONLY_FLAGS or arg.startswith("-"):
+            hydra_only = True
+        else:
+            overrides.append(arg)
+    return overrides, config_dirs, hydra_only
+
+
+def compose_config(overrides: list[str], config_dirs: list[str] | None = None) -> DictConfig:
+    """Compose the sweep config as ``python -m sweeper`` would (for pre-flight checks and tests)."""
+    overrides = list(overrides)
+    if config_dirs:
+        dirs = ",".join(f"file://{Path(d).expanduser().resolve()}" for d in config_dirs)
+        overrides.append(f"hydra.searchpath=[{dirs}]")
+    GlobalHydra.instance().clear()
+    if CONFIG_PATH.startswith("pkg://"):
+        context = initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3")
+    else:
+        context = initialize_config_dir(CONFIG_PATH, version_base="1.3")
+    with context:
+        return compose(config_name=CONFIG_NAME, overrides=overrides)
+
+
+def describe_composition_error(error: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line composition errors as one readable line."""
+    if isinstance(error, MissingConfigException) and error.options:
+        group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
+        return (f"{group}={error.missing_cfg_file.rsplit('/', 1)[-1]} is not a config option; "
+                f"allowed: {', '.join(sorted(error.options))}")
+    parts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(parts) < 2:
+        lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+        # OmegaConf repeats its message as a template ('$VALUE'); the filled-in one came first.
+        if lines and "$" not in lines[0]:
+            text = lines[0].rstrip(".")
+            key = getattr(seen, "full_key", None)
+            if key and key not in text:
+                text += f" (key: {key})"
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    return ": ".join(dict.fromkeys(parts)) or type(error).__name__
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate before Hydra runs anything; exits 2 with one line on a mistake."""
+    overrides, config_dirs, hydra_only = split_hydra_args(argv)
+    if hydra_only:
+        return
+    try:
+        cfg = compose_config(overrides, config_dirs)
+    except Exception as error:  # Hydra and OmegaConf raise many types for a user's mistake
+        _exit_usage(describe_composition_error(error))
+    finally:
+        GlobalHydra.instance().clear()
+    from sweeper.sweep import validate
+
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        _exit_usage(str(error))
+    except Exception as error:  # e.g. OmegaConf type errors surfacing on conversion
+        _exit_usage(describe_composition_error(error))
+
+
+def _exit_usage(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def report_outcome(outcome) -> None:
+    summary = outcome.summary
+    paths = summary["paths"]
+    best = summary["best"]
+    print()
+    print(f"Best trials ({summary['metric']}, {summary['mode']}):")
+    print(outcome.table)
+    print()
+    print(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
+          f"at epoch {best['epoch']} with {best['config']}")
+    print(f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']} "
+          f"for a full-budget search ({summary['epochs_ratio']:.0%})")
+    print(f"Sweep directory: {paths['sweep_dir']}")
+    print(f"Summary:         {Path(paths['sweep_dir']) / 'summary.json'}")
+    print(f"TensorBoard:     tensorboard --logdir {paths['tensorboard']}")
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    from sweeper.sweep import SweepFailed, run_sweep
+
+    logger.info("Sweep config:\n%s", OmegaConf.to_yaml(cfg))
+    try:
+        outcome = run_sweep(cfg)
+    except ConfigError as error:
+        _exit_usage(str(error))
+    except SweepFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("Interrupted. Run the same command again to resume the sweep.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    report_outcome(outcome)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = quote_space_overrides(list(sys.argv[1:] if argv is None else argv))
+    preflight(argv)
+    sys.argv = [sys.argv[0], *argv]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

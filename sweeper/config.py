@@ -1,0 +1,219 @@
+"""Typed sweep configuration and its validation.
+
+Hydra composes ``conf/`` on top of :class:`SweepConfig` (registered in the
+ConfigStore as ``sweep_schema``), so unknown keys and wrong types fail at
+composition with Hydra's own message. Range checks and cross-field checks live
+here, in :func:`validate`, which runs before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+
+DATASETS = ("mnist", "fashion_mnist")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SAMPLERS = ("tpe", "random")
+SCHEDULERS = ("asha", "none")
+MODES = ("min", "max")
+METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: one readable line naming key, value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how much of them a sweep uses."""
+
+    name: str = "mnist"
+    # A local file or folder; for mnist, None means Keras' downloader and cache.
+    path: str | None = None
+    # Download source and checksum for mnist through keras.utils.get_file.
+    url: str | None = MNIST_URL
+    sha256: str | None = MNIST_SHA256
+    # Seeded random subsets, for smoke runs and tests; None keeps everything.
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The classic MNIST CNN: Conv(f)-Pool-Conv(2f)-Pool-Conv(2f)-Flatten-Dense-Dense(10)."""
+
+    name: str = "cnn"
+    filters: int = 32
+    kernel_size: int = 3
+    dense_units: int = 64
+    dropout: float = 0.0
+    l2: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    validation_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    """The searcher: Optuna sampler, objective and search space (Hydra sweep grammar)."""
+
+    sampler: str = "tpe"
+    num_trials: int = 20
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    seed: int = 0
+    # TPE samples at random until this many trials have finished.
+    n_startup_trials: int = 5
+    # Nested by config path, e.g. {"train": {"lr": "tag(log, interval(1e-4, 1e-1))"}}.
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    """Early stopping. ASHA's budget unit is the epoch; its max is train.epochs."""
+
+    name: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 3
+
+
+@dataclass
+class ClusterConfig:
+    """Where trials run: a Ray started inside this process, or an existing cluster."""
+
+    name: str = "local"
+    # None starts Ray in-process; "auto" or "ray://host:10001" joins a cluster.
+    address: str | None = None
+    # Limits for the in-process Ray; None uses what the machine has.
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+
+
+@dataclass
+class ResourcesConfig:
+    cpu_per_trial: float = 1.0
+    # Fractions let several small trials share one GPU.
+    gpu_per_trial: float = 0.0
+    # None runs as many trials at once as the resources allow.
+    max_concurrent_trials: int | None = None
+
+
+@dataclass
+class SweepConfig:
+    name: str = "default"
+    sweep_dir: str = "sweeps/${name}"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+def register_configs() -> None:
+    """Make the schema available to conf/config.yaml's defaults list."""
+    ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
+
+
+# The config groups a search space may touch: what a trial trains with.
+SEARCHABLE_GROUPS = ("data", "model", "train")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
+    _require(value in options, key, value, f"must be one of {', '.join(options)}")
+
+
+def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+    """Check everything a single trial trains with; also run on each search-space bound."""
+    _one_of("data.name", data.name, DATASETS)
+    for key in ("max_train_samples", "max_test_samples"):
+        value = getattr(data, key)
+        _require(value is None or value >= 20, f"data.{key}", value, "must be >= 20 or null")
+    if data.name == "mnist" and data.path is None:
+        _require(bool(data.url), "data.url", data.url, "a URL is needed when data.path is null")
+    if data.name == "fashion_mnist":
+        _require(bool(data.path), "data.path", data.path, "fashion_mnist reads IDX files from a folder")
+
+    _require(model.filters >= 1, "model.filters", model.filters, "must be >= 1")
+    _require(1 <= model.kernel_size <= 4, "model.kernel_size", model.kernel_size,
+             "must be 1 to 4 (28x28 images shrink to nothing through three larger kernels)")
+    _require(model.dense_units >= 1, "model.dense_units", model.dense_units, "must be >= 1")
+    _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
+    _require(model.l2 >= 0.0, "model.l2", model.l2, "must be >= 0")
+
+    _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
+    _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
+    _one_of("train.optimizer", train.optimizer, OPTIMIZERS)
+    _require(math.isfinite(train.lr) and train.lr > 0, "train.lr", train.lr,
+             "must be a positive number")
+    _require(0.0 < train.validation_fraction < 1.0, "train.validation_fraction",
+             train.validation_fraction, "must be in (0, 1)")
+
+
+def validate_sweep_settings(cfg: SweepConfig) -> None:
+    """Check the searcher, scheduler, cluster and resources settings."""
+    _require(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name,
+             "must be a non-empty name without '/'")
+    search = cfg.search
+    _one_of("search.sampler", search.sampler, SAMPLERS)
+    _one_of("search.metric", search.metric, METRICS)
+    _one_of("search.mode", search.mode, MODES)
+    _require(search.num_trials >= 1, "search.num_trials", search.num_trials, "must be >= 1")
+    _require(search.n_startup_trials >= 0, "search.n_startup_trials", search.n_startup_trials,
+             "must be >= 0")
+
+    scheduler = cfg.scheduler
+    _one_of("scheduler.name", scheduler.name, SCHEDULERS)
+    _require(scheduler.grace_period >= 1, "scheduler.grace_period", scheduler.grace_period,
+             "must be >= 1 epoch")
+    _require(scheduler.reduction_factor >= 2, "scheduler.reduction_factor",
+             scheduler.reduction_factor, "must be >= 2")
+    if scheduler.name == "asha":
+        _require(cfg.train.epochs >= scheduler.grace_period, "train.epochs", cfg.train.epochs,
+                 f"must be >= scheduler.grace_period ({scheduler.grace_period}) with ASHA")
+
+    _one_of("cluster.name", cfg.cluster.name, ("local", "remote"))
+    for key in ("num_cpus", "num_gpus"):
+        value = getattr(cfg.cluster, key)
+        _require(value is None or value >= 0, f"cluster.{key}", value, "must be >= 0 or null")
+
+    resources = cfg.resources
+    _require(resources.cpu_per_trial > 0, "resources.cpu_per_trial", resources.cpu_per_trial,
+             "must be > 0")
+    gpu = resources.gpu_per_trial
+    _require(gpu >= 0 and (gpu <= 1 or float(gpu).is_integer()), "resources.gpu_per_trial", gpu,
+             "must be >= 0; fractions only below 1 (e.g. 0.25 packs four trials on a GPU)")
+    limit = resources.max_concurrent_trials
+    _require(limit is None or limit >= 1, "resources.max_concurrent_trials", limit,
+             "must be >= 1 or null")
+
+
+def to_sweep_config(cfg: DictConfig) -> SweepConfig:
+    """Turn Hydra's composed DictConfig into the typed dataclass tree."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

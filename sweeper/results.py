@@ -1,0 +1,189 @@
+"""What a sweep leaves behind: per-trial records, the best trial, summary.json and a table.
+
+The functions here take plain records and return plain values; reading Ray's
+ResultGrid is the one place that touches Ray objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+COMPLETED = "completed"
+EARLY_STOPPED = "early_stopped"
+FAILED = "failed"
+UNFINISHED = "unfinished"
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the user sees it."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str
+    epochs_trained: int
+    last_value: float | None
+    best_value: float | None
+    best_epoch: int | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    error: str | None = None
+    path: str | None = None
+    best_checkpoint: str | None = None
+
+
+def trial_status(epochs: int, max_epochs: int, error: str | None, done: bool) -> str:
+    if error:
+        return FAILED
+    if epochs >= max_epochs:
+        return COMPLETED
+    return EARLY_STOPPED if done else UNFINISHED
+
+
+def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> tuple[float, int] | None:
+    """The best finite value of ``metric`` in a trial's history and the epoch it came at."""
+    scored = [(row[metric], int(row["epoch"])) for row in history
+              if row.get(metric) is not None and math.isfinite(row[metric])]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda pair: pair[0])
+
+
+def records_from_results(grid, metric: str, mode: str, max_epochs: int,
+                         sweep_done: bool) -> list[TrialRecord]:
+    """Turn Ray Tune's ResultGrid into TrialRecords, in trial order."""
+    records = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+        history: list[dict[str, float]] = []
+        if frame is not None and "epoch" in frame:
+            rows = frame[[c for c in columns if c in frame]].drop_duplicates("epoch", keep="last")
+            history = [{k: float(v) for k, v in row.items()} for row in rows.to_dict("records")]
+        error = None if result.error is None else _one_line(result.error)
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        best = best_epoch(history, metric, mode)
+        checkpoint = _checkpoint_at(result, best[1]) if best else None
+        epochs = len(history)
+        records.append(TrialRecord(
+            trial_id=trial_id,
+            config=dict(result.config or {}),
+            status=trial_status(epochs, max_epochs, error, done=sweep_done),
+            epochs_trained=epochs,
+            last_value=history[-1][metric] if history else None,
+            best_value=best[0] if best else None,
+            best_epoch=best[1] if best else None,
+            history=history,
+            error=error,
+            path=result.path,
+            best_checkpoint=checkpoint,
+        ))
+    return sorted(records, key=lambda record: record.trial_id)
+
+
+def _checkpoint_at(result, epoch: int) -> str | None:
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if int(metrics.get("epoch", -1)) == epoch:
+            return checkpoint.path
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    # Ray wraps the trial's exception; its last line names the real cause.
+    return text[-1] if text else type(error).__name__
+
+
+def rank(records: list[TrialRecord], mode: str) -> list[TrialRecord]:
+    """Trials with a score, best first."""
+    scored = [r for r in records if r.best_value is not None and r.status != FAILED]
+    return sorted(scored, key=lambda r: r.best_value, reverse=(mode == "max"))
+
+
+def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
+                  records: list[TrialRecord], sweep_dir: Path) -> dict[str, Any]:
+    """The content of summary.json."""
+    ranked = rank(records, mode)
+    best = ranked[0] if ranked else None
+    epochs_trained = sum(r.epochs_trained for r in records)
+    full_budget = len(records) * max_epochs
+    counts = {s: sum(r.status == s for r in records)
+              for s in (COMPLETED, EARLY_STOPPED, FAILED, UNFINISHED)}
+    return {
+        "experiment": experiment,
+        "metric": metric,
+        "mode": mode,
+        "num_trials": len(records),
+        "trial_counts": counts,
+        "max_epochs": max_epochs,
+        "epochs_trained": epochs_trained,
+        "epochs_full_budget": full_budget,
+        "epochs_ratio": round(epochs_trained / full_budget, 4) if full_budget else None,
+        "best": None if best is None else {
+            "trial_id": best.trial_id,
+            "config": best.config,
+            "metric_value": best.best_value,
+            "epoch": best.best_epoch,
+            "epochs_trained": best.epochs_trained,
+            "checkpoint": best.best_checkpoint,
+        },
+        "paths": {
+            "sweep_dir": str(sweep_dir),
+            "trials": str(sweep_dir / "trials"),
+            "tensorboard": str(sweep_dir / "tensorboard"),
+        },
+        "trials": [
+            {
+                "trial_id": r.trial_id,
+                "config": r.config,
+                "status": r.status,
+                "epochs_trained": r.epochs_trained,
+                "last_metric_value": r.last_value,
+                "best_metric_value": r.best_value,
+                "best_epoch": r.best_epoch,
+                "error": r.error,
+            }
+            for r in records
+        ],
+    }
+
+
+def write_summary(summary: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)  # never leave a half-written summary behind
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(records: list[TrialRecord], metric: str, mode: str, limit: int = 5) -> str:
+    """A plain-text table of the best trials, for the end of a sweep."""
+    ranked = rank(records, mode)[:limit]
+    if not ranked:
+        return "No trial reported a finite " + metric + "."
+    params = sorted({k for r in ranked for k in r.config})
+    header = ["trial", metric, "epoch", "trained", "status", *params]
+    rows = [[r.trial_id, f"{r.best_value:.4f}", str(r.best_epoch), str(r.epochs_trained),
+             r.status, *(_format_value(r.config.get(p, "")) for p in params)] for r in ranked]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def record_as_dict(record: TrialRecord) -> dict[str, Any]:
+    return asdict(record)

@@ -1,0 +1,174 @@
+"""TensorBoard logs for a sweep: per-epoch scalars and HParams data, one run per trial.
+
+Written by the driver from the results Ray Tune already collects, so every
+trial's logs land in the one ``<sweep>/tensorboard`` folder wherever the trial
+ran, and TensorFlow is not needed in the driver. The HParams experiment (its
+parameters and their domains) is written once at the start; each trial's
+parameters are written when it starts, so the HParams table shows running
+trials, and its status when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from ray.tune import Callback
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2
+from tensorboard.plugins.hparams import summary as hparams_summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from sweeper.trainer import METRIC_NAMES
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_RUN = "."
+
+
+def hparam_info(name: str, distribution: BaseDistribution) -> api_pb2.HParamInfo:
+    """Describe one searched parameter's domain for the HParams dashboard."""
+    info = api_pb2.HParamInfo(name=name)
+    if isinstance(distribution, CategoricalDistribution):
+        choices = distribution.choices
+        if all(isinstance(c, bool) for c in choices):
+            info.type = api_pb2.DATA_TYPE_BOOL
+        elif all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            info.domain_discrete.extend(float(c) for c in choices)
+        else:
+            info.type = api_pb2.DATA_TYPE_STRING
+            info.domain_discrete.extend(str(c) for c in choices)
+    elif isinstance(distribution, (FloatDistribution, IntDistribution)):
+        info.type = api_pb2.DATA_TYPE_FLOAT64
+        info.domain_interval.min_value = float(distribution.low)
+        info.domain_interval.max_value = float(distribution.high)
+    return info
+
+
+def hparam_value(value: Any) -> bool | float | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value)
+
+
+def scalar_summary(values: dict[str, float]) -> Summary:
+    return Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+
+
+class SweepEventWriter:
+    """Event files under ``logdir``: the experiment at the top, one run folder per trial."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = Path(logdir)
+        self._writers: dict[str, EventFileWriter] = {}
+
+    def _writer(self, run: str) -> EventFileWriter:
+        if run not in self._writers:
+            path = self.logdir / run
+            path.mkdir(parents=True, exist_ok=True)
+            self._writers[run] = EventFileWriter(str(path))
+        return self._writers[run]
+
+    def _write(self, run: str, summary, step: int = 0) -> None:
+        writer = self._writer(run)
+        # The hparams helpers may build TensorFlow's own Summary class; re-read it as ours.
+        summary = Summary.FromString(summary.SerializeToString())
+        writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+        writer.flush()
+
+    def write_experiment(self, space: dict[str, BaseDistribution], metric: str) -> None:
+        infos = [hparam_info(name, dist) for name, dist in space.items()]
+        metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in METRIC_NAMES]
+        description = f"Objective: {metric}"
+        self._write(EXPERIMENT_RUN, hparams_summary.experiment_pb(infos, metrics,
+                                                                  description=description))
+
+    def start_trial(self, run: str, params: dict[str, Any]) -> None:
+        hparams = {name: hparam_value(value) for name, value in params.items()}
+        self._write(run, hparams_summary.session_start_pb(hparams, group_name=run))
+
+    def log_epoch(self, run: str, epoch: int, metrics: dict[str, float]) -> None:
+        self._write(run, scalar_summary(metrics), step=epoch)
+
+    def end_trial(self, run: str, failed: bool) -> None:
+        status = api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS
+        self._write(run, hparams_summary.session_end_pb(status))
+        self.close_run(run)
+
+    def close_run(self, run: str) -> None:
+        writer = self._writers.pop(run, None)
+        if writer is not None:
+            writer.close()
+
+    def close(self) -> None:
+        for run in list(self._writers):
+            self.close_run(run)
+
+
+class TensorBoardCallback(Callback):
+    """Ray Tune callback that mirrors every trial's results into TensorBoard event files."""
+
+    def __init__(self, logdir: Path, space: dict[str, BaseDistribution], metric: str) -> None:
+        self.logdir = Path(logdir)
+        self.space = space
+        self.metric = metric
+        self._events: SweepEventWriter | None = None
+        self._last_epoch: dict[str, int] = {}
+
+    # Ray pickles callbacks into the experiment state; event writers hold threads and files.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_events"] = None
+        return state
+
+    @property
+    def events(self) -> SweepEventWriter:
+        if self._events is None:
+            self._events = SweepEventWriter(self.logdir)
+        return self._events
+
+    def get_state(self) -> dict[str, Any]:
+        return {"last_epoch": dict(self._last_epoch)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._last_epoch.update(state.get("last_epoch", {}))
+
+    def setup(self, **info: Any) -> None:
+        if not any(self.logdir.glob("events.out.tfevents.*")):
+            self.events.write_experiment(self.space, self.metric)
+            self.events.close_run(EXPERIMENT_RUN)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if trial.trial_id not in self._last_epoch:
+            self.events.start_trial(trial.trial_id, trial.config)
+            self._last_epoch[trial.trial_id] = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        # A retried trial resumes from its checkpoint; never log an epoch twice.
+        if epoch <= self._last_epoch.get(trial.trial_id, 0):
+            return
+        self._last_epoch[trial.trial_id] = epoch
+        metrics = {name: float(result[name]) for name in METRIC_NAMES if name in result}
+        self.events.log_epoch(trial.trial_id, epoch, metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.events.end_trial(trial.trial_id, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.events.end_trial(trial.trial_id, failed=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.events.close()

@@ -1,0 +1,138 @@
+"""The shared trainer: one plain function that trains the CNN epoch by epoch.
+
+It knows nothing of Ray: the caller passes ``on_epoch_end`` to see each epoch's
+metrics and the model (Ray Tune reports and checkpoints there; a script can
+just log). One ``fit`` call covers all epochs, so the input pipeline and the
+compiled training step are built once per trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sweeper.config import SweepConfig
+from sweeper.data import Splits
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the trial cannot recover."""
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based: the number of epochs trained so far
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+EpochCallback = Callable[[EpochMetrics, "object"], None]
+
+
+def configure_tensorflow(num_cpus: float, use_gpu: bool) -> None:
+    """Make TensorFlow use the trial's CPUs and share GPUs politely.
+
+    Must run before TensorFlow builds its first op in this process; a reused
+    worker that already did keeps its earlier (identical) settings.
+    """
+    threads = max(1, int(num_cpus))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        logger.debug("TensorFlow already initialized; keeping its thread settings")
+    for gpu in tf.config.list_physical_devices("GPU") if use_gpu else []:
+        try:
+            # Grow memory on demand so several trials can share one GPU.
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            logger.debug("GPU already initialized; keeping its memory settings")
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 shuffle_seed: int | None = None):
+    """A batched, prefetched tf.data pipeline over uint8 arrays (the model rescales)."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_callback(on_epoch_end: EpochCallback | None):
+    import keras
+
+    class ReportEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            values = {name: float(logs.get(name, math.nan)) for name in METRIC_NAMES}
+            if not math.isfinite(values["loss"]):
+                raise TrialDiverged(f"training loss became {values['loss']} in epoch {epoch + 1}")
+            metrics = EpochMetrics(epoch=epoch + 1, **values)
+            if on_epoch_end is not None:
+                on_epoch_end(metrics, self.model)
+
+    return ReportEpoch()
+
+
+def build_model(cfg: SweepConfig):
+    """A freshly initialized, compiled model for ``cfg`` (seeded by train.seed)."""
+    import keras
+
+    from sweeper.model import build_cnn, compile_model
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    return compile_model(build_cnn(cfg.model), cfg.train)
+
+
+def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
+          model=None, initial_epoch: int = 0):
+    """Train the CNN of ``cfg`` on ``splits`` for ``cfg.train.epochs`` epochs.
+
+    Args:
+        cfg: The trial's full config (sampled parameters already filled in).
+        splits: uint8 arrays; only train and validation are used.
+        on_epoch_end: Called after every epoch with its metrics and the model.
+        model: A model to continue (e.g. restored from a checkpoint); None builds one.
+        initial_epoch: Epochs already trained by ``model``.
+
+    Returns:
+        The trained keras.Model.
+
+    Raises:
+        TrialDiverged: The training loss became NaN or infinite.
+    """
+    if model is None:
+        model = build_model(cfg)
+    train_data = make_dataset(splits.x_train, splits.y_train, cfg.train.batch_size,
+                              shuffle_seed=cfg.train.seed + initial_epoch)
+    val_data = make_dataset(splits.x_val, splits.y_val, max(cfg.train.batch_size, 256))
+    if initial_epoch < cfg.train.epochs:
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=cfg.train.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[_epoch_callback(on_epoch_end)],
+            shuffle=False,  # the dataset shuffles itself, seeded
+            verbose=0,
+        )
+    return model

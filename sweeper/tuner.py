@@ -1,0 +1,163 @@
+"""Ray Tune assembly: trainable, searcher, scheduler, resources, storage, restore.
+
+This is where Ray lives. Everything it calls into (trainer, space, results)
+takes and returns plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from optuna.distributions import BaseDistribution
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from sweeper.config import ClusterConfig, SweepConfig
+from sweeper.data import Splits
+from sweeper.searcher import PruningOptunaSearch, make_sampler
+from sweeper.space import apply_params
+from sweeper.tensorboard import TensorBoardCallback
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_MODEL = "model.keras"
+CHECKPOINT_STATE = "state.json"
+TRIALS_DIRNAME = "trials"
+TENSORBOARD_DIRNAME = "tensorboard"
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    """Where a sweep keeps its files; all absolute."""
+
+    root: Path
+
+    @property
+    def trials(self) -> Path:
+        return self.root / TRIALS_DIRNAME
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIRNAME
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @classmethod
+    def for_config(cls, cfg: SweepConfig) -> SweepPaths:
+        return cls(Path(cfg.sweep_dir).expanduser().resolve())
+
+
+def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> None:
+    """The Ray Tune trainable: train one sampled configuration, reporting every epoch.
+
+    Each epoch's metrics go to Tune with a checkpoint of the model and optimizer
+    state; a retried trial continues from its last checkpoint.
+    """
+    from sweeper.trainer import configure_tensorflow, train
+
+    configure_tensorflow(base.resources.cpu_per_trial, use_gpu=base.resources.gpu_per_trial > 0)
+    import keras
+
+    keras.backend.clear_session()  # a reused worker starts each trial from a clean graph
+    cfg = apply_params(base, params)
+    model, initial_epoch = None, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL)
+            initial_epoch = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())["epoch"]
+
+    def report(metrics, trained_model) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            trained_model.save(Path(folder) / CHECKPOINT_MODEL)
+            (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": metrics.epoch}))
+            tune.report(metrics.as_dict(), checkpoint=tune.Checkpoint.from_directory(folder))
+
+    train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch)
+
+
+def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution]) -> Searcher:
+    searcher = PruningOptunaSearch(
+        space=space,
+        metric=cfg.search.metric,
+        mode=cfg.search.mode,
+        sampler=make_sampler(cfg.search.sampler, cfg.search.seed, cfg.search.n_startup_trials),
+        max_epochs=cfg.train.epochs,
+    )
+    limit = cfg.resources.max_concurrent_trials
+    return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+
+
+def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
+    if cfg.scheduler.name == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=cfg.search.metric,
+        mode=cfg.search.mode,
+        max_t=cfg.train.epochs,
+        grace_period=cfg.scheduler.grace_period,
+        reduction_factor=cfg.scheduler.reduction_factor,
+    )
+
+
+def connect(cluster: ClusterConfig) -> bool:
+    """Start or join Ray as the config says; returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    if cluster.address:
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                 include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _trainable(cfg: SweepConfig, splits: Splits):
+    resources = {"cpu": cfg.resources.cpu_per_trial, "gpu": cfg.resources.gpu_per_trial}
+    # with_parameters puts the arrays in the object store once; trials read them zero-copy.
+    return tune.with_resources(tune.with_parameters(run_trial, splits=splits, base=cfg), resources)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Splits,
+                paths: SweepPaths) -> tune.Tuner:
+    """A new Tuner for the sweep, or the interrupted one restored from its folder."""
+    trainable = _trainable(cfg, splits)
+    if tune.Tuner.can_restore(str(paths.trials)):
+        logger.info("Resuming the interrupted sweep in %s", paths.trials)
+        return tune.Tuner.restore(str(paths.trials), trainable=trainable, resume_errored=True)
+    metric, mode = cfg.search.metric, cfg.search.mode
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg, space),
+            scheduler=make_scheduler(cfg),
+            num_samples=cfg.search.num_trials,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=TRIALS_DIRNAME,
+            storage_path=str(paths.root),
+            callbacks=[TensorBoardCallback(paths.tensorboard, space, metric)],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,  # the best epoch's weights; Ray also keeps the latest
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=2),
+            verbose=1,
+        ),
+    )

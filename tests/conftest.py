@@ -1,0 +1,56 @@
+"""Shared fixtures: real data on disk, a real local Ray, composed configs."""
+
+from __future__ import annotations
+
+import os
+
+# The network here is loopback only: keep every Ray node of these tests on 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist")
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def fashion_npz(tmp_path_factory, fashion_mnist_dir) -> Path:
+    """A slice of Fashion-MNIST saved in Keras' mnist.npz layout."""
+    from sweeper.data import load_idx_folder
+
+    arrays = load_idx_folder(fashion_mnist_dir)
+    path = tmp_path_factory.mktemp("npz") / "mnist.npz"
+    np.savez_compressed(path, x_train=arrays["x_train"][:2000], y_train=arrays["y_train"][:2000],
+                        x_test=arrays["x_test"][:500], y_test=arrays["y_test"][:500])
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real in-process Ray for the test session (2 CPUs, loopback)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def compose():
+    """Compose the sweep config exactly as `python -m sweeper ARGS` would."""
+    from sweeper.__main__ import compose_config, quote_space_overrides
+
+    def _compose(*overrides: str):
+        return compose_config(quote_space_overrides(list(overrides)))
+
+    return _compose
