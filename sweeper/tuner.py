@@ -117,7 +117,8 @@ def connect(cluster: ClusterConfig) -> bool:
     if cluster.address:
         ray.init(address=cluster.address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+        # "local" starts a fresh Ray even where `ray start` left a cluster running.
+        ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                  include_dashboard=False, logging_level=logging.WARNING)
     return True
 

@@ -40,7 +40,7 @@ def ray_local():
     """One real in-process Ray for the test session (2 CPUs, loopback)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
