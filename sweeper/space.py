@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,11 @@ from optuna.distributions import (
 
 from sweeper.config import SEARCHABLE_GROUPS, ConfigError, SweepConfig, validate_trial_settings
 
-FORMS = "choice(a, b, ...), range(start, stop[, step]), interval(low, high), tag(log, interval(low, high))"
+# Hydra turns interval bounds into floats; integer bounds written as such mean an int setting.
+_INT_INTERVAL = re.compile(r"interval\(\s*(start\s*=\s*)?[+-]?\d+\s*,\s*(end\s*=\s*)?[+-]?\d+\s*\)")
+
+FORMS = ("choice(a, b, ...), range(start, stop[, step]), interval(low, high), "
+         "tag(log, interval(low, high))")
 
 
 def _fail(key: str, expression: Any, why: str) -> ConfigError:
@@ -85,8 +90,8 @@ def parse_distribution(key: str, expression: Any) -> BaseDistribution:
         log = "log" in tags
         if log and low <= 0:
             raise _fail(key, expression, "tag(log, ...) needs low > 0")
-        if isinstance(low, int) and isinstance(high, int):
-            return IntDistribution(low, high, log=log)
+        if _INT_INTERVAL.search(expression):
+            return IntDistribution(int(low), int(high), log=log)
         return FloatDistribution(float(low), float(high), log=log)
 
     raise _fail(key, expression, f"{type(sweep).__name__} sweeps are not supported")
