@@ -1,0 +1,166 @@
+"""Configs compose and validate before Ray starts; a user's mistake is one line and exit code 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sweeper.__main__ import CONFIG_PATH
+from sweeper.config import ConfigError
+from sweeper.sweep import validate
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweeper", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+MISTAKES = [
+    (["train.lr=-1"], "train.lr"),
+    (["scheduler=foo"], "scheduler=foo"),
+    (["train.epochs=2", "scheduler.grace_period=3"], "train.epochs"),
+    (["data.path=/no/such/mnist.npz"], "data.path"),
+    (["data=fashion_mnist", "data.path=/no/such/folder"], "data.path"),
+    (["train.learning_rate=0.1"], "train.learning_rate"),
+    (["train.epochs=ten"], "train.epochs"),
+    (["search.space.train.lr=interval(1e-4"], "search.space.train.lr"),
+    (["search.space.model.width=choice(1, 2)"], "search.space.model.width"),
+    (["+experiment=no_such_experiment"], "experiment=no_such_experiment"),
+    (["+experiment=smoke", "model.dropout=1.5"], "model.dropout"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), MISTAKES, ids=[" ".join(o) for o, _ in MISTAKES])
+def test_a_mistake_exits_2_with_one_line_before_ray_starts(tmp_path, overrides, key):
+    ray_tmp = tmp_path / "ray"
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    started = time.monotonic()
+    result = run_cli(*overrides, cwd=tmp_path, env=env)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and key in lines[0]
+    # Nothing was started: Ray would have made its session folder, the sweep its directory.
+    assert not ray_tmp.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert elapsed < 30
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(compose, experiment):
+    cfg, space = validate(compose(f"+experiment={experiment}"))
+    assert cfg.name == experiment
+    assert space, "an experiment searches at least one parameter"
+
+
+def test_the_experiments_the_issue_names_exist():
+    assert {"cnn_lr", "smoke"} <= set(EXPERIMENTS)
+    assert len(EXPERIMENTS) >= 3
+
+
+def test_the_smoke_experiment_is_tiny_and_runs_on_fashion_mnist(compose, fashion_mnist_dir):
+    cfg, _ = validate(compose("+experiment=smoke", "data=fashion_mnist"))
+    assert cfg.data.path == str(fashion_mnist_dir)
+    assert cfg.train.epochs <= 3
+    assert cfg.search.num_trials <= 8
+    assert cfg.data.max_train_samples is not None and cfg.data.max_train_samples <= 5000
+
+
+def test_search_spaces_can_be_changed_from_the_command_line(compose):
+    cfg, space = validate(compose("search.space.train.lr=tag(log, interval(1e-5, 1e-2))",
+                                  "search.space.model.dropout=interval(0, 0.5)"))
+    assert space["train.lr"].low == pytest.approx(1e-5)
+    assert space["model.dropout"].high == pytest.approx(0.5)
+
+
+def test_validation_errors_name_key_value_and_what_is_allowed(compose):
+    with pytest.raises(ConfigError) as caught:
+        validate(compose("scheduler.reduction_factor=1"))
+    assert caught.value.key == "scheduler.reduction_factor"
+    assert str(caught.value) == "scheduler.reduction_factor=1 is invalid: must be >= 2"
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_cli("--cfg", "job", "+experiment=smoke", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "name: smoke" in result.stdout
+    assert "lr: tag(log, interval(1e-4, 3e-2))" in result.stdout
+
+
+USER_EXPERIMENT = """\
+# @package _global_
+defaults:
+  - override /space: wide
+  - override /scheduler: none
+
+name: mine
+train:
+  epochs: 4
+"""
+
+
+def test_a_users_own_experiment_from_config_dir(tmp_path, compose):
+    from sweeper.__main__ import compose_config
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(USER_EXPERIMENT)
+
+    cfg, space = validate(compose_config(["+experiment=mine"], config_dirs=[str(tmp_path)]))
+    assert (cfg.name, cfg.train.epochs, cfg.scheduler.name) == ("mine", 4, "none")
+    assert {"train.batch_size", "model.filters", "model.l2"} <= set(space)
+
+    result = run_cli("--config-dir", str(tmp_path), "+experiment=mine", "train.lr=-3",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.lr=-3.0 is invalid: must be a positive number"
+
+
+def test_checkout_reads_conf_beside_the_package():
+    assert Path(CONFIG_PATH) == REPO / "conf"
+
+
+def test_configs_work_from_an_installed_wheel(tmp_path):
+    # Build from a copy: an in-tree build leaves build/ behind, whose stale files later wheels ship.
+    source = tmp_path / "source"
+    for name in ("sweeper", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # Offline where the venv has setuptools; otherwise pip fetches it into an isolated build.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
+                    str(source)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("sweeper-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    result = run_cli("--cfg", "job", "+experiment=smoke", cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "name: smoke" in result.stdout
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import sweeper.__main__ as m; print(m.__file__, m.CONFIG_PATH)"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.split() == [str(site / "sweeper" / "__main__.py"), "pkg://sweeper.conf"]
+
+    result = run_cli("+experiment=cnn_wide", "train.lr=-1", cwd=elsewhere, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.lr=-1.0 is invalid: must be a positive number"
