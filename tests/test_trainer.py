@@ -1,0 +1,89 @@
+"""The shared trainer: the classic CNN trains epoch by epoch on real data, without Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sweeper.config import DataConfig, ModelConfig, SweepConfig
+from sweeper.data import load_splits
+from sweeper.trainer import EpochMetrics, TrialDiverged, configure_tensorflow, train
+
+
+@pytest.fixture(scope="module")
+def small_splits(fashion_mnist_dir):
+    """1000 Fashion-MNIST training images (900 train, 100 validation)."""
+    configure_tensorflow(num_cpus=1, use_gpu=False)
+    data = DataConfig(name="fashion_mnist", path=str(fashion_mnist_dir),
+                      max_train_samples=1000, max_test_samples=100)
+    return load_splits(data, validation_fraction=0.1, seed=0)
+
+
+def trial_config(epochs: int, **train: object) -> SweepConfig:
+    cfg = SweepConfig()
+    cfg.train.epochs = epochs
+    cfg.train.batch_size = 64
+    for name, value in train.items():
+        setattr(cfg.train, name, value)
+    return cfg
+
+
+def test_build_cnn_is_the_classic_tutorial_network():
+    from sweeper.model import build_cnn
+
+    model = build_cnn(ModelConfig())
+    stack = [(type(layer).__name__, getattr(layer, "filters", getattr(layer, "units", None)))
+             for layer in model.layers
+             if type(layer).__name__ in ("Conv2D", "MaxPooling2D", "Flatten", "Dense")]
+    assert stack == [("Conv2D", 32), ("MaxPooling2D", None), ("Conv2D", 64), ("MaxPooling2D", None),
+                     ("Conv2D", 64), ("Flatten", None), ("Dense", 64), ("Dense", 10)]
+    # 320 + 18,496 + 36,928 + 36,928 (3*3*64 -> 64) + 650: the TensorFlow CNN tutorial's count.
+    assert model.count_params() == 93_322
+    assert model.input_shape == (None, 28, 28)
+
+
+def test_build_cnn_sizes_come_from_the_config():
+    from sweeper.model import build_cnn
+
+    model = build_cnn(ModelConfig(filters=16, dense_units=32, kernel_size=3, dropout=0.25))
+    convs = [layer.filters for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    dense = [layer.units for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert (convs, dense) == ([16, 32, 32], [32, 10])
+    # 160 + 4,640 + 9,248 + (288*32 + 32) + 330
+    assert model.count_params() == 23_626
+
+
+def test_train_reports_every_epoch_and_beats_chance(small_splits):
+    seen: list[EpochMetrics] = []
+    model = train(trial_config(epochs=2), small_splits,
+                  on_epoch_end=lambda metrics, model: seen.append(metrics))
+
+    assert [m.epoch for m in seen] == [1, 2]
+    assert all(math.isfinite(v) for m in seen for v in m.as_dict().values())
+    assert seen[-1].loss < seen[0].loss
+    assert seen[-1].val_accuracy > 0.5  # chance is 0.1 for ten classes
+    assert model.optimizer.iterations.numpy() == 2 * math.ceil(900 / 64)
+
+
+def test_continuing_from_initial_epoch_trains_only_the_remaining_epochs(small_splits):
+    first = train(trial_config(epochs=1), small_splits)
+    seen: list[int] = []
+    continued = train(trial_config(epochs=3), small_splits, model=first, initial_epoch=1,
+                      on_epoch_end=lambda metrics, model: seen.append(metrics.epoch))
+    assert continued is first
+    assert seen == [2, 3]
+    assert first.optimizer.iterations.numpy() == 3 * math.ceil(900 / 64)
+
+    seen.clear()
+    train(trial_config(epochs=3), small_splits, model=first, initial_epoch=3,
+          on_epoch_end=lambda metrics, model: seen.append(metrics.epoch))
+    assert seen == []
+
+
+def test_a_huge_learning_rate_raises_trial_diverged(small_splits):
+    seen: list[int] = []
+    with pytest.raises(TrialDiverged, match="training loss became nan in epoch 1"):
+        train(trial_config(epochs=2, optimizer="sgd", lr=1e6), small_splits,
+              on_epoch_end=lambda metrics, model: seen.append(metrics.epoch))
+    assert seen == []
