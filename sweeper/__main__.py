@@ -1,4 +1,6 @@
-"""``python -m sweeper [overrides]``: compose the config, check it, run the sweep, say where results are.
+"""``python -m sweeper [overrides]``: compose the config, check it, run the sweep, show results.
+
+``python -m sweeper report SWEEP_DIR`` rebuilds a finished sweep's summary and report.
 
 A user's mistake (bad override, value, search space or dataset) ends with one
 line on stderr and exit code 2, before Ray starts.
@@ -105,25 +107,33 @@ def describe_composition_error(error: BaseException) -> str:
     return ": ".join(dict.fromkeys(parts)) or type(error).__name__
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate before Hydra runs anything; exits 2 with one line on a mistake."""
+def preflight(argv: list[str]) -> list[str]:
+    """Compose and validate before Hydra runs anything; exits 2 with one line on a mistake.
+
+    Returns the arguments to run with: ``fresh=true`` becomes an explicit new name and folder,
+    so that Hydra's own files land in the new sweep's folder too.
+    """
     overrides, config_dirs, hydra_only = split_hydra_args(argv)
     if hydra_only:
-        return
+        return argv
     try:
         cfg = compose_config(overrides, config_dirs)
     except Exception as error:  # Hydra and OmegaConf raise many types for a user's mistake
         _exit_usage(describe_composition_error(error))
     finally:
         GlobalHydra.instance().clear()
-    from sweeper.sweep import validate
+    from sweeper.sweep import fresh_variant, validate
 
     try:
-        validate(cfg)
+        typed, _ = validate(cfg)
     except ConfigError as error:
         _exit_usage(str(error))
     except Exception as error:  # e.g. OmegaConf type errors surfacing on conversion
         _exit_usage(describe_composition_error(error))
+    if typed.fresh:
+        variant = fresh_variant(typed)
+        argv = [*argv, f"name={variant.name}", f"sweep_dir={variant.sweep_dir}", "fresh=false"]
+    return argv
 
 
 def _exit_usage(message: str) -> None:
@@ -131,21 +141,59 @@ def _exit_usage(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
+def resume_command() -> str:
+    return " ".join(["python -m sweeper", *sys.argv[1:]])
+
+
+def print_results(summary: dict) -> None:
+    """The best trial, its test scores, the compute ASHA saved and where every file is."""
+    paths, best, test = summary["paths"], summary["best"], summary.get("test")
+    if best is not None:
+        print(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
+              f"at epoch {best['epoch']} with {best['config']}")
+    if test:
+        print(f"Test ({test['num_samples']} held-out images, model from its {test['source']}): "
+              f"accuracy {test['accuracy']:.4f}, macro precision {test['precision_macro']:.4f}, "
+              f"recall {test['recall_macro']:.4f}, F1 {test['f1_macro']:.4f}")
+    if summary.get("epochs_ratio") is not None:
+        print(f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']} "
+              f"for a full-budget search ({summary['epochs_ratio']:.0%}); early stopping saved "
+              f"{summary['epochs_full_budget'] - summary['epochs_trained']} epochs")
+    print(f"Sweep directory: {paths['sweep_dir']}")
+    print(f"Summary:         {Path(paths['sweep_dir']) / 'summary.json'}")
+    for label, key in (("Best model", "best_model"), ("Best config", "best_config"),
+                       ("Report", "report"), ("Trials table", "trials_csv")):
+        if paths.get(key) and Path(paths[key]).exists():
+            print(f"{label + ':':<17}{paths[key]}")
+    print(f"TensorBoard:     tensorboard --logdir {paths['tensorboard']}")
+
+
+def report_command(args: list[str]) -> None:
+    """``python -m sweeper report SWEEP_DIR``: rebuild summary.json, trials.csv and report/."""
+    if len(args) != 1 or args[0].startswith("-"):
+        _exit_usage("usage: python -m sweeper report <sweep_dir>")
+    from sweeper.report import rebuild
+
+    try:
+        summary = rebuild(Path(args[0]))
+    except FileNotFoundError as error:
+        _exit_usage(str(error))
+    print_results(summary)
+
+
 def report_outcome(outcome) -> None:
     summary = outcome.summary
     paths = summary["paths"]
-    best = summary["best"]
+    if outcome.state == "already_complete":
+        print(f"Sweep {summary['experiment']!r} is already complete; nothing to run.")
+        print(f"Results: {paths['sweep_dir']}  (fresh=true starts a new sweep beside it)")
+        print(f"TensorBoard: tensorboard --logdir {paths['tensorboard']}")
+        return
     print()
     print(f"Best trials ({summary['metric']}, {summary['mode']}):")
     print(outcome.table)
     print()
-    print(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
-          f"at epoch {best['epoch']} with {best['config']}")
-    print(f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']} "
-          f"for a full-budget search ({summary['epochs_ratio']:.0%})")
-    print(f"Sweep directory: {paths['sweep_dir']}")
-    print(f"Summary:         {Path(paths['sweep_dir']) / 'summary.json'}")
-    print(f"TensorBoard:     tensorboard --logdir {paths['tensorboard']}")
+    print_results(summary)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")
@@ -161,14 +209,23 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
-        print("Interrupted. Run the same command again to resume the sweep.", file=sys.stderr)
+        print(f"Interrupted. Resume with: {resume_command()}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    if outcome.state == "interrupted":
+        counts = outcome.summary["trial_counts"]
+        print(f"Interrupted after {sum(counts.values())} trials ({counts}); partial results in "
+              f"{outcome.sweep_dir}. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     report_outcome(outcome)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = quote_space_overrides(list(sys.argv[1:] if argv is None else argv))
-    preflight(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        report_command(argv[1:])
+        return
+    argv = quote_space_overrides(argv)
+    argv = preflight(argv)
     sys.argv = [sys.argv[0], *argv]
     hydra_main()
 

@@ -84,6 +84,12 @@ class SearchConfig:
     seed: int = 0
     # TPE samples at random until this many trials have finished.
     n_startup_trials: int = 5
+    # Optuna RDB storage URL; None keeps the study in <sweep_dir>/optuna.db (SQLite).
+    storage: str | None = None
+    # Seed the sampler with an earlier sweep's trials: its folder or a storage URL.
+    warm_start: str | None = None
+    # The study to read from warm_start; None takes its only study.
+    warm_start_study: str | None = None
     # Nested by config path, e.g. {"train": {"lr": "tag(log, interval(1e-4, 1e-1))"}}.
     space: dict[str, Any] = field(default_factory=dict)
 
@@ -119,9 +125,45 @@ class ResourcesConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """What survives a trial's process dying: checkpoints and retries."""
+
+    # Epochs between trial checkpoints (model and optimizer state).
+    checkpoint_every: int = 1
+    # Checkpoints kept per trial, best by the search metric; Ray also keeps the latest.
+    keep_checkpoints: int = 1
+    # Retries of a trial whose worker died, each from its last checkpoint.
+    max_failures: int = 2
+
+
+@dataclass
+class ResumeConfig:
+    """Re-running an interrupted sweep resumes it."""
+
+    # Trials that had ended in an error: retry them from their checkpoint, or keep them failed.
+    errored: str = "retry"
+
+
+RESUME_ERRORED = ("retry", "skip")
+
+
+@dataclass
+class FinalConfig:
+    """What happens to the best trial after the search."""
+
+    # Score the best trial once on the test split that no trial saw.
+    evaluate: bool = True
+    # Retrain the best config on train+validation for its best epoch count before scoring;
+    # false scores the best trial's own checkpoint.
+    retrain: bool = False
+
+
+@dataclass
 class SweepConfig:
     name: str = "default"
     sweep_dir: str = "sweeps/${name}"
+    # Start a new sweep under a new name even if this name holds an earlier one.
+    fresh: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -129,6 +171,9 @@ class SweepConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
 
 
 def register_configs() -> None:
@@ -198,6 +243,18 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
         _require(cfg.train.epochs >= scheduler.grace_period, "train.epochs", cfg.train.epochs,
                  f"must be >= scheduler.grace_period ({scheduler.grace_period}) with ASHA")
 
+    recovery = cfg.recovery
+    _require(recovery.checkpoint_every >= 1, "recovery.checkpoint_every",
+             recovery.checkpoint_every, "must be >= 1 epoch")
+    _require(recovery.keep_checkpoints >= 1, "recovery.keep_checkpoints",
+             recovery.keep_checkpoints, "must be >= 1")
+    _require(recovery.max_failures >= 0, "recovery.max_failures", recovery.max_failures,
+             "must be >= 0")
+    _one_of("resume.errored", cfg.resume.errored, RESUME_ERRORED)
+    if search.storage is not None:
+        _require("://" in search.storage, "search.storage", search.storage,
+                 "must be a database URL such as sqlite:///path.db or postgresql://host/db")
+
     _one_of("cluster.name", cfg.cluster.name, ("local", "remote"))
     for key in ("num_cpus", "num_gpus"):
         value = getattr(cfg.cluster, key)
@@ -212,6 +269,15 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
     limit = resources.max_concurrent_trials
     _require(limit is None or limit >= 1, "resources.max_concurrent_trials", limit,
              "must be >= 1 or null")
+
+
+def check_resources_fit(resources: ResourcesConfig, cpus: float, gpus: float,
+                        where: str) -> None:
+    """Refuse per-trial resources that no node of ``where`` can ever offer (else Ray waits forever)."""
+    _require(resources.cpu_per_trial <= cpus, "resources.cpu_per_trial",
+             resources.cpu_per_trial, f"{where} has {cpus:g} CPUs")
+    _require(resources.gpu_per_trial <= gpus, "resources.gpu_per_trial",
+             resources.gpu_per_trial, f"{where} has {gpus:g} GPUs")
 
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:

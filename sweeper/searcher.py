@@ -7,6 +7,10 @@ the finished ones, and ``study.best_trial`` can be a trial that never trained
 to the end. Here such a trial is told as PRUNED (Optuna keeps its per-epoch
 values, and TPE ranks pruned trials by how far they got, then by their last
 value), and a trial whose metric is missing or not finite is told as FAILED.
+
+The study is the source of truth across restores: each Optuna trial carries its
+Tune trial id, so a searcher restored from an old (or missing) checkpoint
+finds its trials in the storage instead of losing them.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import math
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
+
+RAY_TRIAL_ID = "ray_trial_id"
 
 
 def make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -49,42 +55,95 @@ class PruningOptunaSearch(OptunaSearch):
     Args:
         max_epochs: The full budget of a trial; a trial that ends with fewer epochs was
             stopped early by the scheduler.
+        max_concurrent: Trials running at once (None: no limit). Kept here rather than in
+            Ray's ConcurrencyLimiter, whose set of live trials is not saved with the
+            experiment, so after a restore it never tells the searcher that they ended.
         *args, **kwargs: As for ``ray.tune.search.optuna.OptunaSearch``.
     """
 
-    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_epochs: int, max_concurrent: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
+        self._max_concurrent = max_concurrent
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def _live_trials(self) -> int:
+        return sum(1 for trial_id in self._ot_trials if trial_id not in self._completed_trials)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if (trial_id not in self._ot_trials and self._max_concurrent is not None
+                and self._live_trials() >= self._max_concurrent):
+            return None  # Tune asks again when a trial ends
+        params = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return params
+
+    def _trial_for(self, trial_id: str) -> optuna.Trial | None:
+        """The Optuna trial of a Tune trial, from memory or else from the storage."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if frozen.user_attrs.get(RAY_TRIAL_ID) == trial_id:
+                    ot_trial = optuna.Trial(self._ot_study, frozen._trial_id)
+                    self._ot_trials[trial_id] = ot_trial
+                    break
+        return ot_trial
+
+    def _stored(self, ot_trial: optuna.Trial) -> FrozenTrial:
+        return self._ot_study._storage.get_trial(ot_trial._trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)
         if value is None or not math.isfinite(float(value)):
             return  # Optuna refuses NaN intermediate values; the trial will be told FAILED
-        ot_trial = self._ot_trials.get(trial_id)
-        step = result[TRAINING_ITERATION]
-        # A trial retried from its checkpoint reports its epochs again: keep the first value.
-        if ot_trial is not None and step in self._reported_steps(trial_id):
+        ot_trial = self._trial_for(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
             return
-        super().on_trial_result(trial_id, result)
-        self._reported_steps(trial_id).add(step)
-
-    def _reported_steps(self, trial_id: str) -> set[int]:
-        steps = self.__dict__.setdefault("_steps_by_trial", {})
-        return steps.setdefault(trial_id, set())
+        step = int(result[TRAINING_ITERATION])
+        # A trial retried from its checkpoint reports some epochs again: keep the first value.
+        if step in self._stored(ot_trial).intermediate_values:
+            return
+        ot_trial.report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        ot_trial = self._trial_for(trial_id)
+        if trial_id in self._completed_trials or ot_trial is None:
             return
         value = result.get(self.metric) if result else None
         epochs = int(result.get(TRAINING_ITERATION, 0)) if result else 0
-        state = final_state(value, epochs, self._max_epochs, error)
-        ot_trial = self._ot_trials[trial_id]
-        told_value = float(value) if state == TrialState.COMPLETE else None
-        self._ot_study.tell(ot_trial, told_value, state=state)
+        state = final_state(value, epochs, self._max_epochs, error or _diverged(result))
+        if self._stored(ot_trial).state == TrialState.RUNNING:
+            told_value = float(value) if state == TrialState.COMPLETE else None
+            self._ot_study.tell(ot_trial, told_value, state=state)
         self._completed_trials.add(trial_id)
         logger.debug("Told Optuna trial %s %s after %d epochs", trial_id, state.name, epochs)
 
-    @property
-    def study(self) -> optuna.Study:
-        return self._ot_study
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """Close trials the storage holds as RUNNING that no Tune trial will ever finish.
+
+        They were asked for after the experiment state this restore comes from was saved,
+        so Tune does not know them; left RUNNING, TPE's constant liar would keep avoiding them.
+        """
+        known = {trial._trial_id for trial in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id not in known:
+                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+                logger.info("Optuna trial %d was lost with the driver; marked failed",
+                            frozen.number)
+
+    def add_warm_start(self, trials: list[FrozenTrial]) -> None:
+        """Let the sampler learn from an earlier sweep's trials before it samples."""
+        self._ot_study.add_trials(trials)
+
+
+def _diverged(result: dict | None) -> bool:
+    return bool(result and result.get("diverged"))

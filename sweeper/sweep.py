@@ -7,24 +7,30 @@ runs the trials and writes the results.
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
 from sweeper.config import (
     ConfigError,
     SweepConfig,
+    check_resources_fit,
     to_sweep_config,
     validate_sweep_settings,
     validate_trial_settings,
 )
 from sweeper.data import Splits, load_splits
-from sweeper.results import FAILED, build_summary, format_table, records_from_results, write_summary
-from sweeper.space import build_search_space
+from sweeper.report import publish
+from sweeper.results import build_summary, format_table, rank, records_from_results
+from sweeper.space import build_search_space, flatten_space
+from sweeper.study import earlier_trials, open_storage, resolve_warm_start, storage_url
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,73 @@ class SweepOutcome:
     summary: dict[str, Any]
     table: str
     sweep_dir: Path
+    # "complete", "interrupted", or "already_complete" when nothing had to run.
+    state: str = "complete"
+
+
+SWEEP_CONFIG_FILE = "sweep_config.yaml"
+# Settings that may change between an interrupted run and its resume: where and how it runs.
+RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery")
+NEW, INTERRUPTED, COMPLETE = "new", "interrupted", "complete"
+
+
+def config_fingerprint(cfg: SweepConfig) -> dict[str, Any]:
+    """The settings that define a sweep's results; resuming needs all of them unchanged."""
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return {key: value for key, value in plain.items() if key not in RUNTIME_KEYS}
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [diff for key in keys
+                for diff in config_differences(saved.get(key), current.get(key),
+                                               f"{prefix}{key}.")]
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
+def fresh_variant(cfg: SweepConfig, stamp: str | None = None) -> SweepConfig:
+    """The config of a new sweep beside an earlier one: name and folder get a timestamp."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    variant = copy.deepcopy(cfg)
+    variant.name = f"{cfg.name}-{stamp}"
+    variant.sweep_dir = f"{cfg.sweep_dir.rstrip('/')}-{stamp}"
+    variant.fresh = False
+    return variant
+
+
+def sweep_state(root: Path) -> str:
+    """Whether ``root`` holds nothing yet, an interrupted sweep, or a complete one."""
+    summary = root / "summary.json"
+    if summary.is_file():
+        import json
+
+        if json.loads(summary.read_text()).get("state") == COMPLETE:
+            return COMPLETE
+    from ray import tune
+
+    if tune.Tuner.can_restore(str(root / "trials")):
+        return INTERRUPTED
+    return NEW
+
+
+def claim_sweep_dir(cfg: SweepConfig, root: Path) -> str:
+    """Record the config of a new sweep, or check that an earlier one in ``root`` matches it."""
+    state = sweep_state(root)
+    saved_file = root / SWEEP_CONFIG_FILE
+    current = config_fingerprint(cfg)
+    if saved_file.is_file():
+        differences = config_differences(yaml.safe_load(saved_file.read_text()), current)
+        if differences:
+            shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+            raise ConfigError("name", cfg.name,
+                              f"{root} holds a sweep with a different config ({shown}); "
+                              "choose another name=..., or fresh=true for a new sweep")
+    elif state == NEW:
+        root.mkdir(parents=True, exist_ok=True)
+        saved_file.write_text(yaml.safe_dump(current, sort_keys=False))
+    return state
 
 
 def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, BaseDistribution]]:
@@ -60,12 +133,17 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
 
 def prepare(cfg: DictConfig | SweepConfig) -> PreparedSweep:
     typed, space = validate(cfg)
+    if typed.fresh:
+        typed = fresh_variant(typed)
     splits = load_splits(typed.data, typed.train.validation_fraction, typed.train.seed)
     return PreparedSweep(typed, space, splits)
 
 
 def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
-    """Validate, load data, run the trials on Ray, write summary.json; returns the outcome.
+    """Validate, load data, run (or resume) the trials on Ray, write summary.json.
+
+    Everything a user can get wrong is checked before Ray starts. Re-running an interrupted
+    sweep resumes it; re-running a complete one only reports where its results are.
 
     Raises:
         ConfigError: The user's configuration is wrong (nothing was started).
@@ -74,26 +152,60 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     prepared = prepare(cfg)
     import ray
 
-    from sweeper.tuner import SweepPaths, build_tuner, connect
+    from sweeper.tuner import SweepPaths, build_tuner, connect, local_capacity
 
     cfg_t = prepared.cfg
     paths = SweepPaths.for_config(cfg_t)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    state = claim_sweep_dir(cfg_t, paths.root)
+    if state == COMPLETE:
+        import json
+
+        summary = json.loads(paths.summary.read_text())
+        return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
+                            state="already_complete")
+    storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
+    warm_trials = None
+    if cfg_t.search.warm_start and state == NEW:
+        url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
+        warm_trials = earlier_trials(url, study, prepared.space)
+    if cfg_t.cluster.address is None:
+        cpus, gpus = local_capacity(cfg_t.cluster)
+        check_resources_fit(cfg_t.resources, cpus, gpus, where="this machine")
+
     started_ray = connect(cfg_t.cluster)
     try:
-        tuner = build_tuner(cfg_t, prepared.space, prepared.splits, paths)
+        tuner = build_tuner(cfg_t, prepared.space, prepared.splits, paths, storage, warm_trials)
         grid = tuner.fit()
     finally:
         if started_ray:
             ray.shutdown()
+    finished = grid.num_terminated + grid.num_errors
+    done = len(grid) >= cfg_t.search.num_trials and finished == len(grid)
     records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
-                                   cfg_t.train.epochs, sweep_done=True)
+                                   cfg_t.train.epochs, sweep_done=done)
+    ranked = rank(records, cfg_t.search.mode)
+    test = export_final(cfg_t, ranked[0], prepared.splits, paths.root) if ranked and done else None
     summary = build_summary(cfg_t.name, cfg_t.search.metric, cfg_t.search.mode,
-                            cfg_t.train.epochs, records, paths.root)
-    write_summary(summary, paths.summary)
+                            cfg_t.train.epochs, records, paths.root,
+                            search_space=flatten_space(cfg_t.search.space), test=test)
+    summary["state"] = COMPLETE if done else INTERRUPTED
+    summary["study"] = {"storage": storage.url, "study_name": cfg_t.name}
+    publish(summary, records, paths.root)
     table = format_table(records, cfg_t.search.metric, cfg_t.search.mode)
+    if not done:
+        return SweepOutcome(summary=summary, table=table, sweep_dir=paths.root,
+                            state=INTERRUPTED)
     if summary["best"] is None:
-        failed = sum(r.status == FAILED for r in records)
-        raise SweepFailed(f"no trial produced a finite {cfg_t.search.metric} "
-                          f"({failed} of {len(records)} failed); see {paths.summary}")
+        raise SweepFailed(f"{summary['error']}; see {paths.summary}")
     return SweepOutcome(summary=summary, table=table, sweep_dir=paths.root)
+
+
+def export_final(cfg: SweepConfig, best, splits: Splits, sweep_dir: Path) -> dict[str, Any] | None:
+    """Export and test-score the best trial; a failure here is logged, never loses the results."""
+    from sweeper.evaluate import export_best
+
+    try:
+        return export_best(cfg, best, splits, sweep_dir)
+    except Exception:
+        logger.exception("Could not export or evaluate the best trial %s", best.trial_id)
+        return None

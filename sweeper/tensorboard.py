@@ -11,6 +11,7 @@ trials, and its status when it ends.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,7 @@ from optuna.distributions import (
 from ray.tune import Callback
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.plugins.hparams import api_pb2
-from tensorboard.plugins.hparams import summary as hparams_summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from sweeper.trainer import METRIC_NAMES
@@ -63,6 +63,48 @@ def hparam_value(value: Any) -> bool | float | str:
     return str(value)
 
 
+# TensorBoard's own hparams.summary helpers import TensorFlow (seconds and hundreds of MB in the
+# driver); these build the same protos from TensorBoard's TF-free metadata module.
+def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    summary = Summary()
+    summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data),
+                      tensor=metadata.NULL_TENSOR)
+    return summary
+
+
+def experiment_summary(infos: list[api_pb2.HParamInfo], metric_tags: tuple[str, ...],
+                       description: str) -> Summary:
+    experiment = api_pb2.Experiment(
+        description=description,
+        time_created_secs=time.time(),
+        hparam_infos=infos,
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metric_tags],
+    )
+    return _hparams_summary(metadata.EXPERIMENT_TAG,
+                            plugin_data_pb2.HParamsPluginData(experiment=experiment))
+
+
+def session_start_summary(params: dict[str, Any], group_name: str) -> Summary:
+    info = plugin_data_pb2.SessionStartInfo(group_name=group_name, start_time_secs=time.time())
+    for name, value in params.items():
+        value = hparam_value(value)
+        if isinstance(value, bool):
+            info.hparams[name].bool_value = value
+        elif isinstance(value, float):
+            info.hparams[name].number_value = value
+        else:
+            info.hparams[name].string_value = value
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG,
+                            plugin_data_pb2.HParamsPluginData(session_start_info=info))
+
+
+def session_end_summary(failed: bool) -> Summary:
+    status = api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS
+    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG,
+                            plugin_data_pb2.HParamsPluginData(session_end_info=info))
+
+
 def scalar_summary(values: dict[str, float]) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
 
@@ -81,30 +123,23 @@ class SweepEventWriter:
             self._writers[run] = EventFileWriter(str(path))
         return self._writers[run]
 
-    def _write(self, run: str, summary, step: int = 0) -> None:
+    def _write(self, run: str, summary: Summary, step: int = 0) -> None:
         writer = self._writer(run)
-        # The hparams helpers may build TensorFlow's own Summary class; re-read it as ours.
-        summary = Summary.FromString(summary.SerializeToString())
         writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
         writer.flush()
 
     def write_experiment(self, space: dict[str, BaseDistribution], metric: str) -> None:
         infos = [hparam_info(name, dist) for name, dist in space.items()]
-        metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in METRIC_NAMES]
-        description = f"Objective: {metric}"
-        self._write(EXPERIMENT_RUN, hparams_summary.experiment_pb(infos, metrics,
-                                                                  description=description))
+        self._write(EXPERIMENT_RUN, experiment_summary(infos, METRIC_NAMES, f"Objective: {metric}"))
 
     def start_trial(self, run: str, params: dict[str, Any]) -> None:
-        hparams = {name: hparam_value(value) for name, value in params.items()}
-        self._write(run, hparams_summary.session_start_pb(hparams, group_name=run))
+        self._write(run, session_start_summary(params, group_name=run))
 
     def log_epoch(self, run: str, epoch: int, metrics: dict[str, float]) -> None:
         self._write(run, scalar_summary(metrics), step=epoch)
 
     def end_trial(self, run: str, failed: bool) -> None:
-        status = api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS
-        self._write(run, hparams_summary.session_end_pb(status))
+        self._write(run, session_end_summary(failed))
         self.close_run(run)
 
     def close_run(self, run: str) -> None:
@@ -161,11 +196,13 @@ class TensorBoardCallback(Callback):
         if epoch <= self._last_epoch.get(trial.trial_id, 0):
             return
         self._last_epoch[trial.trial_id] = epoch
-        metrics = {name: float(result[name]) for name in METRIC_NAMES if name in result}
+        metrics = {name: float(result[name]) for name in METRIC_NAMES
+                   if name in result and math.isfinite(float(result[name]))}
         self.events.log_epoch(trial.trial_id, epoch, metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.events.end_trial(trial.trial_id, failed=False)
+        diverged = bool((trial.last_result or {}).get("diverged"))
+        self.events.end_trial(trial.trial_id, failed=diverged)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.events.end_trial(trial.trial_id, failed=True)

@@ -25,7 +25,14 @@ METRIC_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class TrialDiverged(RuntimeError):
-    """The training loss became NaN or infinite; the trial cannot recover."""
+    """The training loss became NaN or infinite; the trial cannot recover.
+
+    ``metrics`` holds the epoch's (non-finite) figures, so they can be recorded as they were.
+    """
+
+    def __init__(self, message: str, metrics: EpochMetrics) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,10 @@ def _epoch_callback(on_epoch_end: EpochCallback | None):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             values = {name: float(logs.get(name, math.nan)) for name in METRIC_NAMES}
-            if not math.isfinite(values["loss"]):
-                raise TrialDiverged(f"training loss became {values['loss']} in epoch {epoch + 1}")
             metrics = EpochMetrics(epoch=epoch + 1, **values)
+            if not math.isfinite(values["loss"]):
+                raise TrialDiverged(f"training loss became {values['loss']} in epoch {epoch + 1}",
+                                    metrics)
             if on_epoch_end is not None:
                 on_epoch_end(metrics, self.model)
 

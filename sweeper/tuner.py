@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 from optuna.distributions import BaseDistribution
 from ray import tune
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from sweeper.config import ClusterConfig, SweepConfig
 from sweeper.data import Splits
@@ -59,10 +60,12 @@ class SweepPaths:
 def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> None:
     """The Ray Tune trainable: train one sampled configuration, reporting every epoch.
 
-    Each epoch's metrics go to Tune with a checkpoint of the model and optimizer
-    state; a retried trial continues from its last checkpoint.
+    Every ``recovery.checkpoint_every`` epochs (and at the last) the report carries a
+    checkpoint of the model and optimizer state; a retried trial continues from its last
+    checkpoint. A diverged trial reports its non-finite figures once, flagged, and ends:
+    a retry would only diverge again.
     """
-    from sweeper.trainer import configure_tensorflow, train
+    from sweeper.trainer import TrialDiverged, configure_tensorflow, train
 
     configure_tensorflow(base.resources.cpu_per_trial, use_gpu=base.resources.gpu_per_trial > 0)
     import keras
@@ -75,26 +78,41 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
         with checkpoint.as_directory() as folder:
             model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL)
             initial_epoch = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())["epoch"]
+        logger.info("Trial continues from its checkpoint after epoch %d", initial_epoch)
+    every = base.recovery.checkpoint_every
 
     def report(metrics, trained_model) -> None:
+        if metrics.epoch % every and metrics.epoch < cfg.train.epochs:
+            tune.report(metrics.as_dict())
+            return
         with tempfile.TemporaryDirectory() as folder:
             trained_model.save(Path(folder) / CHECKPOINT_MODEL)
             (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": metrics.epoch}))
             tune.report(metrics.as_dict(), checkpoint=tune.Checkpoint.from_directory(folder))
 
-    train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch)
+    try:
+        train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch)
+    except TrialDiverged as error:
+        tune.report({**error.metrics.as_dict(), "diverged": True, "failure": str(error)})
 
 
-def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution]) -> Searcher:
+def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
+                  storage: optuna.storages.BaseStorage | None = None,
+                  warm_trials: list | None = None) -> PruningOptunaSearch:
+    """The Optuna searcher of a new sweep, its study in ``storage`` (None: in memory)."""
     searcher = PruningOptunaSearch(
         space=space,
         metric=cfg.search.metric,
         mode=cfg.search.mode,
         sampler=make_sampler(cfg.search.sampler, cfg.search.seed, cfg.search.n_startup_trials),
+        storage=storage,
+        study_name=cfg.name,
         max_epochs=cfg.train.epochs,
+        max_concurrent=cfg.resources.max_concurrent_trials,
     )
-    limit = cfg.resources.max_concurrent_trials
-    return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+    if warm_trials:
+        searcher.add_warm_start(warm_trials)
+    return searcher
 
 
 def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
@@ -108,6 +126,40 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
         grace_period=cfg.scheduler.grace_period,
         reduction_factor=cfg.scheduler.reduction_factor,
     )
+
+
+class SchedulerStateCallback(Callback):
+    """Save the scheduler's state (ASHA's rung records) with the experiment state.
+
+    Ray checkpoints the searcher and the callbacks but not the scheduler: a restored sweep
+    would get the scheduler as it was pickled at the start, with empty rungs, and promote
+    or stop trials against no history. Riding along as a callback fixes that.
+    """
+
+    def __init__(self, scheduler: TrialScheduler) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any]:
+        return {"scheduler": dict(self.scheduler.__dict__)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.__dict__.update(state["scheduler"])
+
+
+def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:
+    """CPUs and GPUs an in-process Ray would get, found the way Ray finds them."""
+    import os
+
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    cpus = cluster.num_cpus if cluster.num_cpus is not None else os.cpu_count() or 1
+    if cluster.num_gpus is not None:
+        return float(cpus), float(cluster.num_gpus)
+    manager = get_accelerator_manager_for_resource("GPU")
+    visible = manager.get_current_process_visible_accelerator_ids()
+    detected = manager.get_current_node_num_accelerators()
+    gpus = min(detected, len(visible)) if visible is not None else detected
+    return float(cpus), float(gpus)
 
 
 def connect(cluster: ClusterConfig) -> bool:
@@ -134,31 +186,37 @@ def _trial_dirname(trial) -> str:
 
 
 def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Splits,
-                paths: SweepPaths) -> tune.Tuner:
+                paths: SweepPaths, storage: optuna.storages.BaseStorage | None = None,
+                warm_trials: list | None = None) -> tune.Tuner:
     """A new Tuner for the sweep, or the interrupted one restored from its folder."""
     trainable = _trainable(cfg, splits)
     if tune.Tuner.can_restore(str(paths.trials)):
         logger.info("Resuming the interrupted sweep in %s", paths.trials)
-        return tune.Tuner.restore(str(paths.trials), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(str(paths.trials), trainable=trainable,
+                                  resume_errored=cfg.resume.errored == "retry")
     metric, mode = cfg.search.metric, cfg.search.mode
+    scheduler = make_scheduler(cfg)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg, space),
-            scheduler=make_scheduler(cfg),
+            search_alg=make_searcher(cfg, space, storage, warm_trials),
+            scheduler=scheduler,
             num_samples=cfg.search.num_trials,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=TRIALS_DIRNAME,
             storage_path=str(paths.root),
-            callbacks=[TensorBoardCallback(paths.tensorboard, space, metric)],
+            callbacks=[
+                TensorBoardCallback(paths.tensorboard, space, metric),
+                SchedulerStateCallback(scheduler),
+            ],
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1,  # the best epoch's weights; Ray also keeps the latest
+                num_to_keep=cfg.recovery.keep_checkpoints,  # best by metric; Ray keeps the latest
                 checkpoint_score_attribute=metric,
                 checkpoint_score_order=mode,
             ),
-            failure_config=tune.FailureConfig(max_failures=2),
+            failure_config=tune.FailureConfig(max_failures=cfg.recovery.max_failures),
             verbose=1,
         ),
     )

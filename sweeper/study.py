@@ -1,0 +1,109 @@
+"""The persistent Optuna study: where it is stored, and warm starts from earlier studies.
+
+The study lives in an Optuna RDB storage (a SQLite file in the sweep folder by
+default, or any database URL), so it outlives the driver, ``optuna-dashboard``
+can watch it while the sweep writes it, and a later sweep can learn from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILENAME = "optuna.db"
+SQLITE_PREFIX = "sqlite:///"
+WARM_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def storage_url(configured: str | None, sweep_dir: Path) -> str:
+    """The study's database URL: the configured one, else a SQLite file in the sweep folder."""
+    return configured or f"{SQLITE_PREFIX}{sweep_dir / STUDY_FILENAME}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage for ``url``; a SQLite file is switched to write-ahead logging first.
+
+    With WAL a reader (optuna-dashboard) never blocks the sweep's writes, so neither side sees
+    "database is locked"; the mode is stored in the file, so every later connection uses it.
+    """
+    engine_kwargs = {}
+    if url.startswith(SQLITE_PREFIX):
+        path = Path(url.removeprefix(SQLITE_PREFIX))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as error:  # SQLAlchemy raises many types for a bad URL or server
+        raise ConfigError("search.storage", url, f"cannot open the study database ({error})") from None
+
+
+def resolve_warm_start(source: str, study_name: str | None) -> tuple[str, str]:
+    """Find the storage URL and study name that ``search.warm_start`` points at."""
+    if "://" in source:
+        url = source
+    else:
+        database = Path(source).expanduser() / STUDY_FILENAME
+        if not database.is_file():
+            raise ConfigError("search.warm_start", source,
+                              f"no {STUDY_FILENAME} there; give an earlier sweep's folder "
+                              "or a storage URL")
+        url = f"{SQLITE_PREFIX}{database.resolve()}"
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as error:
+        raise ConfigError("search.warm_start", source, f"cannot read studies ({error})") from None
+    if study_name is not None:
+        if study_name not in names:
+            raise ConfigError("search.warm_start_study", study_name,
+                              f"studies in {source}: {', '.join(names) or 'none'}")
+        return url, study_name
+    if len(names) != 1:
+        raise ConfigError("search.warm_start_study", None,
+                          f"{source} holds {len(names)} studies; choose one of "
+                          f"{', '.join(names) or 'none'}")
+    return url, names[0]
+
+
+def fits_space(trial: FrozenTrial, space: dict[str, BaseDistribution]) -> bool:
+    """Whether an earlier trial's parameters lie inside this sweep's search space."""
+    if set(trial.params) != set(space):
+        return False
+    for name, distribution in space.items():
+        try:
+            internal = distribution.to_internal_repr(trial.params[name])
+        except (ValueError, TypeError):
+            return False
+        if not distribution._contains(internal):
+            return False
+    return True
+
+
+def earlier_trials(url: str, study_name: str,
+                   space: dict[str, BaseDistribution]) -> list[FrozenTrial]:
+    """Finished and pruned trials of an earlier study that fit ``space``, ready to add."""
+    study = optuna.load_study(study_name=study_name, storage=url)
+    copies = []
+    for trial in study.get_trials(deepcopy=False, states=WARM_STATES):
+        if not fits_space(trial, space):
+            continue
+        copies.append(optuna.trial.create_trial(
+            state=trial.state,
+            values=trial.values,
+            params=trial.params,
+            distributions=space,
+            intermediate_values=trial.intermediate_values,
+            user_attrs={"warm_start_from": f"{study_name}#{trial.number}"},
+        ))
+    logger.info("Warm start: %d trials of study %s fit the search space", len(copies), study_name)
+    return copies
