@@ -6,11 +6,15 @@ ResultGrid is the one place that touches Ray objects.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+TRIALS_CSV = "trials.csv"
+REPORT_DIRNAME = "report"
 
 COMPLETED = "completed"
 EARLY_STOPPED = "early_stopped"
@@ -33,6 +37,8 @@ class TrialRecord:
     error: str | None = None
     path: str | None = None
     best_checkpoint: str | None = None
+    # Seconds the trial trained (Ray's time_total_s at its last report).
+    wall_time_s: float | None = None
 
 
 def trial_status(epochs: int, max_epochs: int, error: str | None, done: bool) -> str:
@@ -59,12 +65,15 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
     records = []
     for result in grid:
         frame = result.metrics_dataframe
-        columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+        columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                   "time_total_s", "timestamp"]
         history: list[dict[str, float]] = []
         if frame is not None and "epoch" in frame:
             rows = frame[[c for c in columns if c in frame]].drop_duplicates("epoch", keep="last")
             history = [{k: float(v) for k, v in row.items()} for row in rows.to_dict("records")]
         error = None if result.error is None else _one_line(result.error)
+        if result.metrics.get("diverged"):
+            error = str(result.metrics.get("failure") or "training diverged")
         trial_id = result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
         best = best_epoch(history, metric, mode)
         checkpoint = _checkpoint_at(result, best[1]) if best else None
@@ -81,8 +90,20 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
             error=error,
             path=result.path,
             best_checkpoint=checkpoint,
+            wall_time_s=history[-1].get("time_total_s") if history else None,
         ))
     return sorted(records, key=lambda record: record.trial_id)
+
+
+def load_records(trials_dir: Path, metric: str, mode: str,
+                 max_epochs: int) -> list[TrialRecord]:
+    """TrialRecords of a finished sweep read back from its Ray Tune folder, without Ray running."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    grid = ResultGrid(ExperimentAnalysis(str(trials_dir), default_metric=metric,
+                                         default_mode=mode))
+    done = grid.num_terminated + grid.num_errors == len(grid)
+    return records_from_results(grid, metric, mode, max_epochs, sweep_done=done)
 
 
 def _checkpoint_at(result, epoch: int) -> str | None:
@@ -105,8 +126,16 @@ def rank(records: list[TrialRecord], mode: str) -> list[TrialRecord]:
 
 
 def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
-                  records: list[TrialRecord], sweep_dir: Path) -> dict[str, Any]:
-    """The content of summary.json."""
+                  records: list[TrialRecord], sweep_dir: Path,
+                  search_space: dict[str, str] | None = None,
+                  test: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of summary.json.
+
+    Args:
+        search_space: The flat search space as written (``{"train.lr": "tag(log, ...)"}``);
+            kept so a report can be rebuilt from the sweep folder alone.
+        test: The best model's held-out test scores (see sweeper.evaluate), if any.
+    """
     ranked = rank(records, mode)
     best = ranked[0] if ranked else None
     epochs_trained = sum(r.epochs_trained for r in records)
@@ -123,6 +152,9 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
         "epochs_trained": epochs_trained,
         "epochs_full_budget": full_budget,
         "epochs_ratio": round(epochs_trained / full_budget, 4) if full_budget else None,
+        "epochs_saved": full_budget - epochs_trained,
+        "error": None if best else _no_result_message(metric, counts[FAILED], len(records)),
+        "search_space": dict(search_space or {}),
         "best": None if best is None else {
             "trial_id": best.trial_id,
             "config": best.config,
@@ -131,10 +163,15 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
             "epochs_trained": best.epochs_trained,
             "checkpoint": best.best_checkpoint,
         },
+        "test": test,
         "paths": {
             "sweep_dir": str(sweep_dir),
             "trials": str(sweep_dir / "trials"),
             "tensorboard": str(sweep_dir / "tensorboard"),
+            "trials_csv": str(sweep_dir / TRIALS_CSV),
+            "report": str(sweep_dir / REPORT_DIRNAME / "report.md"),
+            "best_model": str(sweep_dir / "best_model.keras") if best else None,
+            "best_config": str(sweep_dir / "best_config.yaml") if best else None,
         },
         "trials": [
             {
@@ -145,11 +182,47 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
                 "last_metric_value": r.last_value,
                 "best_metric_value": r.best_value,
                 "best_epoch": r.best_epoch,
+                "wall_time_s": r.wall_time_s,
                 "error": r.error,
             }
             for r in records
         ],
     }
+
+
+def _no_result_message(metric: str, failed: int, total: int) -> str:
+    return f"no trial produced a finite {metric} ({failed} of {total} failed)"
+
+
+def trials_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial for trials.csv: id, each sampled parameter, status and scores."""
+    metric = summary["metric"]
+    params = sorted({key for trial in summary["trials"] for key in trial["config"]})
+    return [
+        {
+            "trial_id": trial["trial_id"],
+            **{key: trial["config"].get(key) for key in params},
+            "status": trial["status"],
+            "epochs_trained": trial["epochs_trained"],
+            f"best_{metric}": trial["best_metric_value"],
+            f"last_{metric}": trial["last_metric_value"],
+            "best_epoch": trial["best_epoch"],
+            "wall_time_s": trial["wall_time_s"],
+            "error": trial["error"],
+        }
+        for trial in summary["trials"]
+    ]
+
+
+def write_trials_csv(summary: dict[str, Any], path: Path) -> None:
+    rows = trials_table(summary)
+    if not rows:
+        path.write_text("trial_id\n")
+        return
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:
@@ -179,8 +252,9 @@ def format_table(records: list[TrialRecord], metric: str, mode: str, limit: int 
     header = ["trial", metric, "epoch", "trained", "status", *params]
     rows = [[r.trial_id, f"{r.best_value:.4f}", str(r.best_epoch), str(r.epochs_trained),
              r.status, *(_format_value(r.config.get(p, "")) for p in params)] for r in ranked]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in [header, *rows]]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+             for line in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

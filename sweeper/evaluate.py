@@ -1,0 +1,199 @@
+"""The best trial, once, on the test split no trial saw; and the files a user takes away.
+
+After the search picked a trial on validation scores only, :func:`export_best`
+saves its model (its own checkpoint at the epoch it reported, or a retrain on
+train+validation when ``final.retrain`` asks for one) as ``best_model.keras``,
+scores that saved file on the test split, and writes the config that trains it
+again as ``best_config.yaml``. The scores themselves are plain numpy
+(:func:`classification_metrics`), so they can be checked without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from sweeper.config import SweepConfig
+from sweeper.data import NUM_CLASSES, Splits
+from sweeper.results import TrialRecord
+from sweeper.space import apply_params
+
+logger = logging.getLogger(__name__)
+
+BEST_MODEL = "best_model.keras"
+BEST_MODEL_INFO = "best_model.json"
+BEST_CONFIG = "best_config.yaml"
+PREDICT_BATCH = 256
+
+SOURCE_CHECKPOINT = "checkpoint"
+SOURCE_RETRAIN = "retrain"
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
+                           num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, per-class figures and the confusion matrix.
+
+    A class that is never predicted (or never present) scores 0 precision (or recall)
+    rather than NaN, as scikit-learn does with ``zero_division=0``, so the macro
+    averages stay in [0, 1].
+
+    Args:
+        y_true: True labels, shape (N,).
+        y_pred: Predicted labels, shape (N,).
+        num_classes: Rows and columns of the confusion matrix.
+
+    Returns:
+        JSON-ready dict; ``confusion_matrix[i][j]`` counts true class i predicted as j.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    hits = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0).astype(float)
+    support = matrix.sum(axis=1).astype(float)
+    precision = np.divide(hits, predicted, out=np.zeros(num_classes), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros(num_classes), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(num_classes), where=both > 0)
+    return {
+        "num_samples": int(len(y_true)),
+        "accuracy": float(hits.sum() / max(len(y_true), 1)),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "per_class": {
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": support.astype(int).tolist(),
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def predict_labels(model, images: np.ndarray) -> np.ndarray:
+    """Class predictions of a Keras classifier for uint8 images."""
+    return np.argmax(model.predict(images, batch_size=PREDICT_BATCH, verbose=0), axis=1)
+
+
+def best_config(cfg: SweepConfig, best: TrialRecord) -> SweepConfig:
+    """``cfg`` with the best trial's sampled values filled in."""
+    return apply_params(cfg, best.config)
+
+
+def retrain_config(cfg: SweepConfig, best: TrialRecord) -> dict[str, Any]:
+    """The best trial's full config as a primary Hydra config that trains it once more.
+
+    Everything is the sweep's composed config with the sampled values filled in,
+    except what makes a re-run train exactly this trial in a sweep of its own:
+    each searched setting is pinned with a one-value ``choice``, one trial, and a
+    new name (so the original sweep folder is not resumed).
+    """
+    filled = OmegaConf.to_container(OmegaConf.structured(best_config(cfg, best)))
+    space: dict[str, dict[str, str]] = {}
+    for key, value in best.config.items():
+        group, _, name = key.partition(".")
+        space.setdefault(group, {})[name] = f"choice({_hydra_literal(value)})"
+    filled["search"]["space"] = space
+    filled["search"]["num_trials"] = 1
+    filled["name"] = f"{cfg.name}_best"
+    filled["sweep_dir"] = "sweeps/${name}"
+    return {
+        "defaults": ["sweep_schema", "_self_"],
+        **filled,
+        "hydra": {"run": {"dir": "${sweep_dir}"}, "output_subdir": ".hydra",
+                  "job": {"name": "sweep", "chdir": False}},
+    }
+
+
+def _hydra_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(value)
+
+
+def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> Path:
+    path = sweep_dir / BEST_CONFIG
+    header = (
+        f"# The best trial ({best.trial_id}) of sweep '{cfg.name}': the composed config with its\n"
+        "# sampled values filled in and pinned. Train it again in a sweep of its own with\n"
+        f"#   python -m sweeper --config-dir {sweep_dir} --config-name best_config\n"
+    )
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(retrain_config(cfg, best))))
+    return path
+
+
+def _retrain(cfg: SweepConfig, best: TrialRecord, splits: Splits):
+    """A fresh model of the best config trained on train+validation for its best epoch count.
+
+    The trainer still wants a validation split; it gets the validation images, which are
+    now part of training, so its validation figures mean nothing and are not used.
+    """
+    from sweeper.trainer import train
+
+    cfg_best = best_config(cfg, best)
+    cfg_best.train.epochs = best.best_epoch or cfg.train.epochs
+    merged = dataclasses.replace(
+        splits,
+        x_train=np.concatenate([splits.x_train, splits.x_val]),
+        y_train=np.concatenate([splits.y_train, splits.y_val]),
+    )
+    logger.info("Retraining trial %s on train+validation for %d epochs", best.trial_id,
+                cfg_best.train.epochs)
+    return train(cfg_best, merged)
+
+
+def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits,
+                sweep_dir: Path) -> dict[str, Any] | None:
+    """Save the best model and its config; score the saved model on the test split.
+
+    Writes ``best_model.keras``, ``best_config.yaml`` and ``best_model.json`` (where the
+    model came from and its test scores, which re-reporting reads back).
+
+    Returns:
+        The test block for summary.json, or None when ``final.evaluate`` is false.
+    """
+    import keras
+
+    from sweeper.tuner import CHECKPOINT_MODEL
+
+    path = sweep_dir / BEST_MODEL
+    checkpoint = Path(best.best_checkpoint) if best.best_checkpoint else None
+    retrain = cfg.final.retrain
+    if not retrain and (checkpoint is None or not (checkpoint / CHECKPOINT_MODEL).is_file()):
+        logger.warning("Trial %s kept no checkpoint of epoch %s; retraining it instead",
+                       best.trial_id, best.best_epoch)
+        retrain = True
+    if retrain:
+        _retrain(cfg, best, splits).save(path)
+    else:
+        shutil.copyfile(checkpoint / CHECKPOINT_MODEL, path)
+    write_best_config(cfg, best, sweep_dir)
+
+    test = None
+    if cfg.final.evaluate:
+        model = keras.models.load_model(path)  # score the file users get, not an in-memory twin
+        test = classification_metrics(splits.y_test, predict_labels(model, splits.x_test))
+        test.update(trial_id=best.trial_id, epoch=best.best_epoch,
+                    source=SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT)
+    info = {"trial_id": best.trial_id, "epoch": best.best_epoch,
+            "source": SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT,
+            "checkpoint": None if retrain else str(checkpoint), "test": test}
+    (sweep_dir / BEST_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return test
+
+
+def read_test_block(sweep_dir: Path) -> dict[str, Any] | None:
+    """The test scores an earlier :func:`export_best` saved, or None."""
+    path = sweep_dir / BEST_MODEL_INFO
+    return json.loads(path.read_text()).get("test") if path.is_file() else None

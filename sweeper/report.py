@@ -1,0 +1,330 @@
+"""The report of a sweep: PNG plots, report.md, trials.csv and summary.json, rebuildable.
+
+:func:`publish` writes everything a finished sweep leaves for people to read;
+:func:`rebuild` does the same again from the sweep folder alone (Ray Tune's
+trial folders plus the saved test scores), training nothing. Plots are drawn
+with matplotlib's object API (no pyplot state, no display needed); a plot that
+cannot be drawn is skipped with a warning and never fails the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sweeper.evaluate import read_test_block
+from sweeper.results import (
+    FAILED,
+    REPORT_DIRNAME,
+    TRIALS_CSV,
+    TrialRecord,
+    build_summary,
+    load_records,
+    trials_table,
+    write_summary,
+    write_trials_csv,
+)
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+
+
+class SkipPlot(Exception):
+    """A plot that the sweep's results cannot support (e.g. one trial only); says why."""
+
+
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width * ncols, height), layout="constrained")
+    return figure, figure.subplots(1, ncols, squeeze=False)[0]
+
+
+def _scored(records: list[TrialRecord]) -> list[TrialRecord]:
+    return [r for r in records if r.best_value is not None and r.status != FAILED]
+
+
+def _by_start(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials in the order they started (trial ids are random, not sequential)."""
+    def start(record: TrialRecord) -> float:
+        if not record.history or "timestamp" not in record.history[0]:
+            return math.inf
+        first = record.history[0]
+        return first["timestamp"] - first.get("time_total_s", 0.0)
+    return sorted(records, key=start)
+
+
+def _running_best(values: list[float], mode: str) -> list[float]:
+    pick = max if mode == "max" else min
+    best: list[float] = []
+    for value in values:
+        best.append(value if not best else pick(best[-1], value))
+    return best
+
+
+def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
+    """Best validation score found so far, against wall time and against trial number."""
+    metric, mode = summary["metric"], summary["mode"]
+    reports = [(row["timestamp"], row[metric]) for r in _scored(records) for row in r.history
+               if "timestamp" in row and math.isfinite(row.get(metric, math.nan))]
+    if not reports:
+        raise SkipPlot(f"no trial reported a finite {metric}")
+    ordered = [r for r in _by_start(records) if r.best_value is not None and r.status != FAILED]
+    starts = [r.history[0]["timestamp"] - r.history[0].get("time_total_s", 0.0)
+              for r in ordered if "timestamp" in r.history[0]]
+    origin = min(starts) if starts else min(t for t, _ in reports)
+    reports.sort()
+    figure, (by_time, by_trial) = _figure(ncols=2)
+    minutes = [(t - origin) / 60 for t, _ in reports]
+    by_time.step(minutes, _running_best([v for _, v in reports], mode), where="post")
+    by_time.set(xlabel="wall time since the first trial started (min)",
+                ylabel=f"best {metric} so far", title="Best so far, by time")
+    numbers = list(range(1, len(ordered) + 1))
+    values = [r.best_value for r in ordered]
+    by_trial.scatter(numbers, values, s=16, alpha=0.6, label="trial's best")
+    by_trial.step(numbers, _running_best(values, mode), where="post", label="best so far")
+    by_trial.set(xlabel="trial number (by start)", ylabel=metric, title="Best so far, by trial")
+    by_trial.legend(loc="best")
+    return figure
+
+
+def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
+    """Every trial's validation curve, coloured by how many epochs ASHA let it train."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    metric, max_epochs = summary["metric"], summary["max_epochs"]
+    curves = [r for r in records if r.history]
+    if not curves:
+        raise SkipPlot("no trial reported an epoch")
+    figure, (axes,) = _figure(width=7.0)
+    colours = colormaps["viridis"]
+    norm = Normalize(vmin=1, vmax=max(max_epochs, 2))
+    for record in curves:
+        epochs = [row["epoch"] for row in record.history]
+        values = [row.get(metric, math.nan) for row in record.history]
+        failed = record.status == FAILED
+        axes.plot(epochs, values, marker="o", markersize=3, linewidth=1,
+                  color="tab:red" if failed else colours(norm(record.epochs_trained)),
+                  linestyle="--" if failed else "-", alpha=0.8)
+    # The epochs where trials stopped short of the full budget: ASHA's rungs in this sweep.
+    for rung in sorted({r.epochs_trained for r in curves if r.epochs_trained < max_epochs}):
+        axes.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, label="epochs trained")
+    axes.set(xlabel="epoch", ylabel=metric,
+             title="Learning curves (dotted: rungs where trials were stopped)")
+    return figure
+
+
+def _study(summary: dict[str, Any], records: list[TrialRecord]):
+    """An Optuna study holding the sweep's scored trials, for Optuna's analysis tools."""
+    import optuna
+
+    from sweeper.space import parse_distribution
+
+    space = summary.get("search_space") or {}
+    if not space:
+        raise SkipPlot("summary.json has no search space")
+    distributions = {key: parse_distribution(key, text) for key, text in space.items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    direction = "maximize" if summary["mode"] == "max" else "minimize"
+    study = optuna.create_study(direction=direction)
+    for record in _scored(records):
+        params = {k: v for k, v in record.config.items() if k in distributions}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: distributions[k] for k in params},
+            value=record.best_value))
+    return study
+
+
+def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
+    """Optuna's fANOVA importance of each searched parameter for the search metric."""
+    import optuna
+
+    scored = _scored(records)
+    if len(scored) < 2:
+        raise SkipPlot(f"needs >= 2 scored trials, the sweep has {len(scored)}")
+    if len({repr(sorted(r.config.items())) for r in scored}) < 2:
+        raise SkipPlot("needs >= 2 distinct parameter values")
+    importances = optuna.importance.get_param_importances(_study(summary, records))
+    names = list(importances)[::-1]
+    figure, (axes,) = _figure(height=1.0 + 0.5 * len(names))
+    axes.barh(names, [importances[n] for n in names])
+    axes.set(xlabel="importance (fANOVA, sums to 1)", xlim=(0, 1),
+             title=f"Parameter importance for {summary['metric']}")
+    return figure
+
+
+def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
+    """Where the searcher sampled each parameter, and the score each sample reached."""
+    from optuna.distributions import CategoricalDistribution
+
+    from sweeper.space import parse_distribution
+
+    space = summary.get("search_space") or {}
+    scored = _scored(records)
+    if not space or not scored:
+        raise SkipPlot("no search space or no scored trial")
+    figure, axes_row = _figure(ncols=len(space), width=4.0)
+    for axes, (key, text) in zip(axes_row, sorted(space.items()), strict=True):
+        distribution = parse_distribution(key, text)
+        values = [r.config.get(key) for r in scored]
+        if isinstance(distribution, CategoricalDistribution):
+            labels = [str(c) for c in distribution.choices]
+            positions = [labels.index(str(v)) for v in values]
+            axes.set_xticks(range(len(labels)), labels)
+            values = positions
+        elif getattr(distribution, "log", False):
+            axes.set_xscale("log")
+        axes.scatter(values, [r.best_value for r in scored],
+                     c=[r.epochs_trained for r in scored], cmap="viridis", s=20)
+        axes.set(xlabel=key, ylabel=summary["metric"], title=key)
+    figure.suptitle("Search space coverage (colour: epochs trained)")
+    return figure
+
+
+def plot_confusion_matrix(summary: dict[str, Any], records: list[TrialRecord]):
+    """The best model's confusion matrix on the held-out test split."""
+    test = summary.get("test")
+    if not test:
+        raise SkipPlot("the best model was not evaluated on the test split")
+    matrix = test["confusion_matrix"]
+    size = len(matrix)
+    figure, (axes,) = _figure(width=6.0, height=5.5)
+    image = axes.imshow(matrix, cmap="Blues")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            axes.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                      color="white" if count > peak / 2 else "black")
+    axes.set_xticks(range(size))
+    axes.set_yticks(range(size))
+    axes.set(xlabel="predicted class", ylabel="true class",
+             title=f"Test confusion matrix (accuracy {test['accuracy']:.4f})")
+    figure.colorbar(image, ax=axes)
+    return figure
+
+
+PLOTS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "best_so_far": ("Best validation score so far", plot_best_so_far),
+    "learning_curves": ("Learning curves and ASHA rungs", plot_learning_curves),
+    "param_importance": ("Parameter importance", plot_param_importance),
+    "search_space": ("Search space coverage", plot_search_space),
+    "confusion_matrix": ("Test confusion matrix of the best model", plot_confusion_matrix),
+}
+
+
+def draw_plots(summary: dict[str, Any], records: list[TrialRecord], folder: Path) -> list[str]:
+    """Write each plot as ``<name>.png`` in ``folder``; returns the names drawn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for name, (_, draw) in PLOTS.items():
+        path = folder / f"{name}.png"
+        path.unlink(missing_ok=True)  # a plot skipped now must not show a stale picture
+        try:
+            draw(summary, records).savefig(path, dpi=100)
+        except SkipPlot as reason:
+            logger.warning("Skipped the %s plot: %s", name, reason)
+            continue
+        except Exception as error:  # a broken plot must never break the sweep
+            logger.warning("Skipped the %s plot: %s: %s", name, type(error).__name__, error)
+            path.unlink(missing_ok=True)
+            continue
+        drawn.append(name)
+    return drawn
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["(none)"]
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(row[key]) for key in header) + " |" for row in rows]
+    return lines
+
+
+def report_markdown(summary: dict[str, Any], drawn: list[str]) -> str:
+    """report.md: the outcome in a few lines, the plots, the test figures and the trials table."""
+    metric, best, test = summary["metric"], summary["best"], summary.get("test")
+    lines = [f"# Sweep report: {summary['experiment']}", ""]
+    if best is None:
+        lines += [f"**The sweep failed:** {summary.get('error')}.", ""]
+    else:
+        lines += [
+            f"- Best trial: `{best['trial_id']}`, {metric} = {best['metric_value']:.4f} at epoch "
+            f"{best['epoch']} ({summary['mode']}imized on validation only)",
+            "- Sampled values: "
+            + ", ".join(f"`{key}={_cell(value)}`" for key, value in best["config"].items()),
+        ]
+    if test:
+        lines.append(
+            f"- Held-out test ({test['num_samples']} images, model from its {test['source']}): "
+            f"accuracy {test['accuracy']:.4f}, macro precision {test['precision_macro']:.4f}, "
+            f"macro recall {test['recall_macro']:.4f}, macro F1 {test['f1_macro']:.4f}")
+    if summary.get("epochs_ratio") is not None:
+        lines.append(
+            f"- Compute: {summary['epochs_trained']} epochs trained of "
+            f"{summary['epochs_full_budget']} for a full-budget search of the same "
+            f"{summary['num_trials']} trials ({summary['epochs_ratio']:.0%}; "
+            f"{summary['epochs_saved']} epochs saved by early stopping)")
+    counts = ", ".join(f"{n} {status}" for status, n in summary["trial_counts"].items() if n)
+    lines += [f"- Trials: {summary['num_trials']} ({counts})", ""]
+    for name in drawn:
+        lines += [f"## {PLOTS[name][0]}", "", f"![{PLOTS[name][0]}]({name}.png)", ""]
+    if test:
+        per_class = test["per_class"]
+        rows = [{"class": i, "precision": per_class["precision"][i],
+                 "recall": per_class["recall"][i], "f1": per_class["f1"][i],
+                 "support": per_class["support"][i]} for i in range(len(per_class["f1"]))]
+        lines += ["## Test figures per class", "", *_markdown_table(rows), ""]
+    lines += [f"## Trials ({TRIALS_CSV})", "", *_markdown_table(trials_table(summary)), ""]
+    return "\n".join(lines)
+
+
+def publish(summary: dict[str, Any], records: list[TrialRecord], sweep_dir: Path) -> None:
+    """Write summary.json, trials.csv and report/ (plots + report.md) into ``sweep_dir``."""
+    write_summary(summary, sweep_dir / SUMMARY_FILE)
+    write_trials_csv(summary, sweep_dir / TRIALS_CSV)
+    folder = sweep_dir / REPORT_DIRNAME
+    drawn = draw_plots(summary, records, folder)
+    (folder / REPORT_FILE).write_text(report_markdown(summary, drawn))
+
+
+def rebuild(sweep_dir: Path) -> dict[str, Any]:
+    """Rebuild summary.json, trials.csv and the report of a finished sweep; trains nothing.
+
+    Trial records come from Ray Tune's trial folders, the sweep's settings from the
+    existing summary.json and the test scores from best_model.json; keys of summary.json
+    that are not rebuilt here (written by other parts of the sweep) are kept as they were.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` holds no summary.json or no trials/ folder.
+    """
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    summary_path, trials = sweep_dir / SUMMARY_FILE, sweep_dir / "trials"
+    for needed in (summary_path, trials):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} does not exist; is {sweep_dir} a finished sweep?")
+    old = json.loads(summary_path.read_text())
+    records = load_records(trials, old["metric"], old["mode"], old["max_epochs"])
+    rebuilt = build_summary(old["experiment"], old["metric"], old["mode"], old["max_epochs"],
+                            records, sweep_dir, old.get("search_space"),
+                            read_test_block(sweep_dir))
+    summary = {**old, **rebuilt}
+    publish(summary, records, sweep_dir)
+    return summary
