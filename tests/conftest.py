@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -54,3 +58,37 @@ def compose():
         return compose_config(quote_space_overrides(list(overrides)))
 
     return _compose
+
+
+@dataclass(frozen=True)
+class SmokeSweep:
+    """One finished smoke sweep on Fashion-MNIST, run through the real CLI."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    sweep_dir: Path
+    summary: dict
+    num_trials: int
+    max_epochs: int
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, fashion_mnist_dir) -> SmokeSweep:
+    """``python -m sweeper +experiment=smoke data=fashion_mnist`` once for the whole session.
+
+    The sweep and TensorBoard tests read what it leaves behind; running it once keeps the
+    end-to-end tests to about a minute on 2 cores.
+    """
+    from sweeper.__main__ import compose_config
+
+    cwd = tmp_path_factory.mktemp("smoke")
+    sweep_dir = cwd / "sweep"
+    args = ["+experiment=smoke", "data=fashion_mnist", f"data.path={fashion_mnist_dir}"]
+    cfg = compose_config(args)
+    result = subprocess.run([sys.executable, "-m", "sweeper", *args, f"sweep_dir={sweep_dir}"],
+                            cwd=cwd, capture_output=True, text=True, timeout=900)
+    summary_path = sweep_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return SmokeSweep(result.returncode, result.stdout, result.stderr, sweep_dir, summary,
+                      cfg.search.num_trials, cfg.train.epochs)

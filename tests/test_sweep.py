@@ -1,0 +1,68 @@
+"""End to end: the smoke sweep on Fashion-MNIST through the real CLI, real Ray and real training.
+
+All tests here read the one session-wide sweep of ``conftest.smoke_sweep``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TRIAL_FIELDS = {"trial_id", "config", "status", "epochs_trained", "last_metric_value"}
+
+
+@pytest.fixture(scope="module")
+def finished(smoke_sweep):
+    assert smoke_sweep.returncode == 0, smoke_sweep.stderr[-3000:]
+    return smoke_sweep
+
+
+def test_the_cli_exits_0_and_says_where_results_are(finished):
+    sweep_dir = finished.sweep_dir
+    assert f"Sweep directory: {sweep_dir}" in finished.stdout
+    assert f"tensorboard --logdir {sweep_dir / 'tensorboard'}" in finished.stdout
+    assert "Best trials (val_accuracy, max):" in finished.stdout
+
+
+def test_summary_lists_every_configured_trial(finished):
+    summary = finished.summary
+    assert (summary["experiment"], summary["metric"], summary["mode"]) == (
+        "smoke", "val_accuracy", "max")
+    assert summary["num_trials"] == finished.num_trials == len(summary["trials"])
+    assert len({trial["trial_id"] for trial in summary["trials"]}) == finished.num_trials
+    for trial in summary["trials"]:
+        assert set(trial) >= TRIAL_FIELDS
+        assert set(trial["config"]) == {"train.lr"}
+        assert 1e-4 <= trial["config"]["train.lr"] <= 3e-2
+        assert 1 <= trial["epochs_trained"] <= finished.max_epochs
+        assert 0.0 <= trial["last_metric_value"] <= 1.0
+        assert trial["status"] in ("completed", "early_stopped")
+        assert (trial["status"] == "completed") == (trial["epochs_trained"] == finished.max_epochs)
+
+
+def test_asha_stops_some_trials_before_max_epochs(finished):
+    trials = finished.summary["trials"]
+    stopped = [t for t in trials if t["epochs_trained"] < finished.max_epochs]
+    assert stopped and all(t["status"] == "early_stopped" for t in stopped)
+    assert any(t["epochs_trained"] == finished.max_epochs for t in trials)
+    assert finished.summary["epochs_trained"] == sum(t["epochs_trained"] for t in trials)
+
+
+def test_the_best_trial_is_clearly_above_chance(finished):
+    summary = finished.summary
+    best = summary["best"]
+    assert {"config", "metric_value", "epochs_trained", "trial_id"} <= set(best)
+    assert best["metric_value"] > 0.5  # chance is 0.1 for ten classes
+    best_trial = next(t for t in summary["trials"] if t["trial_id"] == best["trial_id"])
+    assert best["config"] == best_trial["config"]
+    assert best["epochs_trained"] == best_trial["epochs_trained"]
+    assert best["metric_value"] == max(t["best_metric_value"] for t in summary["trials"])
+
+
+def test_the_sweep_directory_holds_trials_tensorboard_and_summary(finished):
+    sweep_dir = finished.sweep_dir
+    assert (sweep_dir / "summary.json").is_file()
+    assert any((sweep_dir / "tensorboard").glob("events.out.tfevents.*"))
+    trial_dirs = {path.name for path in (sweep_dir / "trials").glob("trial_*") if path.is_dir()}
+    assert trial_dirs == {f"trial_{t['trial_id']}" for t in finished.summary["trials"]}
