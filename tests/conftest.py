@@ -9,8 +9,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -71,10 +73,12 @@ class SmokeSweep:
     summary: dict
     num_trials: int
     max_epochs: int
+    # The sweep's RAY_TMPDIR: Ray keeps its session folders under <ray_tmpdir>/ray.
+    ray_tmpdir: Path
 
 
 @pytest.fixture(scope="session")
-def smoke_sweep(tmp_path_factory, fashion_mnist_dir) -> SmokeSweep:
+def smoke_sweep(tmp_path_factory, fashion_mnist_dir):
     """``python -m sweeper +experiment=smoke data=fashion_mnist`` once for the whole session.
 
     The sweep and TensorBoard tests read what it leaves behind; running it once keeps the
@@ -86,9 +90,13 @@ def smoke_sweep(tmp_path_factory, fashion_mnist_dir) -> SmokeSweep:
     sweep_dir = cwd / "sweep"
     args = ["+experiment=smoke", "data=fashion_mnist", f"data.path={fashion_mnist_dir}"]
     cfg = compose_config(args)
+    # Short, under /tmp: Ray's socket paths inside it must stay under 107 characters.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmpdir)}
     result = subprocess.run([sys.executable, "-m", "sweeper", *args, f"sweep_dir={sweep_dir}"],
-                            cwd=cwd, capture_output=True, text=True, timeout=900)
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     summary_path = sweep_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return SmokeSweep(result.returncode, result.stdout, result.stderr, sweep_dir, summary,
-                      cfg.search.num_trials, cfg.train.epochs)
+    yield SmokeSweep(result.returncode, result.stdout, result.stderr, sweep_dir, summary,
+                     cfg.search.num_trials, cfg.train.epochs, ray_tmpdir)
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)

@@ -25,6 +25,11 @@ def test_the_cli_exits_0_and_says_where_results_are(finished):
     assert "Best trials (val_accuracy, max):" in finished.stdout
 
 
+def test_the_cli_started_its_own_ray(finished):
+    """The positive control for test_config's "no Ray started": RAY_TMPDIR is where Ray goes."""
+    assert list((finished.ray_tmpdir / "ray").glob("session_*"))
+
+
 def test_summary_lists_every_configured_trial(finished):
     summary = finished.summary
     assert (summary["experiment"], summary["metric"], summary["mode"]) == (
