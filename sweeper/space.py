@@ -6,6 +6,7 @@ A search space is written the way the hydra-optuna-sweeper plugin reads it::
     train.batch_size: choice(32, 64, 128)      -> CategoricalDistribution
     model.filters: range(16, 65, step=16)      -> IntDistribution(16, 64, step=16)
     model.dropout: interval(0.0, 0.5)          -> FloatDistribution
+    model.dense_units: interval(32, 128)       -> IntDistribution (integer bounds)
 
 Unlike the plugin, ``range`` keeps Hydra's meaning (the stop is excluded), so
 ``range(16, 65, step=16)`` samples 16, 32, 48 or 64 and never 65.

@@ -66,6 +66,18 @@ def test_every_experiment_composes_and_validates(compose, experiment):
     assert space, "an experiment searches at least one parameter"
 
 
+GROUP_OPTIONS = sorted(
+    f"{path.parent.name}={path.stem}" for path in (REPO / "conf").glob("*/*.yaml")
+    if path.parent.name != "experiment"
+)
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_every_option_of_every_config_group_composes_and_validates(compose, option):
+    _, space = validate(compose(option))
+    assert space
+
+
 def test_the_experiments_the_issue_names_exist():
     assert {"cnn_lr", "smoke"} <= set(EXPERIMENTS)
     assert len(EXPERIMENTS) >= 3
