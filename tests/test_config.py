@@ -91,6 +91,12 @@ def test_the_smoke_experiment_is_tiny_and_runs_on_fashion_mnist(compose, fashion
     assert cfg.data.max_train_samples is not None and cfg.data.max_train_samples <= 5000
 
 
+def test_a_command_line_group_choice_beats_the_experiments(compose):
+    """`+experiment=cnn_lr data=fashion_mnist` (as in the README) runs cnn_lr on Fashion-MNIST."""
+    cfg, _ = validate(compose("+experiment=cnn_lr", "data=fashion_mnist"))
+    assert (cfg.name, cfg.data.name, cfg.train.epochs) == ("cnn_lr", "fashion_mnist", 10)
+
+
 def test_search_spaces_can_be_changed_from_the_command_line(compose):
     cfg, space = validate(compose("search.space.train.lr=tag(log, interval(1e-5, 1e-2))",
                                   "search.space.model.dropout=interval(0, 0.5)"))
