@@ -46,6 +46,12 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
     return figure, figure.subplots(1, ncols, squeeze=False)[0]
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _scored(records: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in records if r.best_value is not None and r.status != FAILED]
 
@@ -90,6 +96,7 @@ def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
     by_trial.scatter(numbers, values, s=16, alpha=0.6, label="trial's best")
     by_trial.step(numbers, _running_best(values, mode), where="post", label="best so far")
     by_trial.set(xlabel="trial number (by start)", ylabel=metric, title="Best so far, by trial")
+    by_trial.xaxis.set_major_locator(_integer_ticks())
     by_trial.legend(loc="best")
     return figure
 
@@ -118,6 +125,7 @@ def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
     for rung in sorted({r.epochs_trained for r in curves if r.epochs_trained < max_epochs}):
         axes.axvline(rung, color="grey", linestyle=":", linewidth=1)
     figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, label="epochs trained")
+    axes.xaxis.set_major_locator(_integer_ticks())
     axes.set(xlabel="epoch", ylabel=metric,
              title="Learning curves (dotted: rungs where trials were stopped)")
     return figure
@@ -145,7 +153,7 @@ def _study(summary: dict[str, Any], records: list[TrialRecord]):
 
 
 def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
-    """Optuna's fANOVA importance of each searched parameter for the search metric."""
+    """Each searched parameter's importance for the search metric (Optuna's default evaluator)."""
     import optuna
 
     scored = _scored(records)
@@ -157,7 +165,7 @@ def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
     names = list(importances)[::-1]
     figure, (axes,) = _figure(height=1.0 + 0.5 * len(names))
     axes.barh(names, [importances[n] for n in names])
-    axes.set(xlabel="importance (fANOVA, sums to 1)", xlim=(0, 1),
+    axes.set(xlabel="importance (Optuna's default evaluator; sums to 1)", xlim=(0, 1),
              title=f"Parameter importance for {summary['metric']}")
     return figure
 

@@ -83,7 +83,7 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
             config=dict(result.config or {}),
             status=trial_status(epochs, max_epochs, error, done=sweep_done),
             epochs_trained=epochs,
-            last_value=history[-1][metric] if history else None,
+            last_value=history[-1].get(metric) if history else None,
             best_value=best[0] if best else None,
             best_epoch=best[1] if best else None,
             history=history,
@@ -104,6 +104,11 @@ def load_records(trials_dir: Path, metric: str, mode: str,
                                          default_mode=mode))
     done = grid.num_terminated + grid.num_errors == len(grid)
     return records_from_results(grid, metric, mode, max_epochs, sweep_done=done)
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a missing or non-finite figure, so summary.json stays strict JSON."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _checkpoint_at(result, epoch: int) -> str | None:
@@ -153,7 +158,7 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
         "epochs_full_budget": full_budget,
         "epochs_ratio": round(epochs_trained / full_budget, 4) if full_budget else None,
         "epochs_saved": full_budget - epochs_trained,
-        "error": None if best else _no_result_message(metric, counts[FAILED], len(records)),
+        "error": None if best else _no_result_message(metric, records),
         "search_space": dict(search_space or {}),
         "best": None if best is None else {
             "trial_id": best.trial_id,
@@ -179,8 +184,8 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
                 "config": r.config,
                 "status": r.status,
                 "epochs_trained": r.epochs_trained,
-                "last_metric_value": r.last_value,
-                "best_metric_value": r.best_value,
+                "last_metric_value": _finite(r.last_value),
+                "best_metric_value": _finite(r.best_value),
                 "best_epoch": r.best_epoch,
                 "wall_time_s": r.wall_time_s,
                 "error": r.error,
@@ -190,8 +195,12 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
     }
 
 
-def _no_result_message(metric: str, failed: int, total: int) -> str:
-    return f"no trial produced a finite {metric} ({failed} of {total} failed)"
+def _no_result_message(metric: str, records: list[TrialRecord]) -> str:
+    """Why a sweep has no best trial, in words a user can act on."""
+    failed = [r for r in records if r.status == FAILED]
+    if records and len(failed) == len(records):
+        return f"all {len(records)} trials failed (first error: {failed[0].error})"
+    return f"no trial produced a finite {metric} ({len(failed)} of {len(records)} failed)"
 
 
 def trials_table(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,284 @@
+"""What a finished sweep leaves a user: test scores, the exported model and config, the report.
+
+The slow tests read the session's one smoke sweep on Fashion-MNIST (``conftest.smoke_sweep``,
+run through the real CLI); the all-failed sweep runs the CLI once more, on a tiny subset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sweeper.report import PLOTS, draw_plots
+from sweeper.results import COMPLETED, EARLY_STOPPED, TrialRecord, build_summary
+
+TEST_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished(smoke_sweep):
+    assert smoke_sweep.returncode == 0, smoke_sweep.stderr[-3000:]
+    return smoke_sweep
+
+
+@pytest.fixture(scope="module")
+def smoke_config(finished, fashion_mnist_dir):
+    """The smoke sweep's composed config, typed, as the CLI composed it."""
+    from sweeper.__main__ import compose_config
+    from sweeper.config import to_sweep_config
+
+    return to_sweep_config(compose_config([
+        "+experiment=smoke", "data=fashion_mnist", f"data.path={fashion_mnist_dir}",
+        f"sweep_dir={finished.sweep_dir}"]))
+
+
+@pytest.fixture(scope="module")
+def smoke_splits(smoke_config):
+    from sweeper.data import load_splits
+
+    return load_splits(smoke_config.data, smoke_config.train.validation_fraction,
+                       smoke_config.train.seed)
+
+
+@pytest.mark.slow
+def test_summary_holds_the_best_trials_test_scores(finished, smoke_config, smoke_splits):
+    test = finished.summary["test"]
+    for name in TEST_METRICS:
+        assert 0.0 <= test[name] <= 1.0, name
+    matrix = np.array(test["confusion_matrix"])
+    assert matrix.shape == (10, 10)
+    assert matrix.sum() == test["num_samples"] == len(smoke_splits.y_test)
+    assert len(smoke_splits.y_test) == smoke_config.data.max_test_samples
+    assert test["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert test["per_class"]["support"] == np.bincount(smoke_splits.y_test, minlength=10).tolist()
+    for name in ("precision", "recall", "f1"):
+        assert len(test["per_class"][name]) == 10
+    best = finished.summary["best"]
+    assert (test["trial_id"], test["epoch"], test["source"]) == (
+        best["trial_id"], best["epoch"], "checkpoint")
+    assert test["accuracy"] > 0.5  # ten classes: well above chance after 3 epochs
+
+
+@pytest.mark.slow
+def test_the_printout_states_test_scores_compute_saved_and_files(finished):
+    summary, out = finished.summary, finished.stdout
+    assert f"accuracy {summary['test']['accuracy']:.4f}" in out
+    assert (f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']}"
+            in out)
+    assert summary["epochs_trained"] == sum(t["epochs_trained"] for t in summary["trials"])
+    assert summary["epochs_full_budget"] == finished.num_trials * finished.max_epochs
+    assert summary["epochs_saved"] == summary["epochs_full_budget"] - summary["epochs_trained"]
+    for key in ("best_model", "best_config", "report", "trials_csv"):
+        assert summary["paths"][key] in out and Path(summary["paths"][key]).is_file(), key
+
+
+@pytest.mark.slow
+def test_best_model_reloads_and_reproduces_the_test_accuracy(finished, smoke_splits):
+    import keras
+
+    model = keras.models.load_model(finished.sweep_dir / "best_model.keras")
+    predicted = np.argmax(model.predict(smoke_splits.x_test, verbose=0), axis=1)
+    accuracy = float(np.mean(predicted == smoke_splits.y_test))
+    assert abs(accuracy - finished.summary["test"]["accuracy"]) <= 1e-6
+
+
+@pytest.mark.slow
+def test_best_config_reproduces_the_composed_config(finished, smoke_config):
+    from omegaconf import OmegaConf
+    from optuna.distributions import CategoricalDistribution
+
+    from sweeper.config import to_sweep_config
+    from sweeper.space import apply_params, build_search_space
+
+    best = finished.summary["best"]
+    saved = to_sweep_config(_compose_best_config(finished.sweep_dir))
+    expected = apply_params(smoke_config, best["config"])
+    plain_saved = OmegaConf.to_container(OmegaConf.structured(saved))
+    plain_expected = OmegaConf.to_container(OmegaConf.structured(expected))
+    # What makes a re-run train exactly this trial, once, in a folder of its own:
+    assert plain_saved.pop("name") == "smoke_best"
+    assert plain_saved.pop("sweep_dir") == "sweeps/smoke_best"
+    assert plain_saved["search"].pop("num_trials") == 1
+    pinned = build_search_space(saved)
+    assert {key: dist.choices for key, dist in pinned.items()} == {
+        key: (value,) for key, value in best["config"].items()}
+    assert all(isinstance(dist, CategoricalDistribution) for dist in pinned.values())
+    del plain_saved["search"]["space"]
+    for key in ("name", "sweep_dir"):
+        plain_expected.pop(key)
+    del plain_expected["search"]["num_trials"], plain_expected["search"]["space"]
+    assert plain_saved == plain_expected
+    assert saved.train.lr == best["config"]["train.lr"]
+
+
+def _compose_best_config(sweep_dir: Path):
+    """best_config.yaml composed the way ``--config-dir SWEEP --config-name best_config`` does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sweeper.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(sweep_dir), version_base="1.3"):
+            return compose(config_name="best_config")
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.slow
+def test_every_plot_is_a_valid_nontrivial_png_linked_from_the_report(finished):
+    from matplotlib.image import imread
+
+    folder = finished.sweep_dir / "report"
+    markdown = (folder / "report.md").read_text()
+    for name in PLOTS:
+        path = folder / f"{name}.png"
+        data = path.read_bytes()
+        assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", name
+        width, height = struct.unpack(">II", data[16:24])
+        assert width >= 300 and height >= 200 and len(data) > 5000, name
+        pixels = imread(path)
+        assert pixels.reshape(-1, pixels.shape[-1]).std(axis=0).max() > 0.05, name  # not blank
+        assert f"]({name}.png)" in markdown, name
+    assert f"{finished.summary['test']['accuracy']:.4f}" in markdown
+
+
+@pytest.mark.slow
+def test_trials_csv_agrees_with_summary(finished):
+    with (finished.sweep_dir / "trials.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    trials = finished.summary["trials"]
+    assert len(rows) == len(trials) == finished.num_trials
+    for row, trial in zip(rows, trials, strict=True):
+        assert row["trial_id"] == trial["trial_id"]
+        assert row["status"] == trial["status"]
+        assert int(row["epochs_trained"]) == trial["epochs_trained"]
+        assert float(row["best_val_accuracy"]) == trial["best_metric_value"]
+        assert float(row["last_val_accuracy"]) == trial["last_metric_value"]
+        assert float(row["train.lr"]) == trial["config"]["train.lr"]
+        assert float(row["wall_time_s"]) == trial["wall_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_report_command_rebuilds_the_same_summary_without_training(finished, capsys):
+    from sweeper.__main__ import main
+
+    sweep_dir = finished.sweep_dir
+    shutil.rmtree(sweep_dir / "report")
+    (sweep_dir / "trials.csv").unlink()
+    checkpoints = sorted(p.name for p in (sweep_dir / "trials").glob("*/checkpoint_*"))
+    main(["report", str(sweep_dir)])
+    assert json.loads((sweep_dir / "summary.json").read_text()) == finished.summary
+    assert (sweep_dir / "trials.csv").is_file()
+    assert {p.stem for p in (sweep_dir / "report").glob("*.png")} == set(PLOTS)
+    assert sorted(p.name for p in (sweep_dir / "trials").glob("*/checkpoint_*")) == checkpoints
+    assert f"Report:          {sweep_dir / 'report' / 'report.md'}" in capsys.readouterr().out
+
+
+def test_report_command_refuses_a_folder_that_is_no_sweep(tmp_path, capsys):
+    from sweeper.__main__ import EXIT_USAGE, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "summary.json does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_final_retrain_scores_a_model_trained_on_train_and_validation(
+        finished, smoke_config, smoke_splits, tmp_path):
+    import dataclasses
+
+    import keras
+
+    from sweeper.evaluate import export_best
+    from sweeper.results import load_records
+
+    records = load_records(finished.sweep_dir / "trials", "val_accuracy", "max",
+                           smoke_config.train.epochs)
+    best = next(r for r in records if r.trial_id == finished.summary["best"]["trial_id"])
+    cfg = dataclasses.replace(smoke_config, final=dataclasses.replace(smoke_config.final,
+                                                                      retrain=True))
+    test = export_best(cfg, best, smoke_splits, tmp_path)
+    info = json.loads((tmp_path / "best_model.json").read_text())
+    assert test["source"] == info["source"] == "retrain" and info["checkpoint"] is None
+    model = keras.models.load_model(tmp_path / "best_model.keras")
+    predicted = np.argmax(model.predict(smoke_splits.x_test, verbose=0), axis=1)
+    assert abs(float(np.mean(predicted == smoke_splits.y_test)) - test["accuracy"]) <= 1e-6
+    assert test["accuracy"] > 0.5
+    # A new model, not the checkpoint's copy: the weights differ.
+    exported = keras.models.load_model(finished.sweep_dir / "best_model.keras")
+    assert not np.array_equal(model.get_weights()[0], exported.get_weights()[0])
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_writes_its_summary_and_exits_nonzero(
+        tmp_path, fashion_mnist_dir):
+    """SGD at lr >= 1000 with L2 = 1 grows the weights ~2000x a step: the loss overflows."""
+    sweep_dir = tmp_path / "failing"
+    args = ["+experiment=smoke", "data=fashion_mnist", f"data.path={fashion_mnist_dir}",
+            f"sweep_dir={sweep_dir}", "search.num_trials=2", "train.epochs=2",
+            "data.max_train_samples=200", "data.max_test_samples=100",
+            "train.optimizer=sgd", "model.l2=1.0",
+            "search.space.train.lr=tag(log, interval(1e3, 1e4))"]
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short socket paths
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    try:
+        result = subprocess.run([sys.executable, "-m", "sweeper", *args], cwd=tmp_path,
+                                env={**env, "RAY_TMPDIR": str(ray_tmpdir)},
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: all 2 trials failed (first error: training loss became" in result.stderr
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["best"] is None and summary["test"] is None
+    assert summary["trial_counts"]["failed"] == 2
+    assert summary["error"].startswith("all 2 trials failed")
+    assert not (sweep_dir / "best_model.keras").exists()
+    assert "The sweep failed" in (sweep_dir / "report" / "report.md").read_text()
+
+
+def _records() -> list[TrialRecord]:
+    def one(trial_id: str, lr: float, values: list[float], status: str) -> TrialRecord:
+        history = [{"epoch": float(i + 1), "val_accuracy": v, "time_total_s": 1.0 + i,
+                    "timestamp": 100.0 + 10 * int(trial_id) + i} for i, v in enumerate(values)]
+        best = max(values)
+        return TrialRecord(trial_id, {"train.lr": lr}, status, len(values), values[-1], best,
+                           values.index(best) + 1, history, wall_time_s=float(len(values)))
+    return [one("1", 1e-3, [0.6, 0.7, 0.8], COMPLETED), one("2", 1e-2, [0.5], EARLY_STOPPED)]
+
+
+def test_a_plot_that_cannot_be_drawn_is_skipped_with_a_warning(tmp_path, caplog):
+    """No test scores, one scored trial, and a search space that no longer parses."""
+    records = _records()[:1]
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
+                            search_space={"train.lr": "not(a, sweep"})
+    with caplog.at_level(logging.WARNING, logger="sweeper.report"):
+        drawn = draw_plots(summary, records, tmp_path / "report")
+    assert drawn == ["best_so_far", "learning_curves"]
+    skipped = {name for name in PLOTS if f"Skipped the {name} plot" in caplog.text}
+    assert skipped == {"param_importance", "search_space", "confusion_matrix"}
+    assert sorted(p.stem for p in (tmp_path / "report").glob("*.png")) == sorted(drawn)
+
+
+def test_parameter_importance_is_drawn_from_two_trials(tmp_path):
+    records = _records()
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
+                            search_space={"train.lr": "tag(log, interval(1e-4, 1e-1))"})
+    assert "param_importance" in draw_plots(summary, records, tmp_path)
+    assert (tmp_path / "param_importance.png").stat().st_size > 5000

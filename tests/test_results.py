@@ -1,0 +1,105 @@
+"""Results from plain records: test-set scores, summary.json, trials.csv, the no-result message."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sweeper.evaluate import classification_metrics
+from sweeper.results import (
+    COMPLETED,
+    EARLY_STOPPED,
+    FAILED,
+    TrialRecord,
+    build_summary,
+    write_summary,
+    write_trials_csv,
+)
+
+
+def record(trial_id: str, lr: float, values: list[float], status: str = COMPLETED,
+           error: str | None = None) -> TrialRecord:
+    history = [{"epoch": float(i + 1), "val_accuracy": v, "time_total_s": 2.0 * (i + 1),
+                "timestamp": 1000.0 + i} for i, v in enumerate(values)]
+    finite = [(v, i + 1) for i, v in enumerate(values) if math.isfinite(v)]
+    best = max(finite) if finite else None
+    return TrialRecord(trial_id=trial_id, config={"train.lr": lr}, status=status,
+                       epochs_trained=len(values),
+                       last_value=values[-1] if values else None,
+                       best_value=best[0] if best else None, best_epoch=best[1] if best else None,
+                       history=history, error=error,
+                       wall_time_s=history[-1]["time_total_s"] if history else None)
+
+
+def test_classification_metrics_match_hand_counts():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 1, 1])
+    scores = classification_metrics(y_true, y_pred, num_classes=3)
+    assert scores["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    # class 0: P=2/2 R=2/3; class 1: P=2/4 R=2/2; class 2: never predicted -> P=0, R=0.
+    assert scores["per_class"]["precision"] == pytest.approx([1.0, 0.5, 0.0])
+    assert scores["per_class"]["recall"] == pytest.approx([2 / 3, 1.0, 0.0])
+    assert scores["per_class"]["f1"] == pytest.approx([0.8, 2 / 3, 0.0])
+    assert scores["per_class"]["support"] == [3, 2, 1]
+    assert scores["precision_macro"] == pytest.approx(0.5)
+    assert scores["recall_macro"] == pytest.approx(5 / 9)
+    assert scores["f1_macro"] == pytest.approx((0.8 + 2 / 3) / 3)
+    assert scores["num_samples"] == 6
+    json.dumps(scores)  # plain Python types only, ready for summary.json
+
+
+def test_summary_states_compute_saved_and_the_best_trial(tmp_path):
+    records = [record("a", 1e-3, [0.5, 0.7, 0.8]), record("b", 1e-2, [0.4], EARLY_STOPPED),
+               record("c", 1e-1, [0.3, math.nan], FAILED, "training loss became nan")]
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
+                            search_space={"train.lr": "tag(log, interval(1e-4, 1))"},
+                            test={"accuracy": 0.75})
+    assert (summary["epochs_trained"], summary["epochs_full_budget"]) == (6, 9)
+    assert summary["epochs_saved"] == 3
+    assert summary["epochs_ratio"] == pytest.approx(6 / 9, abs=1e-4)
+    assert summary["best"]["trial_id"] == "a" and summary["best"]["metric_value"] == 0.8
+    assert summary["error"] is None and summary["test"] == {"accuracy": 0.75}
+    assert summary["search_space"] == {"train.lr": "tag(log, interval(1e-4, 1))"}
+    path = tmp_path / "summary.json"
+    write_summary(summary, path)
+    # A diverged trial's NaN never reaches the file: strict JSON parsers must read it.
+    json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+
+def test_trials_csv_has_one_row_per_trial_with_params_status_and_scores(tmp_path):
+    records = [record("a", 1e-3, [0.5, 0.7]), record("b", 1e-2, [0.4], EARLY_STOPPED)]
+    summary = build_summary("exp", "val_accuracy", "max", 2, records, tmp_path)
+    path = tmp_path / "trials.csv"
+    write_trials_csv(summary, path)
+    with path.open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["trial_id"] for row in rows] == ["a", "b"]
+    assert list(rows[0]) == ["trial_id", "train.lr", "status", "epochs_trained",
+                             "best_val_accuracy", "last_val_accuracy", "best_epoch",
+                             "wall_time_s", "error"]
+    assert float(rows[0]["train.lr"]) == 1e-3 and rows[1]["status"] == EARLY_STOPPED
+    assert float(rows[0]["best_val_accuracy"]) == 0.7 and int(rows[0]["epochs_trained"]) == 2
+    assert float(rows[0]["wall_time_s"]) == 4.0
+
+
+def test_a_sweep_whose_trials_all_failed_says_so(tmp_path):
+    records = [record("a", 1.0, [math.nan], FAILED, "training loss became nan in epoch 1"),
+               record("b", 2.0, [], FAILED, "worker died")]
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path)
+    assert summary["best"] is None and summary["test"] is None
+    assert summary["trial_counts"][FAILED] == 2
+    assert summary["error"] == ("all 2 trials failed "
+                                "(first error: training loss became nan in epoch 1)")
+    assert summary["paths"]["best_model"] is None
+
+
+def test_no_finite_score_without_failures_is_named_too(tmp_path):
+    summary = build_summary("exp", "val_accuracy", "max", 3,
+                            [record("a", 1.0, [math.nan]), record("b", 1.0, [0.5], FAILED, "x")],
+                            tmp_path)
+    assert summary["error"] == "no trial produced a finite val_accuracy (1 of 2 failed)"
