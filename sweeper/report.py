@@ -163,7 +163,7 @@ def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
         raise SkipPlot("needs >= 2 distinct parameter values")
     importances = optuna.importance.get_param_importances(_study(summary, records))
     names = list(importances)[::-1]
-    figure, (axes,) = _figure(height=1.0 + 0.5 * len(names))
+    figure, (axes,) = _figure(height=max(3.0, 1.0 + 0.5 * len(names)))
     axes.barh(names, [importances[n] for n in names])
     axes.set(xlabel="importance (Optuna's default evaluator; sums to 1)", xlim=(0, 1),
              title=f"Parameter importance for {summary['metric']}")
