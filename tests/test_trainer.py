@@ -56,14 +56,14 @@ def test_build_cnn_sizes_come_from_the_config():
 
 def test_train_reports_every_epoch_and_beats_chance(small_splits):
     seen: list[EpochMetrics] = []
-    model = train(trial_config(epochs=2), small_splits,
+    model = train(trial_config(epochs=2, batch_size=32, lr=2e-3), small_splits,
                   on_epoch_end=lambda metrics, model: seen.append(metrics))
 
     assert [m.epoch for m in seen] == [1, 2]
     assert all(math.isfinite(v) for m in seen for v in m.as_dict().values())
     assert seen[-1].loss < seen[0].loss
-    assert seen[-1].val_accuracy > 0.5  # chance is 0.1 for ten classes
-    assert model.optimizer.iterations.numpy() == 2 * math.ceil(900 / 64)
+    assert seen[-1].val_accuracy > 0.5  # chance is 0.1 for ten classes; 0.65 here
+    assert model.optimizer.iterations.numpy() == 2 * math.ceil(900 / 32)
 
 
 def test_continuing_from_initial_epoch_trains_only_the_remaining_epochs(small_splits):
