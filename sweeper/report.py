@@ -39,11 +39,12 @@ class SkipPlot(Exception):
     """A plot that the sweep's results cannot support (e.g. one trial only); says why."""
 
 
-def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0, nrows: int = 1):
+    """A figure of ``nrows`` x ``ncols`` panels, each ``width`` x ``height`` inches; flat axes."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width * ncols, height), layout="constrained")
-    return figure, figure.subplots(1, ncols, squeeze=False)[0]
+    figure = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    return figure, list(figure.subplots(nrows, ncols, squeeze=False).flat)
 
 
 def _integer_ticks():
@@ -172,6 +173,7 @@ def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
 
 def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
     """Where the searcher sampled each parameter, and the score each sample reached."""
+    from matplotlib.ticker import NullFormatter
     from optuna.distributions import CategoricalDistribution
 
     from sweeper.space import parse_distribution
@@ -180,8 +182,11 @@ def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
     scored = _scored(records)
     if not space or not scored:
         raise SkipPlot("no search space or no scored trial")
-    figure, axes_row = _figure(ncols=len(space), width=4.0)
-    for axes, (key, text) in zip(axes_row, sorted(space.items()), strict=True):
+    ncols = min(3, len(space))
+    figure, panels = _figure(ncols=ncols, width=4.0, height=3.5, nrows=-(-len(space) // ncols))
+    for axes in panels[len(space):]:
+        axes.set_visible(False)
+    for axes, (key, text) in zip(panels, sorted(space.items()), strict=False):
         distribution = parse_distribution(key, text)
         values = [r.config.get(key) for r in scored]
         if isinstance(distribution, CategoricalDistribution):
@@ -191,6 +196,7 @@ def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
             values = positions
         elif getattr(distribution, "log", False):
             axes.set_xscale("log")
+            axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide
         axes.scatter(values, [r.best_value for r in scored],
                      c=[r.epochs_trained for r in scored], cmap="viridis", s=20)
         axes.set(xlabel=key, ylabel=summary["metric"], title=key)
