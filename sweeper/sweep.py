@@ -56,8 +56,9 @@ class SweepOutcome:
 
 
 SWEEP_CONFIG_FILE = "sweep_config.yaml"
-# Settings that may change between an interrupted run and its resume: where and how it runs.
-RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery")
+# Settings that may change between an interrupted run and its resume: where and how it runs,
+# and what happens after the search (final), which no trial depends on.
+RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery", "final")
 NEW, INTERRUPTED, COMPLETE = "new", "interrupted", "complete"
 
 
