@@ -57,14 +57,13 @@ def _scored(records: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in records if r.best_value is not None and r.status != FAILED]
 
 
-def _by_start(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials in the order they started (trial ids are random, not sequential)."""
-    def start(record: TrialRecord) -> float:
-        if not record.history or "timestamp" not in record.history[0]:
-            return math.inf
-        first = record.history[0]
-        return first["timestamp"] - first.get("time_total_s", 0.0)
-    return sorted(records, key=start)
+def _start_time(record: TrialRecord) -> float:
+    """When the trial started (Unix seconds; inf if it never reported): trial ids are random,
+    so this is what orders trials."""
+    if not record.history or "timestamp" not in record.history[0]:
+        return math.inf
+    first = record.history[0]
+    return first["timestamp"] - first.get("time_total_s", 0.0)
 
 
 def _running_best(values: list[float], mode: str) -> list[float]:
@@ -82,10 +81,8 @@ def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
                if "timestamp" in row and math.isfinite(row.get(metric, math.nan))]
     if not reports:
         raise SkipPlot(f"no trial reported a finite {metric}")
-    ordered = [r for r in _by_start(records) if r.best_value is not None and r.status != FAILED]
-    starts = [r.history[0]["timestamp"] - r.history[0].get("time_total_s", 0.0)
-              for r in ordered if "timestamp" in r.history[0]]
-    origin = min(starts) if starts else min(t for t, _ in reports)
+    ordered = sorted(_scored(records), key=_start_time)
+    origin = min(_start_time(ordered[0]), min(t for t, _ in reports))
     reports.sort()
     figure, (by_time, by_trial) = _figure(ncols=2)
     minutes = [(t - origin) / 60 for t, _ in reports]
