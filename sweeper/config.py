@@ -113,6 +113,9 @@ class ClusterConfig:
     # Limits for the in-process Ray; None uses what the machine has.
     num_cpus: int | None = None
     num_gpus: int | None = None
+    # A folder every node mounts (EFS, NFS); the sweep is written to <storage_path>/<name>.
+    # Required with an address: trials write their results on whichever node runs them.
+    storage_path: str | None = None
 
 
 @dataclass

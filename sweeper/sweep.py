@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
+from sweeper.cluster import joins_cluster, log_cluster, validate_cluster
 from sweeper.config import (
     ConfigError,
     SweepConfig,
@@ -26,7 +27,7 @@ from sweeper.config import (
     validate_sweep_settings,
     validate_trial_settings,
 )
-from sweeper.data import Splits, load_splits
+from sweeper.data import Splits, check_source, load_splits
 from sweeper.report import publish
 from sweeper.results import build_summary, format_table, rank, records_from_results
 from sweeper.space import build_search_space, flatten_space
@@ -125,10 +126,14 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
     """Type-check, range-check and parse the search space; raises ConfigError."""
     typed = cfg if isinstance(cfg, SweepConfig) else to_sweep_config(cfg)
     validate_trial_settings(typed.data, typed.model, typed.train)
-    if typed.data.path is not None and not Path(typed.data.path).expanduser().exists():
-        raise ConfigError("data.path", typed.data.path,
-                          "no such file or folder; give an .npz or a folder of IDX files")
+    check_source(typed.data)
     validate_sweep_settings(typed)
+    if typed.cluster.address is None:
+        from sweeper.tuner import local_capacity
+
+        cpus, gpus = local_capacity(typed.cluster)
+        check_resources_fit(typed.resources, cpus, gpus, where="this machine")
+    validate_cluster(typed.cluster)
     return typed, build_search_space(typed)
 
 
@@ -153,7 +158,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     prepared = prepare(cfg)
     import ray
 
-    from sweeper.tuner import SweepPaths, build_tuner, connect, local_capacity
+    from sweeper.tuner import SweepPaths, build_tuner, connect
 
     cfg_t = prepared.cfg
     paths = SweepPaths.for_config(cfg_t)
@@ -169,12 +174,11 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     if cfg_t.search.warm_start and state == NEW:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
         warm_trials = earlier_trials(url, study, prepared.space)
-    if cfg_t.cluster.address is None:
-        cpus, gpus = local_capacity(cfg_t.cluster)
-        check_resources_fit(cfg_t.resources, cpus, gpus, where="this machine")
 
     started_ray = connect(cfg_t.cluster)
     try:
+        if joins_cluster(cfg_t.cluster):
+            log_cluster()
         tuner = build_tuner(cfg_t, prepared.space, prepared.splits, paths, storage, warm_trials)
         grid = tuner.fit()
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,9 @@ class SweepPaths:
 
     @classmethod
     def for_config(cls, cfg: SweepConfig) -> SweepPaths:
+        """The sweep folder: sweep_dir, or <cluster.storage_path>/<name> on shared storage."""
+        if cfg.cluster.storage_path:
+            return cls(Path(cfg.cluster.storage_path).expanduser().resolve() / cfg.name)
         return cls(Path(cfg.sweep_dir).expanduser().resolve())
 
 
@@ -63,10 +67,15 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     Every ``recovery.checkpoint_every`` epochs (and at the last) the report carries a
     checkpoint of the model and optimizer state; a retried trial continues from its last
     checkpoint. A diverged trial reports its non-finite figures once, flagged, and ends:
-    a retry would only diverge again.
+    a retry would only diverge again. Each report names the Ray node that trained the epoch.
     """
     from sweeper.trainer import TrialDiverged, configure_tensorflow, train
 
+    if not ray.get_gpu_ids():
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
+        # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
     configure_tensorflow(base.resources.cpu_per_trial, use_gpu=base.resources.gpu_per_trial > 0)
     import keras
 
@@ -83,17 +92,19 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
 
     def report(metrics, trained_model) -> None:
         if metrics.epoch % every and metrics.epoch < cfg.train.epochs:
-            tune.report(metrics.as_dict())
+            tune.report({**metrics.as_dict(), **node})
             return
         with tempfile.TemporaryDirectory() as folder:
             trained_model.save(Path(folder) / CHECKPOINT_MODEL)
             (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": metrics.epoch}))
-            tune.report(metrics.as_dict(), checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({**metrics.as_dict(), **node},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
         train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch)
     except TrialDiverged as error:
-        tune.report({**error.metrics.as_dict(), "diverged": True, "failure": str(error)})
+        tune.report({**error.metrics.as_dict(), **node, "diverged": True,
+                     "failure": str(error)})
 
 
 def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
