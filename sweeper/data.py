@@ -78,12 +78,13 @@ def load_idx_folder(folder: Path) -> dict[str, np.ndarray]:
     for key, names in IDX_FILES.items():
         found = _find_idx_file(folder, names)
         if found is None:
-            raise ConfigError("data.path", str(folder),
-                              f"folder has no {names[0]}[.gz]; expected the four MNIST IDX files")
+            raise ConfigError("data.path", str(folder), f"folder has no {names[0]}[.gz]; "
+                              "expected the four MNIST IDX files")
         try:
             arrays[key] = read_idx(found)
         except (OSError, ValueError) as error:
-            raise ConfigError("data.path", str(folder), f"cannot read {found.name}: {error}") from None
+            raise ConfigError("data.path", str(folder),
+                              f"cannot read {found.name}: {error}") from None
     return arrays
 
 
@@ -92,8 +93,8 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in NPZ_KEYS if key not in archive.files]
             if missing:
-                raise ConfigError("data.path", str(path),
-                                  f"npz lacks {', '.join(missing)}; expected keys {', '.join(NPZ_KEYS)}")
+                raise ConfigError("data.path", str(path), f"npz lacks {', '.join(missing)}; "
+                                  f"expected keys {', '.join(NPZ_KEYS)}")
             return {key: archive[key] for key in NPZ_KEYS}
     except (OSError, ValueError) as error:
         raise ConfigError("data.path", str(path), f"not a readable .npz file ({error})") from None
@@ -107,7 +108,8 @@ def download_mnist(url: str, sha256: str | None) -> Path:
         return Path(get_file(fname="mnist.npz", origin=url, file_hash=sha256))
     except Exception as error:  # Keras wraps network errors in plain Exception
         raise ConfigError("data.url", url,
-                          f"download failed ({error}); set data.path to a local mnist.npz") from None
+                          f"download failed ({error}); set data.path to a local mnist.npz"
+                          ) from None
 
 
 def check_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -149,6 +151,69 @@ def load_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     return check_arrays(arrays, str(path))
 
 
+def _idx_header(path: Path) -> tuple[int, ...]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as stream:
+        head = stream.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+            raise ValueError("not an IDX file of unsigned bytes")
+        dims = stream.read(4 * head[3])
+    return tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(head[3]))
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    import zipfile
+
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for key in NPZ_KEYS:
+            if f"{key}.npy" not in archive.namelist():
+                raise ConfigError("data.path", str(path),
+                                  f"npz lacks {key}; expected keys {', '.join(NPZ_KEYS)}")
+            with archive.open(f"{key}.npy") as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, _ = read_header(member)
+            shapes[key] = shape
+    return shapes
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Cheaply check that ``data.path`` holds MNIST-shaped data, reading headers only.
+
+    Runs before anything starts, so a wrong path fails in a second, not after Ray is up.
+    The full check (labels, values) happens when the arrays are loaded.
+    """
+    if cfg.path is None:
+        return
+    path = Path(cfg.path).expanduser()
+    try:
+        if path.is_dir():
+            shapes = {}
+            for key, names in IDX_FILES.items():
+                found = _find_idx_file(path, names)
+                if found is None:
+                    raise ConfigError("data.path", str(path), f"folder has no {names[0]}[.gz]; "
+                                      "expected the four MNIST IDX files")
+                shapes[key] = _idx_header(found)
+        elif path.is_file():
+            shapes = _npz_shapes(path)
+        else:
+            raise ConfigError("data.path", str(path),
+                              "no such file or folder; give an .npz or a folder of IDX files")
+    except (OSError, ValueError, EOFError) as error:
+        raise ConfigError("data.path", str(path), f"cannot read it as MNIST ({error})") from None
+    for split in ("train", "test"):
+        images, labels = shapes[f"x_{split}"], shapes[f"y_{split}"]
+        if len(images) != 3 or images[1:] != IMAGE_SHAPE:
+            raise ConfigError("data.path", str(path),
+                              f"x_{split} has shape {images}; expected (N, 28, 28)")
+        if labels != images[:1]:
+            raise ConfigError("data.path", str(path),
+                              f"y_{split} has shape {labels}; expected ({images[0]},)")
+
+
 def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator):
     if limit is None or limit >= len(y):
         return x, y
@@ -159,7 +224,7 @@ def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Gene
 def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed: int,
                 max_train_samples: int | None = None,
                 max_test_samples: int | None = None) -> Splits:
-    """Split the training data into train/validation with a fixed seed; the test split stays apart."""
+    """Split training data into train/validation with a fixed seed; the test split stays apart."""
     rng = np.random.default_rng(seed)
     x, y = _subset(arrays["x_train"], arrays["y_train"], max_train_samples, rng)
     x_test, y_test = _subset(arrays["x_test"], arrays["y_test"], max_test_samples, rng)

@@ -30,22 +30,35 @@ def storage_url(configured: str | None, sweep_dir: Path) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage for ``url``; a SQLite file is switched to write-ahead logging first.
+    """An RDB storage for ``url``; a new SQLite file is created complete and in WAL mode.
 
-    With WAL a reader (optuna-dashboard) never blocks the sweep's writes, so neither side sees
-    "database is locked"; the mode is stored in the file, so every later connection uses it.
+    With write-ahead logging a reader (optuna-dashboard) never blocks the sweep's writes, so
+    neither side sees "database is locked"; the mode is stored in the file. A new file is
+    built under a temporary name and renamed into place, so a reader that polls for it never
+    finds it half made (and never races the sweep to create Optuna's tables).
     """
-    engine_kwargs = {}
+    engine_kwargs: dict = {}
     if url.startswith(SQLITE_PREFIX):
         path = Path(url.removeprefix(SQLITE_PREFIX))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path) as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
         engine_kwargs = {"connect_args": {"timeout": 60}}
+        if not path.exists():
+            _create_sqlite_study_file(path, engine_kwargs)
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as error:  # SQLAlchemy raises many types for a bad URL or server
-        raise ConfigError("search.storage", url, f"cannot open the study database ({error})") from None
+        raise ConfigError("search.storage", url,
+                          f"cannot open the study database ({error})") from None
+
+
+def _create_sqlite_study_file(path: Path, engine_kwargs: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.creating")
+    staging.unlink(missing_ok=True)
+    with sqlite3.connect(staging) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+    storage = optuna.storages.RDBStorage(f"{SQLITE_PREFIX}{staging}", engine_kwargs=engine_kwargs)
+    storage.engine.dispose()  # the last connection closing folds the WAL into the file
+    staging.replace(path)
 
 
 def resolve_warm_start(source: str, study_name: str | None) -> tuple[str, str]:

@@ -1,0 +1,154 @@
+"""Nothing lost: a killed trial worker, a killed driver, Ctrl-C (real processes, real signals)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+
+import optuna
+import pytest
+from cli_helpers import kill_tree, run_cli, start_cli, trial_rows, wait_for
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["+experiment=smoke", "data=fashion_mnist"]
+
+
+def _summary(sweep_dir):
+    return json.loads((sweep_dir / "summary.json").read_text())
+
+
+def _latest(folder, pattern):
+    """The file of the newest Ray session: names end in the session's start time."""
+    return max(folder.glob(pattern), key=lambda path: path.name)
+
+
+def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=2", "scheduler=none",
+            "train.epochs=3", "data.max_train_samples=6000"]
+    process = start_cli(args, cwd=tmp_path, log=tmp_path / "run.log")
+    try:
+        def first_epoch_reported():
+            for trial_id, rows in trial_rows(sweep_dir).items():
+                if rows and rows[-1]["epoch"] == 1:
+                    return trial_id, rows[-1]["pid"]
+            return None
+
+        trial_id, worker_pid = wait_for(first_epoch_reported, 600, "a trial's first epoch")
+        import os
+
+        os.kill(worker_pid, signal.SIGKILL)  # mid-epoch 2 of that trial
+        assert process.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(process)
+
+    rows = trial_rows(sweep_dir)[trial_id]
+    before = [row["epoch"] for row in rows if row["pid"] == worker_pid]
+    after = [row["epoch"] for row in rows if row["pid"] != worker_pid]
+    # The retry continued from the checkpoint of the last epoch the killed worker reported.
+    assert after, "the killed trial was never retried"
+    assert after[0] == before[-1] + 1
+    assert before + after == [1, 2, 3]
+
+    summary = _summary(sweep_dir)
+    assert summary["num_trials"] == 2
+    assert all(trial["status"] == "completed" for trial in summary["trials"])
+    run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
+    run.Reload()
+    assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2, 3]
+
+
+def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=5", "train.epochs=3",
+            "data.max_train_samples=2000"]
+    process = start_cli(args, cwd=tmp_path, log=tmp_path / "first.log")
+    try:
+        def two_trials_ended():
+            ended = [trial_id for trial_id, rows in trial_rows(sweep_dir).items()
+                     if rows and rows[-1].get("done")]
+            return ended if len(ended) >= 2 else None
+
+        ended_before = set(wait_for(two_trials_ended, 600, "two finished trials"))
+        # Let Ray record them in its experiment state, then kill the driver and its Ray.
+        state = next((sweep_dir / "trials").glob("experiment_state-*.json"))
+        mtime = state.stat().st_mtime
+        wait_for(lambda: state.stat().st_mtime > mtime, 120, "an experiment checkpoint")
+        before = trial_rows(sweep_dir)
+        kill_tree(process)
+    finally:
+        kill_tree(process)
+    assert process.returncode == -signal.SIGKILL
+
+    resumed = run_cli(args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout + resumed.stderr
+
+    summary = _summary(sweep_dir)
+    trial_ids = [trial["trial_id"] for trial in summary["trials"]]
+    assert len(trial_ids) == 5 and len(set(trial_ids)) == 5
+    after = trial_rows(sweep_dir)
+    for trial_id in ended_before:  # finished trials were not trained again
+        assert after[trial_id] == before[trial_id]
+    for trial_id, rows in after.items():  # no epoch reported twice, none missing
+        epochs = [row["epoch"] for row in rows]
+        assert epochs == list(range(1, len(epochs) + 1)), (trial_id, epochs)
+
+    # The searcher restored its history: it still knows the trials that ended before the kill.
+    searcher = pickle.loads(_latest(sweep_dir / "trials", "searcher-state-*.pkl").read_bytes())
+    assert ended_before <= searcher["_completed_trials"]
+    assert set(trial_ids) <= set(searcher["_ot_trials"])
+    # ASHA kept its rung records: trials that ended before the kill never reported again,
+    # so they are in the final rungs only if the restored scheduler started from its saved state.
+    callback_states = pickle.loads(
+        _latest(sweep_dir / "trials", "callback-states-*.pkl").read_bytes())
+    scheduler = next(state["scheduler"] for state in callback_states.values()
+                     if state and "scheduler" in state)
+    recorded = {trial_id for bracket in scheduler["_brackets"]
+                for _, rung in bracket._rungs for trial_id in rung}
+    assert ended_before <= recorded
+
+    # The persistent study: one finished Optuna trial per Tune trial; orphans closed as failed.
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    by_tune_id = {}
+    for trial in study.trials:
+        tune_id = trial.user_attrs.get("ray_trial_id")
+        if tune_id in trial_ids:
+            assert tune_id not in by_tune_id
+            by_tune_id[tune_id] = trial
+        else:
+            assert trial.state == optuna.trial.TrialState.FAIL
+    assert set(by_tune_id) == set(trial_ids)
+    assert all(trial.state.is_finished() for trial in by_tune_id.values())
+
+
+def test_ctrl_c_leaves_a_resumable_sweep(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=3", "scheduler=none",
+            "train.epochs=2", "data.max_train_samples=2000"]
+    log = tmp_path / "first.log"
+    process = start_cli(args, cwd=tmp_path, log=log)
+    try:
+        wait_for(lambda: any(trial_rows(sweep_dir).values()), 600, "a first result")
+        process.send_signal(signal.SIGINT)
+        returncode = process.wait(timeout=300)
+    finally:
+        kill_tree(process)
+    output = log.read_text()
+    assert returncode == 130, output[-3000:]
+    assert "Resume with: python -m sweeper" in output
+    assert _summary(sweep_dir)["state"] == "interrupted"
+
+    resumed = run_cli(args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = _summary(sweep_dir)
+    assert summary["state"] == "complete" and summary["num_trials"] == 3
+
+    again = run_cli(args, cwd=tmp_path)  # a complete sweep is not run twice
+    assert again.returncode == 0 and "already complete" in again.stdout
+    changed = run_cli([*args, "train.batch_size=32"], cwd=tmp_path)
+    assert changed.returncode == 2
+    assert "train.batch_size" in changed.stderr and "fresh=true" in changed.stderr
