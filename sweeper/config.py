@@ -206,7 +206,8 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
     if data.name == "mnist" and data.path is None:
         _require(bool(data.url), "data.url", data.url, "a URL is needed when data.path is null")
     if data.name == "fashion_mnist":
-        _require(bool(data.path), "data.path", data.path, "fashion_mnist reads IDX files from a folder")
+        _require(bool(data.path), "data.path", data.path,
+                 "fashion_mnist reads IDX files from a folder")
 
     _require(model.filters >= 1, "model.filters", model.filters, "must be >= 1")
     _require(1 <= model.kernel_size <= 4, "model.kernel_size", model.kernel_size,
@@ -276,7 +277,7 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
 
 def check_resources_fit(resources: ResourcesConfig, cpus: float, gpus: float,
                         where: str) -> None:
-    """Refuse per-trial resources that no node of ``where`` can ever offer (else Ray waits forever)."""
+    """Refuse per-trial resources ``where`` can never offer (else Ray waits for them forever)."""
     _require(resources.cpu_per_trial <= cpus, "resources.cpu_per_trial",
              resources.cpu_per_trial, f"{where} has {cpus:g} CPUs")
     _require(resources.gpu_per_trial <= gpus, "resources.gpu_per_trial",

@@ -128,6 +128,8 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
     validate_trial_settings(typed.data, typed.model, typed.train)
     check_source(typed.data)
     validate_sweep_settings(typed)
+    if typed.search.warm_start:
+        resolve_warm_start(typed.search.warm_start, typed.search.warm_start_study)
     if typed.cluster.address is None:
         from sweeper.tuner import local_capacity
 
