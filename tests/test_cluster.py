@@ -1,0 +1,386 @@
+"""Past one machine: the cluster-launcher YAMLs, shared storage, and sweeps on real Ray nodes.
+
+The multi-node tests start real Ray nodes on this machine with ``ray start`` (a head and
+workers, each its own raylet and object store, all on 127.0.0.1), run ``python -m sweeper``
+joined to them by address, and stop every process they started, by process id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomllib
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sweeper.config import ConfigError
+from sweeper.sweep import validate
+from sweeper.tuner import SweepPaths
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_YAML = ROOT / "cluster" / "gpu.yaml"
+LOCAL_YAML = ROOT / "cluster" / "local.yaml"
+LOOPBACK = "127.0.0.1"
+
+# `ray start` (Ray 2.60) swaps 127.0.0.1 for the machine's outward address before using it,
+# unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, with which it refuses to start worker nodes.
+# The network here is loopback only, so the nodes run Ray's own CLI with that swap turned off.
+RAY_CLI = """import sys
+from ray._private import services
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.exit(main())
+"""
+
+# The smoke sweep cut to what these tests need: 4 trials x 2 epochs, every trial to the end.
+TINY_SWEEP = ["+experiment=smoke", "data=fashion_mnist",
+              "data.path=/usr/share/datasets/fashion-mnist",
+              "data.max_train_samples=800", "data.max_test_samples=200", "train.epochs=2",
+              "search.num_trials=4", "search.n_startup_trials=4", "scheduler=none",
+              "resources.cpu_per_trial=1", "resources.gpu_per_trial=0.5"]
+
+
+# --- the cluster-launcher configs ------------------------------------------------------------
+
+def _load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_gpu_yaml_passes_ray_up_config_checks():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(_load(GPU_YAML))  # what `ray up` does: defaults filled, then checked
+    validate_config(config)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}
+    workers = {name: spec for name, spec in types.items() if name != config["head_node_type"]}
+    assert sorted(spec["resources"]["GPU"] for spec in workers.values()) == [1, 4]
+    assert all(spec["min_workers"] == 0 < spec["max_workers"] for spec in workers.values())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--num-cpus=0" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in GPU_YAML.read_text()
+    # The project (with conf/) reaches every node, and sweeps land on the shared mount.
+    assert config["file_mounts"] == {"/home/ray/sweeper": "."}
+    assert "pip install -q /home/ray/sweeper" in config["setup_commands"]
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    storage = _load(ROOT / "conf" / "cluster" / "gpu.yaml")["storage_path"]
+    assert storage.startswith("/mnt/shared/")
+
+
+def test_local_yaml_has_the_node_types_of_gpu_yaml_and_passes_ray_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    # The wheel lacks the fake provider's defaults file, so local.yaml is written complete and
+    # checked as the autoscaler checks it (schema and completeness), without prepare_config.
+    local = _load(LOCAL_YAML)
+    validate_config(local)
+    gpu = _load(GPU_YAML)
+    local_workers = set(local["available_node_types"]) - {local["head_node_type"]}
+    assert local_workers == set(gpu["available_node_types"]) - {gpu["head_node_type"]}
+    for name in local_workers:
+        local_gpus = local["available_node_types"][name]["resources"]["GPU"]
+        assert local_gpus == gpu["available_node_types"][name]["resources"]["GPU"]
+    assert local["available_node_types"][local["head_node_type"]]["resources"] == {"CPU": 0}
+    assert local["provider"]["type"] == "fake_multinode"
+
+
+def test_cluster_setup_installs_the_versions_pyproject_allows_and_tests_use():
+    from importlib.metadata import version
+
+    config = _load(GPU_YAML)
+    pins = {}
+    for command in config["setup_commands"]:
+        for text in re.findall(r'"([^"]+==[^"]+)"', command):
+            requirement = Requirement(text)
+            pins[requirement.name] = str(requirement.specifier).removeprefix("==")
+    project = _pyproject()
+    for dependency in map(Requirement, project["dependencies"]):
+        assert dependency.name in pins, f"{dependency.name} is not pinned in setup_commands"
+        assert pins[dependency.name] in dependency.specifier, dependency
+        assert pins[dependency.name] == version(dependency.name), dependency.name
+    image = re.fullmatch(r"rayproject/ray:([\d.]+)-py3(\d+)-gpu", config["docker"]["image"])
+    assert image[1] == pins["ray"] == version("ray")
+    assert f"3.{image[2]}" in SpecifierSet(project["requires-python"])
+
+
+# --- shared storage ----------------------------------------------------------------------------
+
+def test_joining_a_cluster_without_shared_storage_is_a_config_error(compose):
+    with pytest.raises(ConfigError) as error:
+        validate(compose("cluster=remote"))
+    assert error.value.key == "cluster.storage_path"
+    assert "every node mounts" in str(error.value)
+    with pytest.raises(ConfigError, match="object-store URIs"):
+        validate(compose("cluster=remote", "cluster.storage_path=s3://bucket/sweeps"))
+    with pytest.raises(ConfigError, match="must be null when joining"):
+        validate(compose("cluster=remote", "cluster.storage_path=/mnt/shared/sweeps",
+                         "cluster.num_gpus=1"))
+
+
+def test_the_sweep_folder_is_on_shared_storage_when_given(compose, tmp_path):
+    cfg, _ = validate(compose("cluster=remote", f"cluster.storage_path={tmp_path}", "name=lr"))
+    assert SweepPaths.for_config(cfg).root == tmp_path / "lr"
+    cfg, _ = validate(compose("name=lr", f"sweep_dir={tmp_path / 'here'}"))
+    assert SweepPaths.for_config(cfg).root == tmp_path / "here"
+
+
+def test_cli_refuses_a_cluster_without_storage_before_ray_starts(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sweeper", "cluster=remote"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: cluster.storage_path=None is invalid")
+    assert not (tmp_path / "sweeps").exists()
+
+
+# --- real Ray nodes on this machine ------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, str, list[str]]]:
+    """Every live process as pid -> (parent pid, name, command line), read from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state == "Z":
+                continue  # ended, waiting for its parent to reap it
+            name = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while being read
+        table[int(entry.name)] = (int(parent), name, cmdline)
+    return table
+
+
+def _tree(root: int, table: dict[int, tuple[int, str, list[str]]]) -> list[int]:
+    """``root`` and every live process below it."""
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in table:
+            found.append(pid)
+        frontier.extend(child for child, (parent, _, _) in table.items() if parent == pid)
+    return found
+
+
+def _wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(1)
+    raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+class LocalRayCluster:
+    """A head and worker nodes started with ``ray start --block``, each its own process tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # Short: Ray's socket paths under it must stay below the 107-character limit.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+        self.port = _free_port()
+        self.address = f"{LOOPBACK}:{self.port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.drivers: list[subprocess.Popen] = []
+
+    def _start(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--metrics-export-port", "--runtime-env-agent-port"]
+        log = self.root / f"{name}.log"
+        self.nodes[name] = subprocess.Popen(
+            [sys.executable, "-c", RAY_CLI, "start", "--block", f"--node-ip-address={LOOPBACK}",
+             "--object-store-memory=150000000", "--disable-usage-stats",
+             *(f"{flag}={_free_port()}" for flag in ports), *args],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for(lambda: "Ray runtime started" in log.read_text()
+                  or self.nodes[name].poll() is not None, 120, f"Ray node {name}")
+        if self.nodes[name].poll() is not None:
+            raise RuntimeError(f"Ray node {name} did not start:\n{log.read_text()[-3000:]}")
+
+    def start_head(self, *args: str, **env: str) -> None:
+        """The head: no CPUs, so it runs no trials. Its monitor sees 127.0.0.1 as its address."""
+        self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0",
+                             f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+                             f"--dashboard-port={_free_port()}",
+                             f"--ray-client-server-port={_free_port()}", *args],
+                    {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **env})
+
+    def add_worker(self, name: str, *args: str) -> None:
+        self._start(name, [f"--address={self.address}", *args],
+                    {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+
+    def raylet(self, name: str) -> int:
+        """The process id of a node's raylet."""
+        table = _processes()
+        return next(pid for pid in _tree(self.nodes[name].pid, table) if table[pid][1] == "raylet")
+
+    def node_id(self, name: str) -> str:
+        cmdline = " ".join(_processes()[self.raylet(name)][2])
+        return re.search(r"--node_id=(\w+)", cmdline).group(1)
+
+    def sweep(self, args: list[str], cwd: Path) -> subprocess.Popen:
+        """``python -m sweeper ARGS`` joined to this cluster; its output goes to cwd/driver.log."""
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "sweeper", *args, "cluster=remote",
+             f"cluster.address={self.address}"],
+            cwd=cwd, env={**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            stdout=(cwd / "driver.log").open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.drivers.append(driver)
+        return driver
+
+    def own_processes(self) -> list[int]:
+        """Every live process these nodes and drivers started: their process trees, and what
+        left a tree but names this cluster's temp dir or address (e.g. Ray's client server)."""
+        table = _processes()
+        found = {pid for popen in [*self.nodes.values(), *self.drivers]
+                 for pid in _tree(popen.pid, table)}
+        marks = (str(self.temp_dir), self.address)
+        found |= {pid for pid, (_, _, cmdline) in table.items()
+                  if any(mark in arg for arg in cmdline for mark in marks)}
+        found.discard(os.getpid())
+        return sorted(found)
+
+    def shutdown(self) -> None:
+        for pid in self.own_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for popen in [*self.nodes.values(), *self.drivers]:
+            popen.wait(timeout=30)
+        _wait_for(lambda: not self.own_processes(), 30, "the cluster's processes to end")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A real multi-node Ray cluster on this machine, torn down by process id even on failure."""
+    cluster = LocalRayCluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        assert not cluster.own_processes(), "Ray processes of the test outlived it"
+
+
+def _gpu_workers(cluster: LocalRayCluster) -> None:
+    """Two workers, 1 CPU and 1 (declared) GPU each: trials asking for a GPU run only there."""
+    cluster.start_head()
+    for name in ("worker_a", "worker_b"):
+        cluster.add_worker(name, "--num-cpus=1", "--num-gpus=1", f'--resources={{"{name}": 1}}')
+
+
+def _trial_nodes(sweep_dir: Path) -> dict[str, list[str]]:
+    """Each trial's node id per reported epoch, read from Ray Tune's result.json files."""
+    nodes = {}
+    for result in sorted((sweep_dir / "trials").glob("trial_*/result.json")):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        nodes[result.parent.name.removeprefix("trial_")] = [row["node_id"] for row in rows]
+    return nodes
+
+
+def _finished(driver: subprocess.Popen, cwd: Path, timeout: float) -> None:
+    driver.wait(timeout=timeout)
+    assert driver.returncode == 0, (cwd / "driver.log").read_text()[-4000:]
+
+
+@pytest.mark.slow
+def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_path):
+    _gpu_workers(ray_cluster)
+    shared = tmp_path / "shared"
+    driver = ray_cluster.sweep([*TINY_SWEEP, "name=cluster", f"cluster.storage_path={shared}"],
+                               cwd=tmp_path)
+    _finished(driver, tmp_path, timeout=600)
+
+    sweep_dir = shared / "cluster"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["num_trials"] == 4
+    assert summary["trial_counts"]["completed"] == 4
+    nodes = _trial_nodes(sweep_dir)
+    assert len(nodes) == 4 and all(len(epochs) == 2 for epochs in nodes.values())
+    used = {node for epochs in nodes.values() for node in epochs}
+    assert used == {ray_cluster.node_id("worker_a"), ray_cluster.node_id("worker_b")}
+    for trial_id in nodes:
+        run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
+        run.Reload()
+        assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2]
+    assert not (tmp_path / "sweeps" / "cluster" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster, tmp_path):
+    _gpu_workers(ray_cluster)
+    shared = tmp_path / "shared"
+    sweep_dir = shared / "failover"
+    driver = ray_cluster.sweep([*TINY_SWEEP, "name=failover", f"cluster.storage_path={shared}",
+                                "train.epochs=3"], cwd=tmp_path)
+    victim = ray_cluster.node_id("worker_b")
+    survivor = ray_cluster.node_id("worker_a")
+    try:
+        _wait_for(lambda: any(victim in epochs for epochs in _trial_nodes(sweep_dir).values()),
+                  300, "a trial epoch on worker_b")
+    finally:
+        os.kill(ray_cluster.raylet("worker_b"), signal.SIGKILL)
+    _finished(driver, tmp_path, timeout=600)
+
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["num_trials"] == 4
+    assert summary["trial_counts"]["completed"] == 4
+    nodes = _trial_nodes(sweep_dir)
+    # The trial cut off on worker_b went on from its checkpoint on worker_a.
+    moved = [epochs for epochs in nodes.values() if victim in epochs and epochs[-1] == survivor]
+    assert moved, nodes
+
+
+@pytest.mark.slow
+def test_autoscaler_adds_worker_nodes_for_a_sweep_the_head_cannot_run(ray_cluster, tmp_path):
+    config = _load(LOCAL_YAML)
+    config["provider"]["gcs_address"] = ray_cluster.address
+    autoscaling = tmp_path / "local.yaml"
+    autoscaling.write_text(yaml.safe_dump(config))
+    ray_cluster.start_head(f"--autoscaling-config={autoscaling}", RAY_FAKE_CLUSTER="1")
+    shared = tmp_path / "shared"
+    driver = ray_cluster.sweep([*TINY_SWEEP, "name=autoscaled", f"cluster.storage_path={shared}"],
+                               cwd=tmp_path)
+    _finished(driver, tmp_path, timeout=600)
+
+    sweep_dir = shared / "autoscaled"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trial_counts"]["completed"] == 4
+    head = ray_cluster.node_id("head")
+    used = {node for epochs in _trial_nodes(sweep_dir).values() for node in epochs}
+    assert used and head not in used  # every trial ran on a node the autoscaler added
+    monitor_log = next(ray_cluster.temp_dir.glob("session_*/logs/monitor.log")).read_text()
+    assert re.search(r"Launching \d+ nodes, type gpu_(1x|4x)", monitor_log)
