@@ -125,6 +125,8 @@ class ResourcesConfig:
     gpu_per_trial: float = 0.0
     # None runs as many trials at once as the resources allow.
     max_concurrent_trials: int | None = None
+    # Run the next trial in a finished trial's worker process instead of starting a new one.
+    reuse_actors: bool = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,10 @@ class EpochMetrics:
     accuracy: float
     val_loss: float
     val_accuracy: float
+    # Where the time went, for the utilization benchmark and for users comparing trials.
+    train_time_s: float = math.nan  # training steps of this epoch
+    val_time_s: float = math.nan  # validation pass of this epoch
+    fit_started_at: float = math.nan  # wall clock (time.time()) when fit began its first step
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -88,10 +93,29 @@ def _epoch_callback(on_epoch_end: EpochCallback | None):
     import keras
 
     class ReportEpoch(keras.callbacks.Callback):
+        # Epoch and validation boundaries only: batch-level hooks would cost every step.
+        fit_started_at = epoch_started = val_started = math.nan
+        val_time = 0.0
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.fit_started_at = time.time()
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.epoch_started, self.val_time = time.perf_counter(), 0.0
+
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            self.val_started = time.perf_counter()
+
+        def on_test_end(self, logs: dict | None = None) -> None:
+            self.val_time += time.perf_counter() - self.val_started
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             values = {name: float(logs.get(name, math.nan)) for name in METRIC_NAMES}
-            metrics = EpochMetrics(epoch=epoch + 1, **values)
+            epoch_time = time.perf_counter() - self.epoch_started
+            metrics = EpochMetrics(epoch=epoch + 1, **values,
+                                   train_time_s=epoch_time - self.val_time,
+                                   val_time_s=self.val_time, fit_started_at=self.fit_started_at)
             if not math.isfinite(values["loss"]):
                 raise TrialDiverged(f"training loss became {values['loss']} in epoch {epoch + 1}",
                                     metrics)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,7 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     """
     from sweeper.trainer import TrialDiverged, configure_tensorflow, train
 
+    trial_started_at = time.time()
     if not ray.get_gpu_ids():
         # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
         # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
@@ -90,21 +93,23 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
         logger.info("Trial continues from its checkpoint after epoch %d", initial_epoch)
     every = base.recovery.checkpoint_every
 
+    def with_context(metrics) -> dict[str, Any]:
+        return {**metrics.as_dict(), **node, "trial_started_at": trial_started_at,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
     def report(metrics, trained_model) -> None:
         if metrics.epoch % every and metrics.epoch < cfg.train.epochs:
-            tune.report({**metrics.as_dict(), **node})
+            tune.report(with_context(metrics))
             return
         with tempfile.TemporaryDirectory() as folder:
             trained_model.save(Path(folder) / CHECKPOINT_MODEL)
             (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": metrics.epoch}))
-            tune.report({**metrics.as_dict(), **node},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(with_context(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
         train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch)
     except TrialDiverged as error:
-        tune.report({**error.metrics.as_dict(), **node, "diverged": True,
-                     "failure": str(error)})
+        tune.report({**with_context(error.metrics), "diverged": True, "failure": str(error)})
 
 
 def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
@@ -214,6 +219,8 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
             scheduler=scheduler,
             num_samples=cfg.search.num_trials,
             trial_dirname_creator=_trial_dirname,
+            # A reused worker keeps TensorFlow imported and the data mapped between trials.
+            reuse_actors=cfg.resources.reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=TRIALS_DIRNAME,
