@@ -191,13 +191,13 @@ def _tree(root: int, table: dict[int, tuple[int, str, list[str]]]) -> list[int]:
     return found
 
 
-def _wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+def _wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
-        time.sleep(1)
+        time.sleep(every)
     raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
@@ -344,13 +344,14 @@ def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster, tmp_path):
     _gpu_workers(ray_cluster)
     shared = tmp_path / "shared"
     sweep_dir = shared / "failover"
+    # Longer trials than the others, so that worker_b dies with a trial half done.
     driver = ray_cluster.sweep([*TINY_SWEEP, "name=failover", f"cluster.storage_path={shared}",
-                                "train.epochs=3"], cwd=tmp_path)
+                                "train.epochs=6", "data.max_train_samples=1500"], cwd=tmp_path)
     victim = ray_cluster.node_id("worker_b")
     survivor = ray_cluster.node_id("worker_a")
     try:
         _wait_for(lambda: any(victim in epochs for epochs in _trial_nodes(sweep_dir).values()),
-                  300, "a trial epoch on worker_b")
+                  300, "a trial epoch on worker_b", every=0.2)
     finally:
         os.kill(ray_cluster.raylet("worker_b"), signal.SIGKILL)
     _finished(driver, tmp_path, timeout=600)
@@ -359,9 +360,11 @@ def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster, tmp_path):
     assert summary["num_trials"] == 4
     assert summary["trial_counts"]["completed"] == 4
     nodes = _trial_nodes(sweep_dir)
-    # The trial cut off on worker_b went on from its checkpoint on worker_a.
+    # The trial cut off on worker_b went on from its last checkpoint on worker_a: each of its
+    # six epochs was trained once.
     moved = [epochs for epochs in nodes.values() if victim in epochs and epochs[-1] == survivor]
     assert moved, nodes
+    assert len(moved[0]) == 6
 
 
 @pytest.mark.slow
