@@ -251,16 +251,28 @@ class LocalRayCluster:
         cmdline = " ".join(_processes()[self.raylet(name)][2])
         return re.search(r"--node_id=(\w+)", cmdline).group(1)
 
-    def sweep(self, args: list[str], cwd: Path) -> subprocess.Popen:
-        """``python -m sweeper ARGS`` joined to this cluster; its output goes to cwd/driver.log."""
+    def sweep(self, name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
+        """Start ``python -m sweeper`` on the tiny sweep, joined to this cluster by address.
+
+        Returns the driver process and the sweep folder on the shared storage it was given.
+        """
+        shared = self.root / "shared"
         driver = subprocess.Popen(
-            [sys.executable, "-m", "sweeper", *args, "cluster=remote",
-             f"cluster.address={self.address}"],
-            cwd=cwd, env={**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-            stdout=(cwd / "driver.log").open("w"), stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "sweeper", *TINY_SWEEP, f"name={name}", *overrides,
+             "cluster=remote", f"cluster.address={self.address}",
+             f"cluster.storage_path={shared}"],
+            cwd=self.root, env={**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            stdout=(self.root / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
             start_new_session=True)
         self.drivers.append(driver)
-        return driver
+        return driver, shared / name
+
+    def summary_when_done(self, driver: subprocess.Popen, sweep_dir: Path) -> dict[str, Any]:
+        """Wait for a sweep started by :meth:`sweep` to succeed; returns its summary.json."""
+        driver.wait(timeout=600)
+        log = self.root / f"{sweep_dir.name}.log"
+        assert driver.returncode == 0, log.read_text()[-4000:]
+        return json.loads((sweep_dir / "summary.json").read_text())
 
     def own_processes(self) -> list[int]:
         """Every live process these nodes and drivers started: their process trees, and what
@@ -311,21 +323,12 @@ def _trial_nodes(sweep_dir: Path) -> dict[str, list[str]]:
     return nodes
 
 
-def _finished(driver: subprocess.Popen, cwd: Path, timeout: float) -> None:
-    driver.wait(timeout=timeout)
-    assert driver.returncode == 0, (cwd / "driver.log").read_text()[-4000:]
-
-
 @pytest.mark.slow
 def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_path):
     _gpu_workers(ray_cluster)
-    shared = tmp_path / "shared"
-    driver = ray_cluster.sweep([*TINY_SWEEP, "name=cluster", f"cluster.storage_path={shared}"],
-                               cwd=tmp_path)
-    _finished(driver, tmp_path, timeout=600)
+    driver, sweep_dir = ray_cluster.sweep("cluster")
+    summary = ray_cluster.summary_when_done(driver, sweep_dir)
 
-    sweep_dir = shared / "cluster"
-    summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["num_trials"] == 4
     assert summary["trial_counts"]["completed"] == 4
     nodes = _trial_nodes(sweep_dir)
@@ -336,17 +339,17 @@ def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_pa
         run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
         run.Reload()
         assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2]
+    # Only Hydra's own .hydra/ and log stay in the driver's sweep_dir.
     assert not (tmp_path / "sweeps" / "cluster" / "summary.json").exists()
+    assert not (tmp_path / "sweeps" / "cluster" / "trials").exists()
 
 
 @pytest.mark.slow
-def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster, tmp_path):
+def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster):
     _gpu_workers(ray_cluster)
-    shared = tmp_path / "shared"
-    sweep_dir = shared / "failover"
     # Longer trials than the others, so that worker_b dies with a trial half done.
-    driver = ray_cluster.sweep([*TINY_SWEEP, "name=failover", f"cluster.storage_path={shared}",
-                                "train.epochs=6", "data.max_train_samples=1500"], cwd=tmp_path)
+    driver, sweep_dir = ray_cluster.sweep("failover", "train.epochs=6",
+                                          "data.max_train_samples=1500")
     victim = ray_cluster.node_id("worker_b")
     survivor = ray_cluster.node_id("worker_a")
     try:
@@ -354,9 +357,8 @@ def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster, tmp_path):
                   300, "a trial epoch on worker_b", every=0.2)
     finally:
         os.kill(ray_cluster.raylet("worker_b"), signal.SIGKILL)
-    _finished(driver, tmp_path, timeout=600)
+    summary = ray_cluster.summary_when_done(driver, sweep_dir)
 
-    summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["num_trials"] == 4
     assert summary["trial_counts"]["completed"] == 4
     nodes = _trial_nodes(sweep_dir)
@@ -374,16 +376,11 @@ def test_autoscaler_adds_worker_nodes_for_a_sweep_the_head_cannot_run(ray_cluste
     autoscaling = tmp_path / "local.yaml"
     autoscaling.write_text(yaml.safe_dump(config))
     ray_cluster.start_head(f"--autoscaling-config={autoscaling}", RAY_FAKE_CLUSTER="1")
-    shared = tmp_path / "shared"
-    driver = ray_cluster.sweep([*TINY_SWEEP, "name=autoscaled", f"cluster.storage_path={shared}"],
-                               cwd=tmp_path)
-    _finished(driver, tmp_path, timeout=600)
+    driver, sweep_dir = ray_cluster.sweep("autoscaled")
+    summary = ray_cluster.summary_when_done(driver, sweep_dir)
 
-    sweep_dir = shared / "autoscaled"
-    summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["trial_counts"]["completed"] == 4
-    head = ray_cluster.node_id("head")
     used = {node for epochs in _trial_nodes(sweep_dir).values() for node in epochs}
-    assert used and head not in used  # every trial ran on a node the autoscaler added
+    assert used and ray_cluster.node_id("head") not in used  # all on nodes the autoscaler added
     monitor_log = next(ray_cluster.temp_dir.glob("session_*/logs/monitor.log")).read_text()
     assert re.search(r"Launching \d+ nodes, type gpu_(1x|4x)", monitor_log)
