@@ -33,9 +33,9 @@ def validate_cluster(cluster: ClusterConfig) -> None:
                           "/mnt/shared/sweeps); object-store URIs are not supported")
     if joins_cluster(cluster) and not storage:
         raise ConfigError("cluster.storage_path", storage,
-                          f"a folder every node mounts (e.g. /mnt/shared/sweeps) is required "
+                          "a folder every node mounts (e.g. /mnt/shared/sweeps) is required "
                           f"with cluster.address={cluster.address!r}: trials write their results "
-                          f"on whichever node runs them")
+                          "on whichever node runs them")
     if joins_cluster(cluster) and not Path(storage).expanduser().is_absolute():
         raise ConfigError("cluster.storage_path", storage,
                           "must be an absolute path, the same on every node")
