@@ -95,6 +95,7 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
 
     def with_context(metrics) -> dict[str, Any]:
         return {**metrics.as_dict(), **node, "trial_started_at": trial_started_at,
+                "reported_at": time.time(),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def report(metrics, trained_model) -> None:

@@ -1,0 +1,117 @@
+"""Shared pieces of the benchmarks: running sweeps the way `python -m sweeper` does, reading
+what the trials reported, and small statistics. Every figure is a ratio or a median of runs
+made side by side in one invocation; bare seconds on these machines mean little."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class SweepRun:
+    """What one benchmarked sweep did, read back from its trials' result rows."""
+
+    label: str
+    started_at: float  # wall clock just before the sweep was asked to run
+    rows: dict[str, list[dict[str, Any]]]  # trial id -> its result rows in order
+    concurrency: int
+
+    @property
+    def all_rows(self) -> list[dict[str, Any]]:
+        return sorted((row for rows in self.rows.values() for row in rows),
+                      key=lambda row: row["reported_at"])
+
+    @property
+    def wall_s(self) -> float:
+        """From the request to run until the last trial's last report."""
+        return max(row["reported_at"] for row in self.all_rows) - self.started_at
+
+    @property
+    def train_s(self) -> float:
+        return sum(row["train_time_s"] for row in self.all_rows)
+
+    @property
+    def utilization(self) -> float:
+        """Share of the workers' time spent in training steps."""
+        return self.train_s / (self.wall_s * self.concurrency)
+
+    @property
+    def overhead_per_trial_s(self) -> float:
+        """Worker-seconds per trial not spent in training steps."""
+        return (self.wall_s * self.concurrency - self.train_s) / len(self.rows)
+
+    @property
+    def start_to_first_step_s(self) -> float:
+        """Median time from a trial's entry into its trainable to its first training step."""
+        return statistics.median(rows[0]["fit_started_at"] - rows[0]["trial_started_at"]
+                                 for rows in self.rows.values())
+
+    @property
+    def epochs(self) -> int:
+        return len(self.all_rows)
+
+    def peak_rss_mb(self) -> float:
+        return max(row.get("peak_rss_mb", 0.0) for row in self.all_rows)
+
+
+def read_rows(experiment_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's result rows (Ray Tune's result.json, one JSON object a line)."""
+    rows = {}
+    for result in sorted(experiment_dir.glob("*/result.json")):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            rows[result.parent.name] = lines
+    return rows
+
+
+def sweeper_config(overrides: list[str]):
+    """The composed config of `python -m sweeper OVERRIDES` (same composition, same checks)."""
+    from sweeper.__main__ import compose_config, quote_space_overrides
+
+    return compose_config(quote_space_overrides(overrides))
+
+
+def run_sweeper(label: str, overrides: list[str], workdir: Path, concurrency: int) -> SweepRun:
+    """Run a sweep through sweeper.sweep.run_sweep, the function `python -m sweeper` calls."""
+    from sweeper.sweep import run_sweep
+
+    sweep_dir = workdir / label
+    cfg = sweeper_config([*overrides, f"sweep_dir={sweep_dir}", f"name={label}",
+                          "final.evaluate=false"])
+    started = time.time()
+    run_sweep(cfg)
+    return SweepRun(label, started, read_rows(sweep_dir / "trials"), concurrency)
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
+
+
+def ray_session(num_cpus: int = 2):
+    """One in-process Ray for all benchmarks, on loopback, so every run pays the same."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+    return ray
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

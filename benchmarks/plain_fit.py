@@ -1,0 +1,72 @@
+"""Train the tutorial CNN with a plain `model.fit` in its own process and print images/s.
+
+The reference for trainer throughput: no Ray, no sweeper, numpy arrays straight into fit,
+TensorFlow limited to the same number of threads a trial gets.
+
+    python -m benchmarks.plain_fit --threads 1 --samples 10000 --epochs 4 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    # What Ray sets in a trial with that many CPUs; without it oneDNN's OpenMP pool takes every
+    # core whatever TensorFlow's own thread settings say.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, args.threads))
+    from pathlib import Path
+
+    from benchmarks.common import FASHION_MNIST
+    from benchmarks.plain_tune import _read_idx
+
+    folder = Path(FASHION_MNIST)
+    x = _read_idx(folder / "train-images-idx3-ubyte.gz")[: args.samples]
+    y = _read_idx(folder / "train-labels-idx1-ubyte.gz")[: args.samples]
+    x = (x / 255.0).astype("float32")[..., None]
+    model = tf.keras.Sequential([
+        tf.keras.Input((28, 28, 1)),
+        tf.keras.layers.Conv2D(32, 3, activation="relu"),
+        tf.keras.layers.MaxPooling2D(),
+        tf.keras.layers.Conv2D(64, 3, activation="relu"),
+        tf.keras.layers.MaxPooling2D(),
+        tf.keras.layers.Conv2D(64, 3, activation="relu"),
+        tf.keras.layers.Flatten(),
+        tf.keras.layers.Dense(64, activation="relu"),
+        tf.keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    epoch_times = []
+
+    class Timer(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_times.append(time.perf_counter() - self.started)
+
+    model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, callbacks=[Timer()],
+              verbose=0)
+    # The first epoch traces and compiles; steady state is what a long trial sees.
+    print(json.dumps({"images_per_s": args.samples / statistics.median(epoch_times[1:])}))
+
+
+if __name__ == "__main__":
+    main()

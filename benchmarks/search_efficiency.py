@@ -1,0 +1,74 @@
+"""Benchmark 3: how much compute each search needs to reach a good model.
+
+TPE + ASHA, TPE without early stopping and random search without early stopping run with
+equal trial counts and seeds on Fashion-MNIST. For each run: epochs trained and wall time
+until the best validation accuracy first reaches a target that the naive search reaches,
+and the best validation accuracy within a fixed budget of epochs. Medians over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchmarks.common import SweepRun, run_sweeper
+
+SEEDS = (0, 1, 2)
+# name -> (folder slug, overrides)
+METHODS = {
+    "TPE + ASHA": ("tpe-asha", ["search=tpe", "scheduler=asha"]),
+    "TPE, no early stopping": ("tpe-full", ["search=tpe", "scheduler=none"]),
+    "random, no early stopping": ("random-full", ["search=random", "scheduler=none"]),
+}
+BASE = ["+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=4000",
+        "train.validation_fraction=0.25", "train.epochs=6", "search.num_trials=12",
+        "search.n_startup_trials=4", "scheduler.grace_period=1", "scheduler.reduction_factor=3",
+        "search.space.train.lr=tag(log, interval(1e-5, 1e-1))",
+        "resources.max_concurrent_trials=2"]
+
+
+def progress(run: SweepRun) -> list[tuple[int, float, float]]:
+    """(epochs trained so far, seconds since start, best val_accuracy so far) per report."""
+    best, points = 0.0, []
+    for count, row in enumerate(run.all_rows, start=1):
+        best = max(best, row["val_accuracy"])
+        points.append((count, row["reported_at"] - run.started_at, best))
+    return points
+
+
+def reach(run: SweepRun, target: float) -> tuple[float, float]:
+    """Epochs and seconds until the best val_accuracy first reached ``target`` (inf if never)."""
+    for epochs, seconds, best in progress(run):
+        if best >= target:
+            return float(epochs), seconds
+    return float("inf"), float("inf")
+
+
+def best_within(run: SweepRun, budget_epochs: int) -> float:
+    return max((best for epochs, _, best in progress(run) if epochs <= budget_epochs),
+               default=0.0)
+
+
+def measure(workdir: Path) -> dict:
+    runs: dict[str, list[SweepRun]] = {method: [] for method in METHODS}
+    for seed in SEEDS:
+        for method, (slug, overrides) in METHODS.items():
+            label = f"search-{slug}-seed{seed}"
+            runs[method].append(run_sweeper(label, [*BASE, *overrides, f"search.seed={seed}",
+                                                    f"train.seed={seed}"], workdir, 2))
+    # The target: what every naive (random, full-budget) run reached, so all can be compared.
+    naive_bests = [progress(run)[-1][2] for run in runs["random, no early stopping"]]
+    target = round(min(naive_bests) - 0.005, 3)
+    budget = int(statistics.median(run.epochs for run in runs["TPE + ASHA"]))
+    table = {}
+    for method, method_runs in runs.items():
+        reached = [reach(run, target) for run in method_runs]
+        table[method] = {
+            "epochs_to_target": statistics.median(epochs for epochs, _ in reached),
+            "seconds_to_target": statistics.median(seconds for _, seconds in reached),
+            "best_within_budget": statistics.median(best_within(run, budget)
+                                                    for run in method_runs),
+            "final_best": statistics.median(progress(run)[-1][2] for run in method_runs),
+            "epochs_total": statistics.median(run.epochs for run in method_runs),
+        }
+    return {"target": target, "budget_epochs": budget, "methods": table}

@@ -1,0 +1,48 @@
+"""Benchmark 2: images/s of one trial inside Ray vs the same model in a plain `model.fit`.
+
+Both train the tutorial CNN at batch 32 with one TensorFlow thread on the same Fashion-MNIST
+images; each side runs twice, alternating, and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import run_sweeper
+
+TRAIN_IMAGES = 9000
+EPOCHS = 4
+REPEATS = 2
+
+
+def sweeper_images_per_s(workdir: Path, repeat: int) -> float:
+    # validation_fraction 0.1 of 10000 leaves TRAIN_IMAGES to train on.
+    overrides = ["+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=10000",
+                 "train.validation_fraction=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32",
+                 "scheduler=none", "search.num_trials=1", "search.space.train.lr=choice(0.001)"]
+    run = run_sweeper(f"throughput-{repeat}", overrides, workdir, concurrency=1)
+    times = [row["train_time_s"] for row in run.all_rows][1:]  # the first epoch compiles
+    return TRAIN_IMAGES / statistics.median(times)
+
+
+def plain_images_per_s() -> float:
+    output = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plain_fit", "--threads", "1", "--samples",
+         str(TRAIN_IMAGES), "--epochs", str(EPOCHS), "--batch-size", "32"],
+        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])["images_per_s"]
+
+
+def measure(workdir: Path) -> dict:
+    ours, plain = [], []
+    for repeat in range(REPEATS):
+        ours.append(sweeper_images_per_s(workdir, repeat))
+        plain.append(plain_images_per_s())
+    return {"sweeper_images_per_s": statistics.median(ours),
+            "plain_images_per_s": statistics.median(plain),
+            "ratio": statistics.median(ours) / statistics.median(plain)}
