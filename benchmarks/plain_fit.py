@@ -35,23 +35,13 @@ def main() -> None:
     from pathlib import Path
 
     from benchmarks.common import FASHION_MNIST
-    from benchmarks.plain_tune import _read_idx
+    from benchmarks.plain_tune import _read_idx, tutorial_cnn
 
     folder = Path(FASHION_MNIST)
     x = _read_idx(folder / "train-images-idx3-ubyte.gz")[: args.samples]
     y = _read_idx(folder / "train-labels-idx1-ubyte.gz")[: args.samples]
     x = (x / 255.0).astype("float32")[..., None]
-    model = tf.keras.Sequential([
-        tf.keras.Input((28, 28, 1)),
-        tf.keras.layers.Conv2D(32, 3, activation="relu"),
-        tf.keras.layers.MaxPooling2D(),
-        tf.keras.layers.Conv2D(64, 3, activation="relu"),
-        tf.keras.layers.MaxPooling2D(),
-        tf.keras.layers.Conv2D(64, 3, activation="relu"),
-        tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(64, activation="relu"),
-        tf.keras.layers.Dense(10, activation="softmax"),
-    ])
+    model = tutorial_cnn(tf)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     epoch_times = []
 

@@ -25,17 +25,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def train_fashion_mnist(config: dict) -> None:
-    """What a Ray Tune user writes: everything happens inside the trial."""
-    import tensorflow as tf
-    from ray import tune
-
-    folder = Path(config["data_dir"])
-    x = _read_idx(folder / "train-images-idx3-ubyte.gz")[: config["samples"]]
-    y = _read_idx(folder / "train-labels-idx1-ubyte.gz")[: config["samples"]]
-    x = (x / 255.0).astype("float32")[..., None]
-    split = int(len(x) * (1 - config["validation_fraction"]))
-    model = tf.keras.Sequential([
+def tutorial_cnn(tf):
+    """The CNN of TensorFlow's tutorial, written out as users write it (float input in [0, 1])."""
+    return tf.keras.Sequential([
         tf.keras.Input((28, 28, 1)),
         tf.keras.layers.Conv2D(32, 3, activation="relu"),
         tf.keras.layers.MaxPooling2D(),
@@ -46,6 +38,19 @@ def train_fashion_mnist(config: dict) -> None:
         tf.keras.layers.Dense(64, activation="relu"),
         tf.keras.layers.Dense(10, activation="softmax"),
     ])
+
+
+def train_fashion_mnist(config: dict) -> None:
+    """What a Ray Tune user writes: everything happens inside the trial."""
+    import tensorflow as tf
+    from ray import tune
+
+    folder = Path(config["data_dir"])
+    x = _read_idx(folder / "train-images-idx3-ubyte.gz")[: config["samples"]]
+    y = _read_idx(folder / "train-labels-idx1-ubyte.gz")[: config["samples"]]
+    x = (x / 255.0).astype("float32")[..., None]
+    split = int(len(x) * (1 - config["validation_fraction"]))
+    model = tutorial_cnn(tf)
     model.compile(optimizer=tf.keras.optimizers.Adam(config["lr"]),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     trial_started_at = time.time()

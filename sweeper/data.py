@@ -73,13 +73,21 @@ def _find_idx_file(folder: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load_idx_folder(folder: Path) -> dict[str, np.ndarray]:
-    arrays = {}
+def idx_files(folder: Path) -> dict[str, Path]:
+    """The four IDX files of an MNIST-style folder, by array name; ConfigError if one is missing."""
+    files = {}
     for key, names in IDX_FILES.items():
         found = _find_idx_file(folder, names)
         if found is None:
             raise ConfigError("data.path", str(folder), f"folder has no {names[0]}[.gz]; "
                               "expected the four MNIST IDX files")
+        files[key] = found
+    return files
+
+
+def load_idx_folder(folder: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    for key, found in idx_files(folder).items():
         try:
             arrays[key] = read_idx(found)
         except (OSError, ValueError) as error:
@@ -190,13 +198,7 @@ def check_source(cfg: DataConfig) -> None:
     path = Path(cfg.path).expanduser()
     try:
         if path.is_dir():
-            shapes = {}
-            for key, names in IDX_FILES.items():
-                found = _find_idx_file(path, names)
-                if found is None:
-                    raise ConfigError("data.path", str(path), f"folder has no {names[0]}[.gz]; "
-                                      "expected the four MNIST IDX files")
-                shapes[key] = _idx_header(found)
+            shapes = {key: _idx_header(found) for key, found in idx_files(path).items()}
         elif path.is_file():
             shapes = _npz_shapes(path)
         else:

@@ -97,10 +97,20 @@ GROUP_OPTIONS = sorted(
 )
 
 
+# What an option needs from the user before it validates (a cluster's shared folder).
+NEEDS = {"cluster=remote": ["cluster.storage_path=/mnt/shared/sweeps"]}
+
+
 @pytest.mark.parametrize("option", GROUP_OPTIONS)
 def test_every_option_of_every_config_group_composes_and_validates(compose, option):
-    _, space = validate(compose(option))
+    _, space = validate(compose(option, *NEEDS.get(option, [])))
     assert space
+
+
+def test_joining_a_cluster_without_shared_storage_is_refused(compose):
+    with pytest.raises(ConfigError) as raised:
+        validate(compose("cluster=remote"))
+    assert raised.value.key == "cluster.storage_path"
 
 
 def test_the_experiments_the_issue_names_exist():
