@@ -9,6 +9,7 @@ utilizations compare like with like.
 from __future__ import annotations
 
 import gzip
+import resource
 import time
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def train_fashion_mnist(config: dict) -> None:
             train_time = time.perf_counter() - self.started - self.val_time
             tune.report({"val_accuracy": logs["val_accuracy"], "epoch": epoch + 1,
                          "train_time_s": train_time, "fit_started_at": self.fit_started_at,
-                         "trial_started_at": trial_started_at, "reported_at": time.time()})
+                         "trial_started_at": trial_started_at, "reported_at": time.time(),
+                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
     model.fit(x[:split], y[:split], batch_size=config["batch_size"], epochs=config["epochs"],
               validation_data=(x[split:], y[split:]), callbacks=[Report()], verbose=0)

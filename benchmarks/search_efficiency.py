@@ -20,10 +20,12 @@ METHODS = {
     "TPE, no early stopping": ("tpe-full", ["search=tpe", "scheduler=none"]),
     "random, no early stopping": ("random-full", ["search=random", "scheduler=none"]),
 }
+# A learning-rate range as wide as a user would start with: most of it trains slowly or not at
+# all, which is where early stopping and a model of the results pay off.
 BASE = ["+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=4000",
-        "train.validation_fraction=0.25", "train.epochs=6", "search.num_trials=12",
-        "search.n_startup_trials=4", "scheduler.grace_period=1", "scheduler.reduction_factor=3",
-        "search.space.train.lr=tag(log, interval(1e-5, 1e-1))",
+        "train.validation_fraction=0.25", "train.epochs=9", "search.num_trials=16",
+        "search.n_startup_trials=5", "scheduler.grace_period=1", "scheduler.reduction_factor=3",
+        "search.space.train.lr=tag(log, interval(1e-5, 3e-1))",
         "resources.max_concurrent_trials=2"]
 
 

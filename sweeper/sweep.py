@@ -8,6 +8,7 @@ runs the trials and writes the results.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -92,11 +93,8 @@ def fresh_variant(cfg: SweepConfig, stamp: str | None = None) -> SweepConfig:
 def sweep_state(root: Path) -> str:
     """Whether ``root`` holds nothing yet, an interrupted sweep, or a complete one."""
     summary = root / "summary.json"
-    if summary.is_file():
-        import json
-
-        if json.loads(summary.read_text()).get("state") == COMPLETE:
-            return COMPLETE
+    if summary.is_file() and json.loads(summary.read_text()).get("state") == COMPLETE:
+        return COMPLETE
     from ray import tune
 
     if tune.Tuner.can_restore(str(root / "trials")):
@@ -166,8 +164,6 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     paths = SweepPaths.for_config(cfg_t)
     state = claim_sweep_dir(cfg_t, paths.root)
     if state == COMPLETE:
-        import json
-
         summary = json.loads(paths.summary.read_text())
         return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
                             state="already_complete")

@@ -10,8 +10,11 @@ trials, and its status when it ends.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from ray.tune import Callback
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from sweeper.trainer import METRIC_NAMES
 
@@ -109,24 +112,43 @@ def scalar_summary(values: dict[str, float]) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
 
 
+class EventFile:
+    """One TensorBoard event file, written synchronously with plain file I/O.
+
+    TensorBoard's own EventFileWriter goes through ``tf.io.gfile`` and so imports TensorFlow
+    (seconds and hundreds of MB) into the driver; the record format needs none of it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}"
+        path = folder / name
+        for suffix in itertools.count(1):  # a resumed sweep writes a second file beside the first
+            if not path.exists():
+                break
+            path = folder / f"{name}.{suffix}"
+        self._records = RecordWriter(path.open("wb"))
+        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def write(self, event: Event) -> None:
+        self._records.write(event.SerializeToString())
+        self._records.flush()  # TensorBoard shows a running sweep as it goes
+
+    def close(self) -> None:
+        self._records.close()
+
+
 class SweepEventWriter:
     """Event files under ``logdir``: the experiment at the top, one run folder per trial."""
 
     def __init__(self, logdir: Path) -> None:
         self.logdir = Path(logdir)
-        self._writers: dict[str, EventFileWriter] = {}
-
-    def _writer(self, run: str) -> EventFileWriter:
-        if run not in self._writers:
-            path = self.logdir / run
-            path.mkdir(parents=True, exist_ok=True)
-            self._writers[run] = EventFileWriter(str(path))
-        return self._writers[run]
+        self._writers: dict[str, EventFile] = {}
 
     def _write(self, run: str, summary: Summary, step: int = 0) -> None:
-        writer = self._writer(run)
-        writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
-        writer.flush()
+        if run not in self._writers:
+            self._writers[run] = EventFile(self.logdir / run)
+        self._writers[run].write(Event(wall_time=time.time(), step=step, summary=summary))
 
     def write_experiment(self, space: dict[str, BaseDistribution], metric: str) -> None:
         infos = [hparam_info(name, dist) for name, dist in space.items()]

@@ -89,6 +89,21 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int,
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+class _StopRequested(Exception):
+    """Raised inside fit to leave it at once when the caller no longer wants the trial."""
+
+
+def _stop_callback(should_stop: Callable[[], bool]):
+    import keras
+
+    class StopWhenAsked(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if should_stop():
+                raise _StopRequested
+
+    return StopWhenAsked()
+
+
 def _epoch_callback(on_epoch_end: EpochCallback | None):
     import keras
 
@@ -135,8 +150,46 @@ def build_model(cfg: SweepConfig):
     return compile_model(build_cnn(cfg.model), cfg.train)
 
 
+class WarmModel:
+    """One compiled model kept in a worker between trials, handed out as if freshly built.
+
+    Building the CNN and tracing its training step cost about as much as an epoch of a short
+    trial. A trial with the same architecture, optimizer and seed as the previous one in this
+    worker (a learning-rate search, for one) gets the same model back with the state a fresh
+    build would have: the seeded initial weights, the optimizer's slots and step counter at
+    zero, and the trial's learning rate (a variable, so nothing is traced again).
+    Models with dropout are always built afresh: restoring the weights does not restart the
+    dropout masks' random stream the way a new build does, and a trial's result must not
+    depend on which worker ran it.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._model = None
+        self._initial_weights: list[np.ndarray] = []
+
+    def get(self, cfg: SweepConfig):
+        import keras
+
+        key = (repr(cfg.model), cfg.train.optimizer, cfg.train.seed)
+        if key != self._key or cfg.model.dropout > 0:
+            self._model = None
+            keras.backend.clear_session()
+            self._model = build_model(cfg)
+            self._initial_weights = self._model.get_weights()
+            self._key = key
+            return self._model
+        keras.utils.set_random_seed(cfg.train.seed)
+        self._model.set_weights(self._initial_weights)
+        optimizer = self._model.optimizer
+        for variable in optimizer.variables:
+            variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+        optimizer.learning_rate = cfg.train.lr
+        return self._model
+
+
 def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
-          model=None, initial_epoch: int = 0):
+          model=None, initial_epoch: int = 0, should_stop: Callable[[], bool] | None = None):
     """Train the CNN of ``cfg`` on ``splits`` for ``cfg.train.epochs`` epochs.
 
     Args:
@@ -145,6 +198,8 @@ def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None =
         on_epoch_end: Called after every epoch with its metrics and the model.
         model: A model to continue (e.g. restored from a checkpoint); None builds one.
         initial_epoch: Epochs already trained by ``model``.
+        should_stop: Asked after every batch; True ends training at once (the trial was
+            stopped and its worker is wanted for the next one).
 
     Returns:
         The trained keras.Model.
@@ -157,14 +212,20 @@ def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None =
     train_data = make_dataset(splits.x_train, splits.y_train, cfg.train.batch_size,
                               shuffle_seed=cfg.train.seed + initial_epoch)
     val_data = make_dataset(splits.x_val, splits.y_val, max(cfg.train.batch_size, 256))
+    callbacks = [_epoch_callback(on_epoch_end)]
+    if should_stop is not None:
+        callbacks.append(_stop_callback(should_stop))
     if initial_epoch < cfg.train.epochs:
-        model.fit(
-            train_data,
-            validation_data=val_data,
-            epochs=cfg.train.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=[_epoch_callback(on_epoch_end)],
-            shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=0,
-        )
+        try:
+            model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=cfg.train.epochs,
+                initial_epoch=initial_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # the dataset shuffles itself, seeded
+                verbose=0,
+            )
+        except _StopRequested:
+            logger.debug("Training stopped on request")
     return model

@@ -28,6 +28,7 @@ from sweeper.data import Splits
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.space import apply_params
 from sweeper.tensorboard import TensorBoardCallback
+from sweeper.trainer import WarmModel
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class SweepPaths:
         return cls(Path(cfg.sweep_dir).expanduser().resolve())
 
 
+# Lives as long as the worker process: a reused worker hands its compiled model to the next trial.
+_WARM_MODEL = WarmModel()
+
+
 def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> None:
     """The Ray Tune trainable: train one sampled configuration, reporting every epoch.
 
@@ -82,11 +87,12 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     configure_tensorflow(base.resources.cpu_per_trial, use_gpu=base.resources.gpu_per_trial > 0)
     import keras
 
-    keras.backend.clear_session()  # a reused worker starts each trial from a clean graph
     cfg = apply_params(base, params)
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is None:
+        model = _WARM_MODEL.get(cfg)
+    else:
         with checkpoint.as_directory() as folder:
             model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL)
             initial_epoch = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())["epoch"]
@@ -108,9 +114,23 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
             tune.report(with_context(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
-        train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch)
+        train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch,
+              should_stop=_stop_requested())
     except TrialDiverged as error:
         tune.report({**with_context(error.metrics), "diverged": True, "failure": str(error)})
+
+
+def _stop_requested():
+    """Whether Tune has stopped this trial, as a cheap check for every training batch.
+
+    Reports are asynchronous: after ASHA stops a trial its thread goes on training until its
+    next report, and a reused worker waits only 2 s for it (TUNE_FUNCTION_THREAD_TIMEOUT_S)
+    before failing the next trial. Checking the session's stop event per batch ends it at once.
+    """
+    from ray.train._internal.session import get_session
+
+    stop_event = getattr(get_session(), "stop_event", None)
+    return stop_event.is_set if stop_event is not None else None
 
 
 def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],

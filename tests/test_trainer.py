@@ -8,7 +8,14 @@ import pytest
 
 from sweeper.config import DataConfig, ModelConfig, SweepConfig
 from sweeper.data import load_splits
-from sweeper.trainer import EpochMetrics, TrialDiverged, configure_tensorflow, train
+from sweeper.trainer import (
+    EpochMetrics,
+    TrialDiverged,
+    WarmModel,
+    build_model,
+    configure_tensorflow,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +94,29 @@ def test_a_huge_learning_rate_raises_trial_diverged(small_splits):
         train(trial_config(epochs=2, optimizer="sgd", lr=1e6), small_splits,
               on_epoch_end=lambda metrics, model: seen.append(metrics.epoch))
     assert seen == []
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_a_warm_model_trains_exactly_like_a_freshly_built_one(small_splits, optimizer):
+    def history(cfg, model):
+        seen: list[tuple[float, float]] = []
+        train(cfg, small_splits, model=model,
+              on_epoch_end=lambda m, _: seen.append((m.loss, m.val_accuracy)))
+        return seen
+
+    first = trial_config(epochs=2, optimizer=optimizer, lr=0.01)
+    second = trial_config(epochs=2, optimizer=optimizer, lr=0.002)
+    warm = WarmModel()
+    history(first, warm.get(first))  # trains the model the next trial gets back
+    reused = warm.get(second)
+    assert reused is warm.get(second)
+    assert history(second, reused) == history(second, build_model(second))
+
+
+def test_a_model_with_dropout_is_built_afresh_for_every_trial(small_splits):
+    cfg = trial_config(epochs=1, lr=0.01)
+    cfg.model.dropout = 0.3
+    warm = WarmModel()
+    first = warm.get(cfg)
+    train(cfg, small_splits, model=first)
+    assert warm.get(cfg) is not first
