@@ -217,3 +217,18 @@ def test_configs_work_from_an_installed_wheel(tmp_path):
     result = run_cli("+experiment=cnn_wide", "train.lr=-1", cwd=elsewhere, env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: train.lr=-1.0 is invalid: must be a positive number"
+
+
+def test_fresh_true_runs_a_new_sweep_beside_the_old_one(compose):
+    from sweeper.__main__ import preflight
+    from sweeper.sweep import fresh_variant
+
+    cfg, _ = validate(compose("+experiment=smoke", "data=fashion_mnist"))
+    variant = fresh_variant(cfg, stamp="20261129-060000")
+    assert (variant.name, variant.sweep_dir) == ("smoke-20261129-060000",
+                                                 "sweeps/smoke-20261129-060000")
+    assert not variant.fresh and cfg.name == "smoke"  # the composed config is left as it was
+    argv = preflight(["+experiment=smoke", "data=fashion_mnist", "fresh=true"])
+    new_name = next(arg for arg in argv if arg.startswith("name=")).removeprefix("name=")
+    assert new_name.startswith("smoke-") and f"sweep_dir=sweeps/{new_name}" in argv
+    assert argv[-1] == "fresh=false"
