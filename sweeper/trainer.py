@@ -101,6 +101,8 @@ def _stop_callback(should_stop: Callable[[], bool]):
             if should_stop():
                 raise _StopRequested
 
+        on_test_batch_end = on_train_batch_end  # the validation pass can be long too
+
     return StopWhenAsked()
 
 

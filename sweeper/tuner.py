@@ -79,6 +79,10 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     from sweeper.trainer import TrialDiverged, configure_tensorflow, train
 
     trial_started_at = time.time()
+    # Ray reuses this worker only if a stopped trial's thread ends within this many seconds
+    # (default 2); tracing or a long validation pass can outlast that before the per-batch
+    # stop check below is reached. Read by this process when the next trial arrives.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     if not ray.get_gpu_ids():
         # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
         # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
