@@ -28,7 +28,7 @@ from sweeper.data import Splits
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.space import apply_params
 from sweeper.tensorboard import TensorBoardCallback
-from sweeper.trainer import WarmModel
+from sweeper.trainer import TrialDiverged, WarmModel, configure_tensorflow, train
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     checkpoint. A diverged trial reports its non-finite figures once, flagged, and ends:
     a retry would only diverge again. Each report names the Ray node that trained the epoch.
     """
-    from sweeper.trainer import TrialDiverged, configure_tensorflow, train
-
     trial_started_at = time.time()
     # Ray reuses this worker only if a stopped trial's thread ends within this many seconds
     # (default 2); tracing or a long validation pass can outlast that before the per-batch
