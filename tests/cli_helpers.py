@@ -39,34 +39,38 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 900,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def descendants(root: int) -> list[int]:
-    """All live processes below ``root`` (read from /proc)."""
-    parents = {}
+def processes() -> dict[int, tuple[int, str, list[str]]]:
+    """Every live process as pid -> (parent pid, name, command line), read from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            parent = _parent_of(int(entry.name))
-            if parent is not None:
-                parents[int(entry.name)] = parent
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state == "Z":
+                continue  # ended, waiting for its parent to reap it
+            name = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while being read
+        table[int(entry.name)] = (int(parent), name, cmdline)
+    return table
+
+
+def process_tree(root: int, table: dict[int, tuple[int, str, list[str]]]) -> list[int]:
+    """``root`` and every live process below it."""
     found, frontier = [], [root]
     while frontier:
-        current = frontier.pop()
-        children = [pid for pid, parent in parents.items() if parent == current]
-        found.extend(children)
-        frontier.extend(children)
+        pid = frontier.pop()
+        if pid in table:
+            found.append(pid)
+        frontier.extend(child for child, (parent, _, _) in table.items() if parent == pid)
     return found
 
 
 def kill_tree(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to the process, everything below it, and its process group."""
-    pids = [process.pid, *descendants(process.pid)]
+    pids = [process.pid, *process_tree(process.pid, processes())]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
@@ -76,14 +80,14 @@ def kill_tree(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         process.wait(timeout=60)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+    raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
 def trial_rows(sweep_dir: Path) -> dict[str, list[dict]]:

@@ -18,14 +18,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomllib
 import yaml
+from cli_helpers import process_tree, processes, wait_for
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -162,45 +161,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _processes() -> dict[int, tuple[int, str, list[str]]]:
-    """Every live process as pid -> (parent pid, name, command line), read from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            if state == "Z":
-                continue  # ended, waiting for its parent to reap it
-            name = (entry / "comm").read_text().strip()
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, IndexError, ValueError):
-            continue  # it ended while being read
-        table[int(entry.name)] = (int(parent), name, cmdline)
-    return table
-
-
-def _tree(root: int, table: dict[int, tuple[int, str, list[str]]]) -> list[int]:
-    """``root`` and every live process below it."""
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        if pid in table:
-            found.append(pid)
-        frontier.extend(child for child, (parent, _, _) in table.items() if parent == pid)
-    return found
-
-
-def _wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
-
-
 class LocalRayCluster:
     """A head and worker nodes started with ``ray start --block``, each its own process tree."""
 
@@ -225,7 +185,7 @@ class LocalRayCluster:
              "--object-store-memory=150000000", "--disable-usage-stats",
              *(f"{flag}={_free_port()}" for flag in ports), *args],
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for(lambda: "Ray runtime started" in log.read_text()
+        wait_for(lambda: "Ray runtime started" in log.read_text()
                   or self.nodes[name].poll() is not None, 120, f"Ray node {name}")
         if self.nodes[name].poll() is not None:
             raise RuntimeError(f"Ray node {name} did not start:\n{log.read_text()[-3000:]}")
@@ -244,11 +204,12 @@ class LocalRayCluster:
 
     def raylet(self, name: str) -> int:
         """The process id of a node's raylet."""
-        table = _processes()
-        return next(pid for pid in _tree(self.nodes[name].pid, table) if table[pid][1] == "raylet")
+        table = processes()
+        return next(pid for pid in process_tree(self.nodes[name].pid, table)
+                    if table[pid][1] == "raylet")
 
     def node_id(self, name: str) -> str:
-        cmdline = " ".join(_processes()[self.raylet(name)][2])
+        cmdline = " ".join(processes()[self.raylet(name)][2])
         return re.search(r"--node_id=(\w+)", cmdline).group(1)
 
     def sweep(self, name: str, *overrides: str) -> tuple[subprocess.Popen, Path]:
@@ -277,9 +238,9 @@ class LocalRayCluster:
     def own_processes(self) -> list[int]:
         """Every live process these nodes and drivers started: their process trees, and what
         left a tree but names this cluster's temp dir or address (e.g. Ray's client server)."""
-        table = _processes()
+        table = processes()
         found = {pid for popen in [*self.nodes.values(), *self.drivers]
-                 for pid in _tree(popen.pid, table)}
+                 for pid in process_tree(popen.pid, table)}
         marks = (str(self.temp_dir), self.address)
         found |= {pid for pid, (_, _, cmdline) in table.items()
                   if any(mark in arg for arg in cmdline for mark in marks)}
@@ -292,7 +253,7 @@ class LocalRayCluster:
                 os.kill(pid, signal.SIGKILL)
         for popen in [*self.nodes.values(), *self.drivers]:
             popen.wait(timeout=30)
-        _wait_for(lambda: not self.own_processes(), 30, "the cluster's processes to end")
+        wait_for(lambda: not self.own_processes(), 30, "the cluster's processes to end")
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -353,7 +314,7 @@ def test_sweep_survives_a_worker_node_dying_mid_sweep(ray_cluster):
     victim = ray_cluster.node_id("worker_b")
     survivor = ray_cluster.node_id("worker_a")
     try:
-        _wait_for(lambda: any(victim in epochs for epochs in _trial_nodes(sweep_dir).values()),
+        wait_for(lambda: any(victim in epochs for epochs in _trial_nodes(sweep_dir).values()),
                   300, "a trial epoch on worker_b", every=0.2)
     finally:
         os.kill(ray_cluster.raylet("worker_b"), signal.SIGKILL)
