@@ -183,16 +183,14 @@ def report_command(args: list[str]) -> None:
 
 def report_outcome(outcome) -> None:
     summary = outcome.summary
-    paths = summary["paths"]
     if outcome.state == "already_complete":
-        print(f"Sweep {summary['experiment']!r} is already complete; nothing to run.")
-        print(f"Results: {paths['sweep_dir']}  (fresh=true starts a new sweep beside it)")
-        print(f"TensorBoard: tensorboard --logdir {paths['tensorboard']}")
-        return
-    print()
-    print(f"Best trials ({summary['metric']}, {summary['mode']}):")
-    print(outcome.table)
-    print()
+        print(f"Sweep {summary['experiment']!r} is already complete; nothing to run "
+              "(fresh=true starts a new sweep beside it).")
+    else:
+        print()
+        print(f"Best trials ({summary['metric']}, {summary['mode']}):")
+        print(outcome.table)
+        print()
     print_results(summary)
 
 

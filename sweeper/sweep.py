@@ -42,13 +42,6 @@ class SweepFailed(RuntimeError):
 
 
 @dataclass
-class PreparedSweep:
-    cfg: SweepConfig
-    space: dict[str, BaseDistribution]
-    splits: Splits
-
-
-@dataclass
 class SweepOutcome:
     summary: dict[str, Any]
     table: str
@@ -137,14 +130,6 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
     return typed, build_search_space(typed)
 
 
-def prepare(cfg: DictConfig | SweepConfig) -> PreparedSweep:
-    typed, space = validate(cfg)
-    if typed.fresh:
-        typed = fresh_variant(typed)
-    splits = load_splits(typed.data, typed.train.validation_fraction, typed.train.seed)
-    return PreparedSweep(typed, space, splits)
-
-
 def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     """Validate, load data, run (or resume) the trials on Ray, write summary.json.
 
@@ -155,29 +140,32 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         ConfigError: The user's configuration is wrong (nothing was started).
         SweepFailed: No trial produced a result.
     """
-    prepared = prepare(cfg)
+    cfg_t, space = validate(cfg)
+    if cfg_t.fresh:
+        cfg_t = fresh_variant(cfg_t)
     import ray
 
     from sweeper.tuner import SweepPaths, build_tuner, connect
 
-    cfg_t = prepared.cfg
     paths = SweepPaths.for_config(cfg_t)
-    state = claim_sweep_dir(cfg_t, paths.root)
-    if state == COMPLETE:
+    if sweep_state(paths.root) == COMPLETE:  # decided before loading (or downloading) any data
+        claim_sweep_dir(cfg_t, paths.root)  # refuses a different config under this name
         summary = json.loads(paths.summary.read_text())
         return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
                             state="already_complete")
+    splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
+    state = claim_sweep_dir(cfg_t, paths.root)
     storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
     warm_trials = None
     if cfg_t.search.warm_start and state == NEW:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
-        warm_trials = earlier_trials(url, study, prepared.space)
+        warm_trials = earlier_trials(url, study, space)
 
     started_ray = connect(cfg_t.cluster)
     try:
         if joins_cluster(cfg_t.cluster):
             log_cluster()
-        tuner = build_tuner(cfg_t, prepared.space, prepared.splits, paths, storage, warm_trials)
+        tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
         grid = tuner.fit()
     finally:
         if started_ray:
@@ -187,7 +175,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
                                    cfg_t.train.epochs, sweep_done=done)
     ranked = rank(records, cfg_t.search.mode)
-    test = export_final(cfg_t, ranked[0], prepared.splits, paths.root) if ranked and done else None
+    test = export_final(cfg_t, ranked[0], splits, paths.root) if ranked and done else None
     summary = build_summary(cfg_t.name, cfg_t.search.metric, cfg_t.search.mode,
                             cfg_t.train.epochs, records, paths.root,
                             search_space=flatten_space(cfg_t.search.space), test=test)
