@@ -62,17 +62,23 @@ def main() -> None:
 
 
 def _utilization_section(rows: list[dict], driver_rss: float) -> str:
+    parts = ("validation", "start", "reporting", "switching", "tail")
     table = markdown_table(
-        ["experiment", "sweep", "trials", "epochs", "utilization", "overhead s/trial",
+        ["experiment", "sweep", "trials", "epochs", "utilization", *parts, "overhead s/trial",
          "entry -> first step s", "worker peak RSS MB"],
         [[r["experiment"], r["sweep"], r["trials"], r["epochs"], r["utilization"],
-          r["overhead_per_trial_s"], r["start_to_first_step_s"], r["worker_peak_rss_mb"]]
-         for r in rows])
+          *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"],
+          r["start_to_first_step_s"], r["worker_peak_rss_mb"]] for r in rows])
     return ("## 1. Utilization (2 concurrent trials) and 4. memory\n\n"
             "Utilization = time in training steps summed over trials / (wall time from the "
-            "sweep's start to its last report x 2). Overhead = worker-seconds per trial not in "
-            "training steps. Plain Ray Tune = the documentation's way (TF import, data loading "
-            f"and model building in every trial, default Tuner settings).\n\n{table}\n\n"
+            "sweep's start to its last report x 2). The next five columns share out the rest "
+            "of the workers' time: validation passes; start (sweep start to each worker's "
+            "first training step: Ray workers, imports, data); reporting (between a trial's "
+            "epochs: report and checkpoint); switching (from a trial's end to the next "
+            "trial's first step); tail (workers idle while the last trial finishes). "
+            "Overhead = worker-seconds per trial not in training steps. Plain Ray Tune = the "
+            "documentation's way (TF import, data loading and model building in every trial, "
+            f"default Tuner settings).\n\n{table}\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
 
 

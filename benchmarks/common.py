@@ -56,6 +56,38 @@ class SweepRun:
         return statistics.median(rows[0]["fit_started_at"] - rows[0]["trial_started_at"]
                                  for rows in self.rows.values())
 
+    def breakdown(self) -> dict[str, float]:
+        """Where the workers' time went, as shares of (wall time x concurrent trials).
+
+        train: training steps; validation: the per-epoch validation pass; start: from the
+        sweep's start to each worker's first training step (Ray workers, imports, data);
+        reporting: within trials, between one epoch's end and the next one's start (report,
+        checkpoint); switching: from one trial's end to the next trial's first step on a
+        worker (for the plain way this includes the TensorFlow import, data loading and
+        model building of every trial); tail: workers idle while the last trials finish.
+        """
+        total = self.wall_s * self.concurrency
+        trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+        start = sum(rows[0]["fit_started_at"] - self.started_at
+                    for rows in trials[: self.concurrency])
+        reporting = 0.0
+        for rows in trials:
+            previous = rows[0]["fit_started_at"]
+            for row in rows:
+                reporting += (row["reported_at"] - previous - row["train_time_s"]
+                              - row.get("val_time_s", 0.0))
+                previous = row["reported_at"]
+        ends = sorted(rows[-1]["reported_at"] for rows in trials)
+        tail = sum(self.started_at + self.wall_s - end for end in ends[-self.concurrency:])
+        shares = {"train": self.train_s, "validation": self.val_s, "start": start,
+                  "reporting": reporting, "tail": tail}
+        shares["switching"] = total - sum(shares.values())
+        return {name: value / total for name, value in shares.items()}
+
+    @property
+    def val_s(self) -> float:
+        return sum(row.get("val_time_s", 0.0) for row in self.all_rows)
+
     @property
     def epochs(self) -> int:
         return len(self.all_rows)

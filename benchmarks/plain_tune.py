@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ def train_fashion_mnist(config: dict) -> None:
         def on_epoch_end(self, epoch, logs=None):
             train_time = time.perf_counter() - self.started - self.val_time
             tune.report({"val_accuracy": logs["val_accuracy"], "epoch": epoch + 1,
-                         "train_time_s": train_time, "fit_started_at": self.fit_started_at,
+                         "train_time_s": train_time, "val_time_s": self.val_time,
+                         "fit_started_at": self.fit_started_at,
                          "trial_started_at": trial_started_at, "reported_at": time.time(),
                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
@@ -80,23 +82,39 @@ def train_fashion_mnist(config: dict) -> None:
               validation_data=(x[split:], y[split:]), callbacks=[Report()], verbose=0)
 
 
-def run_plain_tune(label: str, workdir: Path, samples: int, epochs: int, num_trials: int,
-                   concurrency: int, validation_fraction: float, seed: int = 0) -> SweepRun:
-    """The baseline sweep, with sweeper's smoke search space, batch size and ASHA rungs."""
+@dataclass(frozen=True)
+class PlainSweep:
+    """What the baseline sweeps: the same as the sweeper experiment it is compared with."""
+
+    samples: int  # training samples before the validation split
+    epochs: int
+    num_trials: int
+    validation_fraction: float
+    lr_range: tuple[float, float]  # log-uniform
+    batch_size: int
+    reduction_factor: int  # ASHA's; grace period 1 epoch
+
+
+def run_plain_tune(label: str, workdir: Path, sweep: PlainSweep, concurrency: int,
+                   seed: int = 0) -> SweepRun:
+    """The baseline sweep, written the way Ray Tune's documentation writes it."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    param_space = {"lr": tune.loguniform(1e-4, 3e-2), "batch_size": 64, "epochs": epochs,
+    samples, epochs, validation_fraction = sweep.samples, sweep.epochs, sweep.validation_fraction
+    param_space = {"lr": tune.loguniform(*sweep.lr_range), "batch_size": sweep.batch_size,
+                   "epochs": epochs,
                    "samples": samples, "validation_fraction": validation_fraction,
                    "data_dir": FASHION_MNIST}
     tuner = tune.Tuner(
         train_fashion_mnist,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric="val_accuracy", mode="max", num_samples=num_trials,
+            metric="val_accuracy", mode="max", num_samples=sweep.num_trials,
             search_alg=OptunaSearch(seed=seed),
-            scheduler=ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2),
+            scheduler=ASHAScheduler(max_t=epochs, grace_period=1,
+                                    reduction_factor=sweep.reduction_factor),
             max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=label, storage_path=str(workdir), verbose=0),

@@ -1,4 +1,5 @@
-"""Benchmarks 1 and 4: worker utilization, per-trial overhead and memory, sweeper vs plain Tune.
+"""Benchmarks 1 and 4: worker utilization, where the rest of the time goes, and memory,
+sweeper vs the same sweep written the plain way.
 
 Utilization = time in training steps summed over trials / (sweep wall time x concurrent
 trials). Both sweeps run in the same process, one after the other, on the same Ray.
@@ -9,33 +10,53 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import run_sweeper
-from benchmarks.plain_tune import run_plain_tune
+from benchmarks.plain_tune import PlainSweep, run_plain_tune
 
 CONCURRENCY = 2
-# (name, samples per epoch before the validation split, epochs, trials)
-EXPERIMENTS = [("tiny (smoke)", 3000, 3, 6), ("short-epoch (1/10 Fashion-MNIST)", 6000, 4, 8)]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    overrides: list[str]  # for `python -m sweeper`
+    plain: PlainSweep  # the same sweep for the plain way
+
+
+EXPERIMENTS = [
+    # The smoke experiment: 6 trials of at most 3 epochs on 2400 images (~30 s).
+    Experiment("tiny (smoke)", ["+experiment=smoke", "data=fashion_mnist"],
+               PlainSweep(samples=3000, epochs=3, num_trials=6, validation_fraction=0.2,
+                          lr_range=(1e-4, 3e-2), batch_size=64, reduction_factor=2)),
+    # The default experiment (20 trials, up to 10 epochs, batch 32, ASHA) with epochs of a
+    # tenth of Fashion-MNIST: 5400 training images, about 2 s an epoch on one core.
+    Experiment("short-epoch (cnn_lr, 1/10 Fashion-MNIST)",
+               ["+experiment=cnn_lr", "data=fashion_mnist", "data.max_train_samples=6000"],
+               PlainSweep(samples=6000, epochs=10, num_trials=20, validation_fraction=0.1,
+                          lr_range=(1e-5, 1e-1), batch_size=32, reduction_factor=3)),
+]
 
 
 def measure(workdir: Path) -> list[dict]:
     rows = []
-    for name, samples, epochs, trials in EXPERIMENTS:
-        overrides = ["+experiment=smoke", "data=fashion_mnist", f"data.max_train_samples={samples}",
-                     f"train.epochs={epochs}", f"search.num_trials={trials}",
-                     f"resources.max_concurrent_trials={CONCURRENCY}"]
-        slug = name.split()[0]
-        ours = run_sweeper(f"sweeper-{slug}", overrides, workdir, CONCURRENCY)
-        plain = run_plain_tune(f"plain-{slug}", workdir, samples, epochs, trials, CONCURRENCY,
-                               validation_fraction=0.2)
+    for experiment in EXPERIMENTS:
+        slug = experiment.name.split()[0]
+        ours = run_sweeper(f"sweeper-{slug}",
+                           [*experiment.overrides, "resources.cpu_per_trial=1",
+                            f"resources.max_concurrent_trials={CONCURRENCY}"],
+                           workdir, CONCURRENCY)
+        plain = run_plain_tune(f"plain-{slug}", workdir, experiment.plain, CONCURRENCY)
         for label, run in (("sweeper", ours), ("plain Ray Tune", plain)):
             rows.append({
-                "experiment": name, "sweep": label, "trials": len(run.rows),
+                "experiment": experiment.name, "sweep": label, "trials": len(run.rows),
                 "epochs": run.epochs, "utilization": run.utilization,
                 "overhead_per_trial_s": run.overhead_per_trial_s,
                 "start_to_first_step_s": run.start_to_first_step_s,
                 "worker_peak_rss_mb": run.peak_rss_mb(),
+                "breakdown": run.breakdown(),
             })
     return rows
 

@@ -145,7 +145,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         cfg_t = fresh_variant(cfg_t)
     import ray
 
-    from sweeper.tuner import SweepPaths, build_tuner, connect
+    from sweeper.tuner import SweepPaths, build_tuner, connect, starting_trials_together
 
     paths = SweepPaths.for_config(cfg_t)
     if sweep_state(paths.root) == COMPLETE:  # decided before loading (or downloading) any data
@@ -166,7 +166,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         if joins_cluster(cfg_t.cluster):
             log_cluster()
         tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
-        grid = tuner.fit()
+        with starting_trials_together(cfg_t):
+            grid = tuner.fit()
     finally:
         if started_ray:
             ray.shutdown()

@@ -6,6 +6,7 @@ takes and returns plain values.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -218,6 +219,38 @@ def _trainable(cfg: SweepConfig, splits: Splits):
     resources = {"cpu": cfg.resources.cpu_per_trial, "gpu": cfg.resources.gpu_per_trial}
     # with_parameters puts the arrays in the object store once; trials read them zero-copy.
     return tune.with_resources(tune.with_parameters(run_trial, splits=splits, base=cfg), resources)
+
+
+def pending_trials(cfg: SweepConfig, cpus: float, gpus: float) -> int:
+    """How many trials Tune may be starting at once: all that may run concurrently.
+
+    For a custom searcher Tune starts one trial at a time (it waits for each trial's actor
+    before asking the searcher for the next), which leaves workers idle at the start of a
+    sweep and shows an autoscaler one trial's demand at a time. Our searcher holds the
+    concurrency limit itself, so asking for this many never samples ahead of the results.
+    """
+    if cfg.resources.max_concurrent_trials:
+        return cfg.resources.max_concurrent_trials
+    fits = [cpus // cfg.resources.cpu_per_trial] if cfg.resources.cpu_per_trial else []
+    if cfg.resources.gpu_per_trial:
+        fits.append(gpus // cfg.resources.gpu_per_trial)
+    return max(1, int(min(fits, default=1)))
+
+
+@contextlib.contextmanager
+def starting_trials_together(cfg: SweepConfig):
+    """Let Tune start :func:`pending_trials` trials at once while fit() runs (it reads the
+    setting from the environment); a value the user set is left alone."""
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    if key in os.environ:
+        yield
+        return
+    capacity = ray.cluster_resources()
+    os.environ[key] = str(pending_trials(cfg, capacity.get("CPU", 1.0), capacity.get("GPU", 0.0)))
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _trial_dirname(trial) -> str:

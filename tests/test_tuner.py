@@ -1,0 +1,49 @@
+"""How the sweep drives Ray Tune: how many trials Tune may start at once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from ray.tune.execution.tune_controller import _get_max_pending_trials
+from ray.tune.search import SearchGenerator
+
+from sweeper.config import to_sweep_config
+from sweeper.space import build_search_space
+from sweeper.tuner import make_searcher, pending_trials, starting_trials_together
+
+PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+@pytest.mark.parametrize("overrides, cpus, gpus, expected", [
+    (["resources.max_concurrent_trials=3"], 8, 0, 3),  # the limit, even where more would fit
+    ([], 8, 0, 8),  # no limit: as many 1-CPU trials as the CPUs hold
+    (["resources.cpu_per_trial=3"], 8, 0, 2),
+    (["resources.cpu_per_trial=1", "resources.gpu_per_trial=0.25"], 8, 1, 4),  # GPUs bind
+    (["resources.cpu_per_trial=4"], 2, 0, 1),  # never fewer than one
+])
+def test_pending_trials_is_the_concurrency_limit_or_what_fits(compose, overrides, cpus, gpus,
+                                                             expected):
+    cfg = to_sweep_config(compose("+experiment=smoke", "resources.max_concurrent_trials=null",
+                                  *overrides))
+    assert pending_trials(cfg, cpus, gpus) == expected
+
+
+def test_tune_starts_as_many_trials_together_as_may_run(compose, ray_local, monkeypatch):
+    """Ray Tune itself (its own auto-detection) waits for each trial of a custom searcher
+    before asking for the next; inside the context it starts all that may run at once."""
+    monkeypatch.delenv(PENDING, raising=False)
+    cfg = to_sweep_config(compose("+experiment=smoke", "resources.max_concurrent_trials=2"))
+    search = SearchGenerator(make_searcher(cfg, build_search_space(cfg)))
+    assert _get_max_pending_trials(search) == 1
+    with starting_trials_together(cfg):
+        assert _get_max_pending_trials(search) == 2
+    assert PENDING not in os.environ  # nothing left behind for the next sweep in this process
+
+
+def test_a_pending_trials_setting_of_the_users_own_is_kept(compose, ray_local, monkeypatch):
+    monkeypatch.setenv(PENDING, "5")
+    cfg = to_sweep_config(compose("+experiment=smoke", "resources.max_concurrent_trials=2"))
+    with starting_trials_together(cfg):
+        assert os.environ[PENDING] == "5"
+    assert os.environ[PENDING] == "5"
