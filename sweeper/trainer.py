@@ -23,6 +23,7 @@ from sweeper.data import Splits
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
+PREFETCH_BATCHES = 2
 
 
 class TrialDiverged(RuntimeError):
@@ -80,13 +81,20 @@ def configure_tensorflow(num_cpus: float, use_gpu: bool) -> None:
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int,
                  shuffle_seed: int | None = None):
-    """A batched, prefetched tf.data pipeline over uint8 arrays (the model rescales)."""
+    """A batched, prefetched tf.data pipeline over uint8 arrays (the model rescales).
+
+    Two batches prefetched, autotuning off: slicing in-memory arrays never starves the model,
+    and tf.data's autotuner thread cost a trial about a second now and then (an epoch that
+    took twice as long, or a worker waiting that long to release a finished trial's iterator).
+    """
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
 
 
 class _StopRequested(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from sweeper.config import DataConfig, ModelConfig, SweepConfig
@@ -14,6 +15,7 @@ from sweeper.trainer import (
     WarmModel,
     build_model,
     configure_tensorflow,
+    make_dataset,
     train,
 )
 
@@ -120,3 +122,16 @@ def test_a_model_with_dropout_is_built_afresh_for_every_trial(small_splits):
     first = warm.get(cfg)
     train(cfg, small_splits, model=first)
     assert warm.get(cfg) is not first
+
+
+def test_the_input_pipeline_gives_every_image_once_per_epoch_reshuffled(small_splits):
+    """Batches of uint8 images, each image once an epoch, a new order every epoch, and no
+    tf.data autotuner (its thread stalled trials for about a second now and then)."""
+    images, labels = small_splits.x_train[:200], small_splits.y_train[:200]
+    dataset = make_dataset(images, labels, batch_size=32, shuffle_seed=0)
+    epochs = [np.concatenate([batch.numpy() for batch, _ in dataset]) for _ in range(2)]
+    for seen in epochs:
+        assert seen.dtype == np.uint8 and len(seen) == len(images)
+        assert sorted(map(bytes, seen)) == sorted(map(bytes, images))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert dataset.options().autotune.enabled is False
