@@ -113,7 +113,8 @@ def _search_section(result: dict) -> str:
 
 def _scaling(workdir: Path, utilization_rows: list[dict] | None) -> dict:
     per_result = scaling.driver_seconds_per_result(workdir)
-    short = [r for r in utilization_rows or [] if r["sweep"] == "sweeper"]
+    short = [r for r in utilization_rows or [] if r["sweep"] == "sweeper"
+             and r["experiment"] == utilization.EXPERIMENTS[1].name]  # the default experiment
     base = short[-1]["utilization"] if short else 1.0
     return {"seconds_per_result": per_result, "base_utilization": base,
             "projections": {f"{epoch:g} s epochs": scaling.project(per_result, epoch, base)
