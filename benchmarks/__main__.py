@@ -89,8 +89,11 @@ def _throughput_section(result: dict) -> str:
     table = markdown_table(["sweeper trial images/s", "plain model.fit images/s", "ratio"],
                            [[result["sweeper_images_per_s"], result["plain_images_per_s"],
                              result["ratio"]]])
+    levers = markdown_table(["option (same trial)", "images/s vs float32 default"],
+                            [[name, ratio] for name, ratio in result.get("levers", {}).items()])
     return ("## 2. Trainer throughput (1 thread, batch 32, median of alternating runs)\n\n"
-            f"{table}\n")
+            f"{table}\n\nOptions a user can turn on (`train.precision`, `train.jit_compile`), "
+            f"measured on this CPU:\n\n{levers}\n")
 
 
 def _search_section(result: dict) -> str:

@@ -19,12 +19,13 @@ EPOCHS = 4
 REPEATS = 2
 
 
-def sweeper_images_per_s(workdir: Path, repeat: int) -> float:
+def sweeper_images_per_s(workdir: Path, repeat: int, *extra: str) -> float:
     # validation_fraction 0.1 of 10000 leaves TRAIN_IMAGES to train on.
-    overrides = ["+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=10000",
+    overrides = [*extra, "+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=10000",
                  "train.validation_fraction=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32",
                  "scheduler=none", "search.num_trials=1", "search.space.train.lr=choice(0.001)"]
-    run = run_sweeper(f"throughput-{repeat}", overrides, workdir, concurrency=1)
+    label = f"throughput-{repeat}" + "".join(f"-{item.split('=')[-1]}" for item in extra)
+    run = run_sweeper(label, overrides, workdir, concurrency=1)
     times = [row["train_time_s"] for row in run.all_rows][1:]  # the first epoch compiles
     return TRAIN_IMAGES / statistics.median(times)
 
@@ -38,11 +39,22 @@ def plain_images_per_s() -> float:
     return json.loads(output.strip().splitlines()[-1])["images_per_s"]
 
 
+# Levers that change the numerics, measured on the same trial (options, not defaults).
+LEVERS = {"bfloat16 mixed precision": "train.precision=mixed_bfloat16",
+          "XLA": "train.jit_compile=true"}
+
+
 def measure(workdir: Path) -> dict:
     ours, plain = [], []
+    levers: dict[str, list[float]] = {name: [] for name in LEVERS}
     for repeat in range(REPEATS):
         ours.append(sweeper_images_per_s(workdir, repeat))
         plain.append(plain_images_per_s())
-    return {"sweeper_images_per_s": statistics.median(ours),
+        for name, override in LEVERS.items():
+            levers[name].append(sweeper_images_per_s(workdir, repeat, override))
+    float32 = statistics.median(ours)
+    return {"sweeper_images_per_s": float32,
             "plain_images_per_s": statistics.median(plain),
-            "ratio": statistics.median(ours) / statistics.median(plain)}
+            "ratio": float32 / statistics.median(plain),
+            "levers": {name: statistics.median(values) / float32
+                       for name, values in levers.items()}}

@@ -20,6 +20,9 @@ MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1
 
 DATASETS = ("mnist", "fashion_mnist")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+# Keras dtype policies: float16 compute suits GPUs with tensor cores, bfloat16 newer GPUs/CPUs.
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = ("auto", "true", "false")  # auto: XLA on GPUs, not on CPUs (Keras' default)
 SAMPLERS = ("tpe", "random")
 SCHEDULERS = ("asha", "none")
 MODES = ("min", "max")
@@ -71,6 +74,8 @@ class TrainConfig:
     lr: float = 1e-3
     validation_fraction: float = 0.1
     seed: int = 0
+    precision: str = "float32"
+    jit_compile: str = "auto"
 
 
 @dataclass
@@ -221,6 +226,8 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
     _one_of("train.optimizer", train.optimizer, OPTIMIZERS)
+    _one_of("train.precision", train.precision, PRECISIONS)
+    _one_of("train.jit_compile", str(train.jit_compile).lower(), JIT_COMPILE)
     _require(math.isfinite(train.lr) and train.lr > 0, "train.lr", train.lr,
              "must be a positive number")
     _require(0.0 < train.validation_fraction < 1.0, "train.validation_fraction",

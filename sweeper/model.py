@@ -42,11 +42,18 @@ def build_cnn(model_cfg: ModelConfig) -> keras.Model:
             layers.Flatten(),
             layers.Dense(model_cfg.dense_units, activation="relu", kernel_regularizer=regularizer),
             layers.Dropout(model_cfg.dropout),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
+            # float32 softmax under mixed precision: float16 probabilities underflow.
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
         ],
         name=model_cfg.name,
     )
     return model
+
+
+def jit_compile_setting(train_cfg: TrainConfig) -> bool | str:
+    """Keras' jit_compile for train.jit_compile: "auto" (XLA on GPUs only), True or False."""
+    value = str(train_cfg.jit_compile).lower()
+    return "auto" if value == "auto" else value == "true"
 
 
 def compile_model(model: keras.Model, train_cfg: TrainConfig) -> keras.Model:
@@ -55,5 +62,6 @@ def compile_model(model: keras.Model, train_cfg: TrainConfig) -> keras.Model:
         optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=jit_compile_setting(train_cfg),
     )
     return model

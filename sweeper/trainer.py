@@ -157,6 +157,8 @@ def build_model(cfg: SweepConfig):
     from sweeper.model import build_cnn, compile_model
 
     keras.utils.set_random_seed(cfg.train.seed)
+    # The policy is global to the process: set it for every build, a reused worker included.
+    keras.mixed_precision.set_dtype_policy(cfg.train.precision)
     return compile_model(build_cnn(cfg.model), cfg.train)
 
 
@@ -181,7 +183,8 @@ class WarmModel:
     def get(self, cfg: SweepConfig):
         import keras
 
-        key = (repr(cfg.model), cfg.train.optimizer, cfg.train.seed)
+        key = (repr(cfg.model), cfg.train.optimizer, cfg.train.seed, cfg.train.precision,
+               str(cfg.train.jit_compile).lower())
         if key != self._key or cfg.model.dropout > 0:
             self._model = None
             keras.backend.clear_session()

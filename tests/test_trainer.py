@@ -135,3 +135,34 @@ def test_the_input_pipeline_gives_every_image_once_per_epoch_reshuffled(small_sp
         assert sorted(map(bytes, seen)) == sorted(map(bytes, images))
     assert not np.array_equal(epochs[0], epochs[1])
     assert dataset.options().autotune.enabled is False
+
+
+def test_mixed_precision_computes_in_bfloat16_keeps_float32_weights_and_learns(small_splits):
+    seen: list[EpochMetrics] = []
+    cfg = trial_config(epochs=2, lr=0.003, precision="mixed_bfloat16")
+    try:
+        model = train(cfg, small_splits, on_epoch_end=lambda m, _: seen.append(m))
+        conv = model.layers[2]
+        assert conv.compute_dtype == "bfloat16" and conv.variable_dtype == "float32"
+        probabilities = model.predict(small_splits.x_val[:4], verbose=0)
+        assert probabilities.dtype == np.float32  # the softmax stays in float32
+        assert seen[-1].val_accuracy > 0.5  # chance is 0.1
+    finally:
+        import keras
+
+        keras.mixed_precision.set_dtype_policy("float32")
+    # The next model built in this process is back to float32 without being told twice.
+    assert build_model(trial_config(epochs=1)).layers[2].compute_dtype == "float32"
+
+
+def test_xla_compiled_training_learns_like_the_plain_step(small_splits):
+    def final_val_accuracy(jit_compile: str) -> tuple[float, object]:
+        seen: list[EpochMetrics] = []
+        model = train(trial_config(epochs=2, lr=0.003, jit_compile=jit_compile), small_splits,
+                      on_epoch_end=lambda m, _: seen.append(m))
+        return seen[-1].val_accuracy, model
+
+    xla, xla_model = final_val_accuracy("true")
+    plain, plain_model = final_val_accuracy("auto")  # no XLA on a CPU-only machine
+    assert xla_model.jit_compile is True and plain_model.jit_compile is False
+    assert xla > 0.5 and abs(xla - plain) < 0.1
