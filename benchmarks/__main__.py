@@ -34,31 +34,59 @@ def main() -> None:
         parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ALL)}")
 
     ray_session(num_cpus=2)
-    sections = [f"# Benchmark results\n\n`python -m benchmarks {' '.join(chosen)}` on "
-                f"{platform.node()} ({platform.machine()}, 2 CPUs for Ray), "
-                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios and medians of "
-                "runs made side by side in this one invocation.\n"]
-    figures: dict = {}
+    # A subset re-measures its benchmarks and keeps the others' figures from the last file.
+    figures = _earlier_figures(args.out)
+    ran = figures.setdefault("measured", {})
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="sweeper-bench-") as tmp:
         workdir = Path(tmp)
         if "utilization" in chosen:
-            rows = utilization.measure(workdir)
-            figures["utilization"] = rows
+            figures["utilization"] = utilization.measure(workdir)
             figures["driver_peak_rss_mb"] = utilization.driver_peak_rss_mb(workdir)
-            sections.append(_utilization_section(rows, figures["driver_peak_rss_mb"]))
         if "throughput" in chosen:
             figures["throughput"] = throughput.measure(workdir)
-            sections.append(_throughput_section(figures["throughput"]))
         if "search" in chosen:
             figures["search"] = search_efficiency.measure(workdir)
-            sections.append(_search_section(figures["search"]))
         if "scaling" in chosen:
             figures["scaling"] = _scaling(workdir, figures.get("utilization"))
-            sections.append(_scaling_section(figures["scaling"]))
-    text = "\n".join(sections)
+    ran.update({name: stamp for name in chosen})
+    text = _render(figures)
     print(text)
     args.out.write_text(text + "\n<!-- raw figures\n" + json.dumps(figures, indent=1) + "\n-->\n")
     print(f"\nWritten to {args.out}")
+
+
+def _earlier_figures(path: Path) -> dict:
+    """The raw figures of an earlier results file ({} if there is none to read)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    start = text.find("<!-- raw figures\n")
+    end = text.rfind("\n-->")
+    if start < 0 or end < start:
+        return {}
+    try:
+        return json.loads(text[start + len("<!-- raw figures\n"):end])
+    except json.JSONDecodeError:
+        return {}
+
+
+def _render(figures: dict) -> str:
+    ran = figures.get("measured", {})
+    when = ", ".join(f"{name} {stamp}" for name, stamp in ran.items())
+    sections = [f"# Benchmark results\n\n`python -m benchmarks` on {platform.node()} "
+                f"({platform.machine()}, 2 CPUs for Ray); measured: {when}. Ratios and medians "
+                "of runs made side by side in one invocation.\n"]
+    if "utilization" in figures:
+        sections.append(_utilization_section(figures["utilization"],
+                                             figures["driver_peak_rss_mb"]))
+    if "throughput" in figures:
+        sections.append(_throughput_section(figures["throughput"]))
+    if "search" in figures:
+        sections.append(_search_section(figures["search"]))
+    if "scaling" in figures:
+        sections.append(_scaling_section(figures["scaling"]))
+    return "\n".join(sections)
 
 
 def _utilization_section(rows: list[dict], driver_rss: float) -> str:
@@ -97,9 +125,11 @@ def _throughput_section(result: dict) -> str:
 
 
 def _search_section(result: dict) -> str:
-    rows = [[name, m["epochs_to_target"], m["seconds_to_target"], m["best_within_budget"],
-             m["final_best"], m["epochs_total"]] for name, m in result["methods"].items()]
+    rows = [[name, m["epochs_to_target"], m["seconds_to_target"],
+             m.get("epochs_to_random_final", "-"), m["best_within_budget"], m["final_best"],
+             m["epochs_total"]] for name, m in result["methods"].items()]
     table = markdown_table(["search", "epochs to target", "seconds to target",
+                            "epochs to random's final best",
                             f"best within {result['budget_epochs']} epochs", "final best",
                             "epochs trained"], rows)
     methods = result["methods"]
@@ -109,7 +139,9 @@ def _search_section(result: dict) -> str:
                    / methods["TPE + ASHA"]["epochs_total"])
     return (f"## 3. Search efficiency (medians over seeds {search_efficiency.SEEDS})\n\n"
             f"Target val_accuracy {result['target']} (reached by every random full-budget "
-            f"run).\n\n{table}\n\nRandom without early stopping needs "
+            "run). Epochs to random's final best: until the search matches the best model "
+            "random search without early stopping found with its whole budget, seed by seed "
+            f"(inf: never).\n\n{table}\n\nRandom without early stopping needs "
             f"{random_full / asha:.1f}x the epochs of TPE + ASHA to reach the target; over the "
             f"whole sweep it trains {total_ratio:.1f}x the epochs of TPE + ASHA.\n")
 

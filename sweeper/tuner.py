@@ -228,6 +228,8 @@ def pending_trials(cfg: SweepConfig, cpus: float, gpus: float) -> int:
     before asking the searcher for the next), which leaves workers idle at the start of a
     sweep and shows an autoscaler one trial's demand at a time. Our searcher holds the
     concurrency limit itself, so asking for this many never samples ahead of the results.
+    Without a limit: as many as the cluster holds now (at least one, so a cluster that has
+    yet to scale up sees demand one trial at a time, as before).
     """
     if cfg.resources.max_concurrent_trials:
         return cfg.resources.max_concurrent_trials
