@@ -95,9 +95,11 @@ def sweep_state(root: Path) -> str:
     return NEW
 
 
-def claim_sweep_dir(cfg: SweepConfig, root: Path) -> str:
-    """Record the config of a new sweep, or check that an earlier one in ``root`` matches it."""
-    state = sweep_state(root)
+def claim_sweep_dir(cfg: SweepConfig, root: Path, state: str) -> None:
+    """Record the config of a new sweep, or check that an earlier one in ``root`` matches it.
+
+    ``state`` is :func:`sweep_state` of ``root``.
+    """
     saved_file = root / SWEEP_CONFIG_FILE
     current = config_fingerprint(cfg)
     if saved_file.is_file():
@@ -110,7 +112,6 @@ def claim_sweep_dir(cfg: SweepConfig, root: Path) -> str:
     elif state == NEW:
         root.mkdir(parents=True, exist_ok=True)
         saved_file.write_text(yaml.safe_dump(current, sort_keys=False))
-    return state
 
 
 def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, BaseDistribution]]:
@@ -148,13 +149,14 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     from sweeper.tuner import SweepPaths, build_tuner, connect, starting_trials_together
 
     paths = SweepPaths.for_config(cfg_t)
-    if sweep_state(paths.root) == COMPLETE:  # decided before loading (or downloading) any data
-        claim_sweep_dir(cfg_t, paths.root)  # refuses a different config under this name
+    state = sweep_state(paths.root)
+    if state == COMPLETE:  # decided before loading (or downloading) any data
+        claim_sweep_dir(cfg_t, paths.root, state)  # refuses a different config under this name
         summary = json.loads(paths.summary.read_text())
         return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
                             state="already_complete")
     splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
-    state = claim_sweep_dir(cfg_t, paths.root)
+    claim_sweep_dir(cfg_t, paths.root, state)
     storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
     warm_trials = None
     if cfg_t.search.warm_start and state == NEW:

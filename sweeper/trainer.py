@@ -183,8 +183,10 @@ class WarmModel:
     def get(self, cfg: SweepConfig):
         import keras
 
+        from sweeper.model import jit_compile_setting
+
         key = (repr(cfg.model), cfg.train.optimizer, cfg.train.seed, cfg.train.precision,
-               str(cfg.train.jit_compile).lower())
+               jit_compile_setting(cfg.train))
         if key != self._key or cfg.model.dropout > 0:
             self._model = None
             keras.backend.clear_session()
