@@ -102,18 +102,16 @@ def run_plain_tune(label: str, workdir: Path, sweep: PlainSweep, concurrency: in
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    samples, epochs, validation_fraction = sweep.samples, sweep.epochs, sweep.validation_fraction
     param_space = {"lr": tune.loguniform(*sweep.lr_range), "batch_size": sweep.batch_size,
-                   "epochs": epochs,
-                   "samples": samples, "validation_fraction": validation_fraction,
-                   "data_dir": FASHION_MNIST}
+                   "epochs": sweep.epochs, "samples": sweep.samples,
+                   "validation_fraction": sweep.validation_fraction, "data_dir": FASHION_MNIST}
     tuner = tune.Tuner(
         train_fashion_mnist,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric="val_accuracy", mode="max", num_samples=sweep.num_trials,
             search_alg=OptunaSearch(seed=seed),
-            scheduler=ASHAScheduler(max_t=epochs, grace_period=1,
+            scheduler=ASHAScheduler(max_t=sweep.epochs, grace_period=1,
                                     reduction_factor=sweep.reduction_factor),
             max_concurrent_trials=concurrency,
         ),

@@ -47,8 +47,8 @@ EXPERIMENTS = [
 
 def measure(workdir: Path) -> list[dict]:
     rows = []
-    for experiment in EXPERIMENTS:
-        slug = experiment.name.split()[0].strip(",") + f"-{len(rows)}"
+    for number, experiment in enumerate(EXPERIMENTS):
+        slug = f"{number}-{experiment.name.split()[0].strip(',')}"
         ours = run_sweeper(f"sweeper-{slug}",
                            [*experiment.overrides, "resources.cpu_per_trial=1",
                             f"resources.max_concurrent_trials={CONCURRENCY}"],
