@@ -92,23 +92,25 @@ def _render(figures: dict) -> str:
 def _utilization_section(rows: list[dict], driver_rss: float) -> str:
     parts = ("validation", "start", "reporting", "switching", "tail")
     table = markdown_table(
-        ["experiment", "sweep", "trials", "epochs", "utilization", "after start", *parts,
-         "overhead s/trial",
+        ["experiment", "sweep", "trials", "epochs", "utilization", "after start",
+         "in fit", *parts, "overhead s/trial",
          "entry -> first step s", "worker peak RSS MB"],
         [[r["experiment"], r["sweep"], r["trials"], r["epochs"], r["utilization"],
           r["utilization"] / (1 - r["breakdown"]["start"]),
+          r.get("fit_utilization", r["utilization"] + r["breakdown"]["validation"]),
           *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"],
           r["start_to_first_step_s"], r["worker_peak_rss_mb"]] for r in rows])
     return ("## 1. Utilization (2 concurrent trials) and 4. memory\n\n"
             "Utilization = time in training steps summed over trials / (wall time from the "
-            "sweep's start to its last report x 2); after start = the same without the "
-            "one-time start, what a long sweep tends to. The next five columns share out the rest "
-            "of the workers' time: validation passes; start (sweep start to each worker's "
-            "first training step: Ray workers, imports, data); reporting (between a trial's "
-            "epochs: report and checkpoint); switching (from a trial's end to the next "
-            "trial's first step); tail (workers idle while the last trial finishes). "
-            "Overhead = worker-seconds per trial not in training steps. Plain Ray Tune = the "
-            "documentation's way (TF import, data loading and model building in every trial, "
+            "sweep's start to its last report x 2); after start = the same without the one-time "
+            "start, what a long sweep tends to; in fit = training steps and validation passes "
+            "(all of `fit`, the model's own work). The next five columns share out the rest of "
+            "the workers' time: validation passes; start (sweep start to each worker's first "
+            "training step: Ray workers, imports, data); reporting (between a trial's epochs: "
+            "report and checkpoint); switching (from a trial's end to the next trial's first "
+            "step); tail (workers idle while the last trial finishes). Overhead = worker-seconds "
+            "per trial not in training steps. Plain Ray Tune = the documentation's way (TF "
+            "import, data loading and model building in every trial, "
             f"default Tuner settings).\n\n{table}\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
 
@@ -137,13 +139,20 @@ def _search_section(result: dict) -> str:
     random_full = methods["random, no early stopping"]["epochs_to_target"]
     total_ratio = (methods["random, no early stopping"]["epochs_total"]
                    / methods["TPE + ASHA"]["epochs_total"])
+    per_seed = markdown_table(
+        ["search", *(f"seed {seed}" for seed in search_efficiency.SEEDS)],
+        [[name, *(f"{row['epochs_to_target']:g} / {row['epochs_to_random_final']:g}"
+                  for row in m["per_seed"])] for name, m in methods.items() if "per_seed" in m])
     return (f"## 3. Search efficiency (medians over seeds {search_efficiency.SEEDS})\n\n"
             f"Target val_accuracy {result['target']} (reached by every random full-budget "
             "run). Epochs to random's final best: until the search matches the best model "
             "random search without early stopping found with its whole budget, seed by seed "
             f"(inf: never).\n\n{table}\n\nRandom without early stopping needs "
             f"{random_full / asha:.1f}x the epochs of TPE + ASHA to reach the target; over the "
-            f"whole sweep it trains {total_ratio:.1f}x the epochs of TPE + ASHA.\n")
+            f"whole sweep it trains {total_ratio:.1f}x the epochs of TPE + ASHA.\n\n"
+            "Seed by seed, epochs to the target / to random's final best (the searches share "
+            "their first random trials, so a good early draw decides a seed for all of them):"
+            f"\n\n{per_seed}\n")
 
 
 def _scaling(workdir: Path, utilization_rows: list[dict] | None) -> dict:

@@ -46,6 +46,12 @@ class SweepRun:
         return self.train_s / (self.wall_s * self.concurrency)
 
     @property
+    def fit_utilization(self) -> float:
+        """Share of the workers' time spent in ``fit``: training steps and validation passes,
+        the model's own work that a plain Keras script with validation data does as well."""
+        return (self.train_s + self.val_s) / (self.wall_s * self.concurrency)
+
+    @property
     def overhead_per_trial_s(self) -> float:
         """Worker-seconds per trial not spent in training steps."""
         return (self.wall_s * self.concurrency - self.train_s) / len(self.rows)

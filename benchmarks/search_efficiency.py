@@ -13,12 +13,16 @@ from pathlib import Path
 
 from benchmarks.common import SweepRun, run_sweeper
 
-SEEDS = (0, 1, 2)
-# name -> (folder slug, overrides)
+# Five seeds: with 16 trials a lucky first random draw can decide a run on its own.
+SEEDS = (0, 1, 2, 3, 4)
+# name -> (folder slug, overrides); the first three are the comparison the issue asks for, the
+# last measures one lever (the joint TPE model, sweeper's default) against Optuna's default.
 METHODS = {
     "TPE + ASHA": ("tpe-asha", ["search=tpe", "scheduler=asha"]),
     "TPE, no early stopping": ("tpe-full", ["search=tpe", "scheduler=none"]),
     "random, no early stopping": ("random-full", ["search=random", "scheduler=none"]),
+    "TPE one parameter at a time + ASHA": ("tpe-indep-asha", ["search=tpe", "scheduler=asha",
+                                                              "search.multivariate=false"]),
 }
 # A first sweep as users write it: wide learning-rate range, batch size, optimizer and dropout.
 # Much of this space trains slowly or not at all, which is where early stopping and a model of
@@ -82,5 +86,9 @@ def measure(workdir: Path) -> dict:
                                                     for run in method_runs),
             "final_best": statistics.median(progress(run)[-1][2] for run in method_runs),
             "epochs_total": statistics.median(run.epochs for run in method_runs),
+            "per_seed": [{"seed": seed, "epochs_to_target": epochs,
+                          "epochs_to_random_final": match, "final_best": progress(run)[-1][2]}
+                         for seed, (epochs, _), match, run
+                         in zip(SEEDS, reached, matched, method_runs, strict=True)],
         }
     return {"target": target, "budget_epochs": budget, "methods": table}

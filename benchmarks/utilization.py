@@ -61,6 +61,7 @@ def measure(workdir: Path) -> list[dict]:
             rows.append({
                 "experiment": experiment.name, "sweep": label, "trials": len(run.rows),
                 "epochs": run.epochs, "utilization": run.utilization,
+                "fit_utilization": run.fit_utilization,
                 "overhead_per_trial_s": run.overhead_per_trial_s,
                 "start_to_first_step_s": run.start_to_first_step_s,
                 "worker_peak_rss_mb": run.peak_rss_mb(),

@@ -89,6 +89,9 @@ class SearchConfig:
     seed: int = 0
     # TPE samples at random until this many trials have finished.
     n_startup_trials: int = 5
+    # TPE models the parameters jointly (learns that sgd wants a larger learning rate than
+    # adam) instead of one at a time.
+    multivariate: bool = True
     # Optuna RDB storage URL; None keeps the study in <sweep_dir>/optuna.db (SQLite).
     storage: str | None = None
     # Seed the sampler with an earlier sweep's trials: its folder or a storage URL.

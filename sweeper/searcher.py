@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -29,12 +30,16 @@ logger = logging.getLogger(__name__)
 RAY_TRIAL_ID = "ray_trial_id"
 
 
-def make_sampler(name: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, n_startup_trials: int,
+                 multivariate: bool = False) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by ``search.sampler``, seeded."""
     if name == "tpe":
-        # constant_liar keeps parallel workers from all sampling the same point.
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials,
-                                          constant_liar=True)
+        with warnings.catch_warnings():
+            # Optuna marks multivariate TPE experimental; it is the user's explicit choice.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # constant_liar keeps parallel workers from all sampling the same point.
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials,
+                                              constant_liar=True, multivariate=multivariate)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}")

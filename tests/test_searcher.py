@@ -11,7 +11,7 @@ import warnings
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -154,3 +154,27 @@ def test_make_sampler_is_seeded():
     assert first_lrs(3) == first_lrs(3) != first_lrs(4)
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("cmaes", seed=0, n_startup_trials=0)
+
+
+
+def test_multivariate_tpe_is_a_seeded_joint_model():
+    """search.multivariate reaches the sampler: after the random start, the joint model
+    proposes other points than one model per parameter would, from the same history."""
+    space = {"optimizer": CategoricalDistribution(["sgd", "adam"]),
+             "lr": FloatDistribution(0, 1)}
+
+    def proposals(multivariate: bool) -> list[tuple[str, float]]:
+        study = optuna.create_study(sampler=make_sampler("tpe", 0, 5, multivariate),
+                                    direction="maximize")
+        points = []
+        for _ in range(15):
+            trial = study.ask(space)
+            best_lr = 0.9 if trial.params["optimizer"] == "sgd" else 0.1
+            study.tell(trial, -abs(trial.params["lr"] - best_lr))
+            points.append((trial.params["optimizer"], trial.params["lr"]))
+        return points
+
+    joint, independent = proposals(True), proposals(False)
+    assert joint[:5] == independent[:5]  # the same seeded random start
+    assert joint[5:] != independent[5:]
+    assert proposals(True) == joint
