@@ -121,9 +121,25 @@ def _throughput_section(result: dict) -> str:
                              result["ratio"]]])
     levers = markdown_table(["option (same trial)", "images/s vs float32 default"],
                             [[name, ratio] for name, ratio in result.get("levers", {}).items()])
+    fixed = result.get("fixed_costs")
+    fixed_table = "\n\n" + _fixed_costs_table(fixed) if fixed else ""
     return ("## 2. Trainer throughput (1 thread, batch 32, median of alternating runs)\n\n"
             f"{table}\n\nOptions a user can turn on (`train.precision`, `train.jit_compile`), "
-            f"measured on this CPU:\n\n{levers}\n")
+            f"measured on this CPU:\n\n{levers}\n\nFixed costs of a trial "
+            "(`python -m benchmarks.fixed_costs`): a checkpoint as the variables in an .npz "
+            "against a Keras archive, and the first training step after a warm worker's "
+            f"hand-over against one that sets TensorFlow's global seed again.{fixed_table}\n")
+
+
+def _fixed_costs_table(fixed: dict) -> str:
+    rows = []
+    for what, costs in (("checkpoint write, every epoch", fixed["checkpoint_ms"]),
+                        ("first step of a trial on a warm worker",
+                         fixed["first_step_after_handover_ms"])):
+        before = next(value for name, value in costs.items() if name != "sweeper")
+        rows.append([what, costs["sweeper"], before, before / costs["sweeper"]])
+    return markdown_table(["fixed cost (1 thread)", "sweeper ms", "before ms",
+                           "before / sweeper"], rows)
 
 
 def _search_section(result: dict) -> str:

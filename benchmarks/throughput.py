@@ -30,13 +30,17 @@ def sweeper_images_per_s(workdir: Path, repeat: int, *extra: str) -> float:
     return TRAIN_IMAGES / statistics.median(times)
 
 
+def _last_json_line(module: str, *args: str) -> dict:
+    output = subprocess.run([sys.executable, "-m", module, *args], check=True,
+                            capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def plain_images_per_s() -> float:
-    output = subprocess.run(
-        [sys.executable, "-m", "benchmarks.plain_fit", "--threads", "1", "--samples",
-         str(TRAIN_IMAGES), "--epochs", str(EPOCHS), "--batch-size", "32"],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])["images_per_s"]
+    return _last_json_line("benchmarks.plain_fit", "--threads", "1", "--samples",
+                           str(TRAIN_IMAGES), "--epochs", str(EPOCHS),
+                           "--batch-size", "32")["images_per_s"]
 
 
 # Levers that change the numerics, measured on the same trial (options, not defaults).
@@ -57,4 +61,5 @@ def measure(workdir: Path) -> dict:
             "plain_images_per_s": statistics.median(plain),
             "ratio": float32 / statistics.median(plain),
             "levers": {name: statistics.median(values) / float32
-                       for name, values in levers.items()}}
+                       for name, values in levers.items()},
+            "fixed_costs": _last_json_line("benchmarks.fixed_costs")}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -165,19 +164,22 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits,
     """
     import keras
 
-    from sweeper.tuner import CHECKPOINT_MODEL
+    from sweeper import checkpoint as trial_checkpoint
+    from sweeper.trainer import build_model
 
     path = sweep_dir / BEST_MODEL
     checkpoint = Path(best.best_checkpoint) if best.best_checkpoint else None
     retrain = cfg.final.retrain
-    if not retrain and (checkpoint is None or not (checkpoint / CHECKPOINT_MODEL).is_file()):
+    if not retrain and (checkpoint is None or not trial_checkpoint.exists(checkpoint)):
         logger.warning("Trial %s kept no checkpoint of epoch %s; retraining it instead",
                        best.trial_id, best.best_epoch)
         retrain = True
     if retrain:
         _retrain(cfg, best, splits).save(path)
     else:
-        shutil.copyfile(checkpoint / CHECKPOINT_MODEL, path)
+        model, _ = trial_checkpoint.restore(checkpoint,
+                                            lambda: build_model(best_config(cfg, best)))
+        model.save(path)
     write_best_config(cfg, best, sweep_dir)
 
     test = None

@@ -7,7 +7,6 @@ takes and returns plain values.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import resource
@@ -24,6 +23,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from sweeper import checkpoint as trial_checkpoint
 from sweeper.config import ClusterConfig, SweepConfig
 from sweeper.data import Splits
 from sweeper.searcher import PruningOptunaSearch, make_sampler
@@ -33,8 +33,6 @@ from sweeper.trainer import TrialDiverged, WarmModel, configure_tensorflow, trai
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_MODEL = "model.keras"
-CHECKPOINT_STATE = "state.json"
 TRIALS_DIRNAME = "trials"
 TENSORBOARD_DIRNAME = "tensorboard"
 
@@ -88,8 +86,6 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     configure_tensorflow(base.resources.cpu_per_trial, use_gpu=base.resources.gpu_per_trial > 0)
-    import keras
-
     cfg = apply_params(base, params)
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
@@ -97,8 +93,8 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
         model = _WARM_MODEL.get(cfg)
     else:
         with checkpoint.as_directory() as folder:
-            model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL)
-            initial_epoch = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())["epoch"]
+            model, initial_epoch = trial_checkpoint.restore(Path(folder),
+                                                            lambda: _WARM_MODEL.get(cfg))
         logger.info("Trial continues from its checkpoint after epoch %d", initial_epoch)
     every = base.recovery.checkpoint_every
 
@@ -112,8 +108,7 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
             tune.report(with_context(metrics))
             return
         with tempfile.TemporaryDirectory() as folder:
-            trained_model.save(Path(folder) / CHECKPOINT_MODEL)
-            (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": metrics.epoch}))
+            trial_checkpoint.save(trained_model, Path(folder), metrics.epoch)
             tune.report(with_context(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:

@@ -42,6 +42,19 @@ def fashion_npz(tmp_path_factory, fashion_mnist_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_splits(fashion_mnist_dir):
+    """1000 Fashion-MNIST training images (900 train, 100 validation), for training without Ray."""
+    from sweeper.config import DataConfig
+    from sweeper.data import load_splits
+    from sweeper.trainer import configure_tensorflow
+
+    configure_tensorflow(num_cpus=1, use_gpu=False)
+    data = DataConfig(name="fashion_mnist", path=str(fashion_mnist_dir),
+                      max_train_samples=1000, max_test_samples=100)
+    return load_splits(data, validation_fraction=0.1, seed=0)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One real in-process Ray for the test session (2 CPUs, loopback)."""
     import ray

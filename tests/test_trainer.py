@@ -7,26 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from sweeper.config import DataConfig, ModelConfig, SweepConfig
-from sweeper.data import load_splits
+from sweeper.config import ModelConfig, SweepConfig
 from sweeper.trainer import (
     EpochMetrics,
     TrialDiverged,
     WarmModel,
     build_model,
-    configure_tensorflow,
     make_dataset,
     train,
 )
-
-
-@pytest.fixture(scope="module")
-def small_splits(fashion_mnist_dir):
-    """1000 Fashion-MNIST training images (900 train, 100 validation)."""
-    configure_tensorflow(num_cpus=1, use_gpu=False)
-    data = DataConfig(name="fashion_mnist", path=str(fashion_mnist_dir),
-                      max_train_samples=1000, max_test_samples=100)
-    return load_splits(data, validation_fraction=0.1, seed=0)
 
 
 def trial_config(epochs: int, **train: object) -> SweepConfig:

@@ -1,0 +1,68 @@
+"""Trial checkpoints: a restored model continues exactly where the saved one stopped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sweeper import checkpoint
+from sweeper.config import SweepConfig
+from sweeper.trainer import build_model, make_dataset, train
+
+
+def config(seed: int = 0, filters: int = 32) -> SweepConfig:
+    cfg = SweepConfig()
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.seed = 1, 64, seed
+    cfg.model.filters = filters
+    return cfg
+
+
+def variables(model) -> list[np.ndarray]:
+    return [v.numpy() for v in [*model.weights, *model.optimizer.variables]]
+
+
+def one_more_epoch(model, splits) -> list[np.ndarray]:
+    model.fit(make_dataset(splits.x_train, splits.y_train, 64), epochs=1, verbose=0, shuffle=False)
+    return variables(model)
+
+
+def test_restored_model_continues_like_the_saved_one(small_splits, tmp_path):
+    trained = train(config(), small_splits)
+    checkpoint.save(trained, tmp_path, epoch=1)
+
+    # Built from another seed, so every value must come from the checkpoint.
+    restored, epoch = checkpoint.restore(tmp_path, lambda: build_model(config(seed=7)))
+    assert epoch == 1
+    saved, loaded = variables(trained), variables(restored)
+    assert len(saved) == len(loaded)
+    assert all(np.array_equal(a, b) for a, b in zip(saved, loaded, strict=True))
+    assert int(restored.optimizer.iterations) == int(trained.optimizer.iterations) > 0
+
+    after_saved, after_restored = one_more_epoch(trained, small_splits), one_more_epoch(
+        restored, small_splits)
+    assert all(np.allclose(a, b, atol=1e-6)
+               for a, b in zip(after_saved, after_restored, strict=True))
+
+
+def test_a_checkpoint_does_not_load_into_another_architecture(small_splits, tmp_path):
+    checkpoint.save(build_model(config()), tmp_path, epoch=0)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="shape"):
+        checkpoint.restore(tmp_path, lambda: build_model(config(filters=16)))
+
+
+def test_keras_archive_checkpoints_of_earlier_versions_still_restore(small_splits, tmp_path):
+    trained = train(config(), small_splits)
+    trained.save(tmp_path / checkpoint.LEGACY_MODEL_FILE)
+    (tmp_path / checkpoint.STATE_FILE).write_text(json.dumps({"epoch": 1}))
+    assert checkpoint.exists(tmp_path)
+
+    restored, epoch = checkpoint.restore(tmp_path, build=None)
+    assert epoch == 1
+    assert all(np.array_equal(a, b)
+               for a, b in zip(variables(trained), variables(restored), strict=True))
+
+
+def test_an_empty_folder_is_no_checkpoint(tmp_path):
+    assert not checkpoint.exists(tmp_path)
