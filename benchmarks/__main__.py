@@ -1,6 +1,6 @@
 """Run sweeper's benchmarks side by side and write benchmarks/RESULTS.md.
 
-    python -m benchmarks              # all five (about 20-30 minutes on 2 cores)
+    python -m benchmarks              # all five (about 45 minutes on 2 cores)
     python -m benchmarks utilization throughput scaling   # a subset
 
 Every comparison is measured in this one invocation, on this machine, as ratios or medians;
@@ -92,25 +92,29 @@ def _render(figures: dict) -> str:
 def _utilization_section(rows: list[dict], driver_rss: float) -> str:
     parts = ("validation", "start", "reporting", "switching", "tail")
     table = markdown_table(
-        ["experiment", "sweep", "trials", "epochs", "utilization", "after start",
-         "in fit", *parts, "overhead s/trial",
-         "entry -> first step s", "worker peak RSS MB"],
+        ["experiment", "sweep", "trials", "epochs", "utilization", "all runs",
+         "of which first steps", "after start", "in fit", *parts, "overhead s/trial",
+         "entry -> fit s", "worker peak RSS MB"],
         [[r["experiment"], r["sweep"], r["trials"], r["epochs"], r["utilization"],
-          r["utilization"] / (1 - r["breakdown"]["start"]),
+          ", ".join(f"{value:.3f}" for value in r.get("utilization_runs", [])),
+          r.get("first_steps_share", "-"), r["utilization"] / (1 - r["breakdown"]["start"]),
           r.get("fit_utilization", r["utilization"] + r["breakdown"]["validation"]),
           *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"],
-          r["start_to_first_step_s"], r["worker_peak_rss_mb"]] for r in rows])
+          r["entry_to_fit_s"], r["worker_peak_rss_mb"]] for r in rows])
     return ("## 1. Utilization (2 concurrent trials) and 4. memory\n\n"
             "Utilization = time in training steps summed over trials / (wall time from the "
-            "sweep's start to its last report x 2); after start = the same without the one-time "
-            "start, what a long sweep tends to; in fit = training steps and validation passes "
-            "(all of `fit`, the model's own work). The next five columns share out the rest of "
-            "the workers' time: validation passes; start (sweep start to each worker's first "
-            "training step: Ray workers, imports, data); reporting (between a trial's epochs: "
-            "report and checkpoint); switching (from a trial's end to the next trial's first "
-            "step); tail (workers idle while the last trial finishes). Overhead = worker-seconds "
-            "per trial not in training steps. Plain Ray Tune = the documentation's way (TF "
-            "import, data loading and model building in every trial, "
+            "sweep's start to its last report x 2), for the run with the median utilization (all "
+            "runs: every run's, alternating sweeper and plain); after start = the same without "
+            "the one-time start, what a long sweep tends to; of which first steps = the first "
+            "step of every trial's fit, counted as training but mostly the tracing of the "
+            "training step on a fresh worker; in fit = training steps and validation passes (all "
+            "of `fit`, the model's own work). The next five columns share out the rest of the "
+            "workers' time: validation passes; start (sweep start to each worker's first fit: Ray"
+            " workers, imports, data, model); reporting (between a trial's epochs: report and "
+            "checkpoint); switching (from a trial's end to the next trial's fit); tail (workers "
+            "idle while the last trial finishes). Overhead = worker-seconds per trial not in "
+            "training steps. Plain Ray Tune = the documentation's way (TF import, data loading "
+            "and model building in every trial, "
             f"default Tuner settings).\n\n{table}\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
 

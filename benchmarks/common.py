@@ -46,6 +46,13 @@ class SweepRun:
         return self.train_s / (self.wall_s * self.concurrency)
 
     @property
+    def first_steps_share(self) -> float:
+        """Share of the workers' time in the first step of each trial's fit (part of the
+        training time: on a fresh worker it traces the training step, ~0.9 s here)."""
+        return (sum(row.get("first_step_s", 0.0) for row in self.all_rows)
+                / (self.wall_s * self.concurrency))
+
+    @property
     def fit_utilization(self) -> float:
         """Share of the workers' time spent in ``fit``: training steps and validation passes,
         the model's own work that a plain Keras script with validation data does as well."""
@@ -57,19 +64,19 @@ class SweepRun:
         return (self.wall_s * self.concurrency - self.train_s) / len(self.rows)
 
     @property
-    def start_to_first_step_s(self) -> float:
-        """Median time from a trial's entry into its trainable to its first training step."""
+    def entry_to_fit_s(self) -> float:
+        """Median time from a trial's entry into its trainable to the start of its fit."""
         return statistics.median(rows[0]["fit_started_at"] - rows[0]["trial_started_at"]
                                  for rows in self.rows.values())
 
     def breakdown(self) -> dict[str, float]:
         """Where the workers' time went, as shares of (wall time x concurrent trials).
 
-        train: training steps; validation: the per-epoch validation pass; start: from the
-        sweep's start to each worker's first training step (Ray workers, imports, data);
-        reporting: within trials, between one epoch's end and the next one's start (report,
-        checkpoint); switching: from one trial's end to the next trial's first step on a
-        worker (for the plain way this includes the TensorFlow import, data loading and
+        train: training steps (each fit's first step included); validation: the per-epoch
+        validation pass; start: from the sweep's start to each worker's first fit (Ray workers,
+        imports, data, model); reporting: within trials, between one epoch's end and the next
+        one's start (report, checkpoint); switching: from one trial's end to the next trial's
+        fit on a worker (for the plain way this includes the TensorFlow import, data loading and
         model building of every trial); tail: workers idle while the last trials finish.
         """
         total = self.wall_s * self.concurrency

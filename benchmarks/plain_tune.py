@@ -61,8 +61,14 @@ def train_fashion_mnist(config: dict) -> None:
         def on_train_begin(self, logs=None):
             self.fit_started_at = time.time()
 
+        first_step, first_epoch = 0.0, True
+
         def on_epoch_begin(self, epoch, logs=None):
             self.started, self.val_time = time.perf_counter(), 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.first_epoch and batch == 0:
+                self.first_step = time.perf_counter() - self.started
 
         def on_test_begin(self, logs=None):
             self.val_started = time.perf_counter()
@@ -75,8 +81,10 @@ def train_fashion_mnist(config: dict) -> None:
             tune.report({"val_accuracy": logs["val_accuracy"], "epoch": epoch + 1,
                          "train_time_s": train_time, "val_time_s": self.val_time,
                          "fit_started_at": self.fit_started_at,
+                         "first_step_s": self.first_step if self.first_epoch else 0.0,
                          "trial_started_at": trial_started_at, "reported_at": time.time(),
                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            self.first_epoch = False
 
     model.fit(x[:split], y[:split], batch_size=config["batch_size"], epochs=config["epochs"],
               validation_data=(x[split:], y[split:]), callbacks=[Report()], verbose=0)

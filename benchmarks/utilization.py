@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import run_sweeper
+from benchmarks.common import SweepRun, run_sweeper
 from benchmarks.plain_tune import PlainSweep, run_plain_tune
 
 CONCURRENCY = 2
@@ -24,6 +24,9 @@ class Experiment:
     name: str
     overrides: list[str]  # for `python -m sweeper`
     plain: PlainSweep | None  # the same sweep for the plain way (None: sweeper only)
+    # Runs of each sweep, alternating sweeper and plain: ASHA's decisions depend on which
+    # trial reports first, so one run can end with a long last trial and a worker idle.
+    repeats: int = 3
 
 
 EXPERIMENTS = [
@@ -41,7 +44,7 @@ EXPERIMENTS = [
     # (Ray worker, TensorFlow import: ~5 s each) amortizes.
     Experiment("short-epoch, 60 trials",
                ["+experiment=cnn_lr", "data=fashion_mnist", "data.max_train_samples=6000",
-                "search.num_trials=60"], None),
+                "search.num_trials=60"], None, repeats=1),
 ]
 
 
@@ -49,21 +52,29 @@ def measure(workdir: Path) -> list[dict]:
     rows = []
     for number, experiment in enumerate(EXPERIMENTS):
         slug = f"{number}-{experiment.name.split()[0].strip(',')}"
-        ours = run_sweeper(f"sweeper-{slug}",
-                           [*experiment.overrides, "resources.cpu_per_trial=1",
-                            f"resources.max_concurrent_trials={CONCURRENCY}"],
-                           workdir, CONCURRENCY)
-        runs = [("sweeper", ours)]
-        if experiment.plain is not None:
-            runs.append(("plain Ray Tune", run_plain_tune(f"plain-{slug}", workdir,
-                                                          experiment.plain, CONCURRENCY)))
-        for label, run in runs:
+        runs: dict[str, list[SweepRun]] = {"sweeper": []}
+        for repeat in range(experiment.repeats):
+            runs["sweeper"].append(run_sweeper(
+                f"sweeper-{slug}-{repeat}",
+                [*experiment.overrides, "resources.cpu_per_trial=1",
+                 f"resources.max_concurrent_trials={CONCURRENCY}"], workdir, CONCURRENCY))
+            if experiment.plain is not None:
+                runs.setdefault("plain Ray Tune", []).append(run_plain_tune(
+                    f"plain-{slug}-{repeat}", workdir, experiment.plain, CONCURRENCY))
+        for label, repeated in runs.items():
+            # The run with the median utilization stands for the experiment, its breakdown
+            # and all; the others' utilizations are listed beside it.
+            ranked = sorted(repeated, key=lambda run: run.utilization)
+            run = ranked[(len(ranked) - 1) // 2]
             rows.append({
-                "experiment": experiment.name, "sweep": label, "trials": len(run.rows),
+                "experiment": experiment.name, "sweep": label,
+                "utilization_runs": [one.utilization for one in repeated],
+                "trials": len(run.rows),
                 "epochs": run.epochs, "utilization": run.utilization,
                 "fit_utilization": run.fit_utilization,
+                "first_steps_share": run.first_steps_share,
                 "overhead_per_trial_s": run.overhead_per_trial_s,
-                "start_to_first_step_s": run.start_to_first_step_s,
+                "entry_to_fit_s": run.entry_to_fit_s,
                 "worker_peak_rss_mb": run.peak_rss_mb(),
                 "breakdown": run.breakdown(),
             })

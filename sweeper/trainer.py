@@ -49,6 +49,9 @@ class EpochMetrics:
     train_time_s: float = math.nan  # training steps of this epoch
     val_time_s: float = math.nan  # validation pass of this epoch
     fit_started_at: float = math.nan  # wall clock (time.time()) when fit began its first step
+    # The first epoch of a fit: its first training step, which also traces the step function
+    # on a fresh worker (part of train_time_s); 0 for the other epochs.
+    first_step_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -119,15 +122,21 @@ def _epoch_callback(on_epoch_end: EpochCallback | None):
     import keras
 
     class ReportEpoch(keras.callbacks.Callback):
-        # Epoch and validation boundaries only: batch-level hooks would cost every step.
+        # Epoch and validation boundaries, and the fit's first batch: nothing else per step.
         fit_started_at = epoch_started = val_started = math.nan
-        val_time = 0.0
+        val_time = first_step = 0.0
+        first_epoch = True
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             self.fit_started_at = time.time()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.epoch_started, self.val_time = time.perf_counter(), 0.0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            # Keras calls every batch hook of every callback anyway; this costs one compare.
+            if self.first_epoch and batch == 0:
+                self.first_step = time.perf_counter() - self.epoch_started
 
         def on_test_begin(self, logs: dict | None = None) -> None:
             self.val_started = time.perf_counter()
@@ -141,7 +150,9 @@ def _epoch_callback(on_epoch_end: EpochCallback | None):
             epoch_time = time.perf_counter() - self.epoch_started
             metrics = EpochMetrics(epoch=epoch + 1, **values,
                                    train_time_s=epoch_time - self.val_time,
-                                   val_time_s=self.val_time, fit_started_at=self.fit_started_at)
+                                   val_time_s=self.val_time, fit_started_at=self.fit_started_at,
+                                   first_step_s=self.first_step if self.first_epoch else 0.0)
+            self.first_epoch = False
             if not math.isfinite(values["loss"]):
                 raise TrialDiverged(f"training loss became {values['loss']} in epoch {epoch + 1}",
                                     metrics)
