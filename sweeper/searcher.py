@@ -35,7 +35,8 @@ def make_sampler(name: str, seed: int, n_startup_trials: int,
     """The Optuna sampler named by ``search.sampler``, seeded."""
     if name == "tpe":
         with warnings.catch_warnings():
-            # Optuna marks multivariate TPE experimental; it is the user's explicit choice.
+            # Optuna marks multivariate TPE experimental; search.multivariate chooses it (on by
+            # default: it found better models in fewer epochs in the search benchmark).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # constant_liar keeps parallel workers from all sampling the same point.
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials,
