@@ -37,31 +37,36 @@ class SweepRun:
         return max(row["reported_at"] for row in self.all_rows) - self.started_at
 
     @property
+    def worker_s(self) -> float:
+        """The workers' time: wall time x concurrent trials."""
+        return self.wall_s * self.concurrency
+
+    @property
     def train_s(self) -> float:
         return sum(row["train_time_s"] for row in self.all_rows)
 
     @property
     def utilization(self) -> float:
         """Share of the workers' time spent in training steps."""
-        return self.train_s / (self.wall_s * self.concurrency)
+        return self.train_s / self.worker_s
 
     @property
     def first_steps_share(self) -> float:
         """Share of the workers' time in the first step of each trial's fit (part of the
         training time: on a fresh worker it traces the training step, ~0.9 s here)."""
         return (sum(row.get("first_step_s", 0.0) for row in self.all_rows)
-                / (self.wall_s * self.concurrency))
+                / self.worker_s)
 
     @property
     def fit_utilization(self) -> float:
         """Share of the workers' time spent in ``fit``: training steps and validation passes,
         the model's own work that a plain Keras script with validation data does as well."""
-        return (self.train_s + self.val_s) / (self.wall_s * self.concurrency)
+        return (self.train_s + self.val_s) / self.worker_s
 
     @property
     def overhead_per_trial_s(self) -> float:
         """Worker-seconds per trial not spent in training steps."""
-        return (self.wall_s * self.concurrency - self.train_s) / len(self.rows)
+        return (self.worker_s - self.train_s) / len(self.rows)
 
     @property
     def entry_to_fit_s(self) -> float:
@@ -79,7 +84,7 @@ class SweepRun:
         fit on a worker (for the plain way this includes the TensorFlow import, data loading and
         model building of every trial); tail: workers idle while the last trials finish.
         """
-        total = self.wall_s * self.concurrency
+        total = self.worker_s
         trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
         start = sum(rows[0]["fit_started_at"] - self.started_at
                     for rows in trials[: self.concurrency])
