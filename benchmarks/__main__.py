@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import scaling, search_efficiency, throughput, utilization
+from benchmarks import plots, scaling, search_efficiency, throughput, utilization
 from benchmarks.common import markdown_table, ray_session
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -50,10 +50,20 @@ def main() -> None:
         if "scaling" in chosen:
             figures["scaling"] = _scaling(workdir, figures.get("utilization"))
     ran.update({name: stamp for name in chosen})
+    _draw(figures, args.out.parent)
     text = _render(figures)
     print(text)
     args.out.write_text(text + "\n<!-- raw figures\n" + json.dumps(figures, indent=1) + "\n-->\n")
     print(f"\nWritten to {args.out}")
+
+
+def _draw(figures: dict, folder: Path) -> None:
+    """The figures beside the results file, from whatever figures it will hold."""
+    if "utilization" in figures:
+        plots.plot_utilization(figures["utilization"], folder / plots.UTILIZATION_PNG)
+    methods = figures.get("search", {}).get("methods", {})
+    if any(row.get("curve") for method in methods.values() for row in method["per_seed"]):
+        plots.plot_search(figures["search"], folder / plots.SEARCH_PNG)
 
 
 def _earlier_figures(path: Path) -> dict:
@@ -115,7 +125,8 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
             "idle while the last trial finishes). Overhead = worker-seconds per trial not in "
             "training steps. Plain Ray Tune = the documentation's way (TF import, data loading "
             "and model building in every trial, "
-            f"default Tuner settings).\n\n{table}\n\n"
+            f"default Tuner settings).\n\n{table}\n\n![Where the workers' time goes]"
+            f"({plots.UTILIZATION_PNG})\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
 
 
@@ -172,7 +183,8 @@ def _search_section(result: dict) -> str:
             f"whole sweep it trains {total_ratio:.1f}x the epochs of TPE + ASHA.\n\n"
             "Seed by seed, epochs to the target / to random's final best (the searches share "
             "their first random trials, so a good early draw decides a seed for all of them):"
-            f"\n\n{per_seed}\n")
+            f"\n\n{per_seed}\n\n![Best val_accuracy so far against epochs trained]"
+            f"({plots.SEARCH_PNG})\n")
 
 
 def _scaling(workdir: Path, utilization_rows: list[dict] | None) -> dict:

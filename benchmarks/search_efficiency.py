@@ -55,6 +55,15 @@ def reach(run: SweepRun, target: float) -> tuple[float, float]:
     return float("inf"), float("inf")
 
 
+def improvements(run: SweepRun) -> list[list[float]]:
+    """[epochs trained, best val_accuracy] at each report that raised the best (for plots)."""
+    points: list[list[float]] = []
+    for epochs, _, best in progress(run):
+        if not points or best > points[-1][1]:
+            points.append([epochs, round(best, 4)])
+    return points
+
+
 def best_within(run: SweepRun, budget_epochs: int) -> float:
     return max((best for epochs, _, best in progress(run) if epochs <= budget_epochs),
                default=0.0)
@@ -87,7 +96,8 @@ def measure(workdir: Path) -> dict:
             "final_best": statistics.median(progress(run)[-1][2] for run in method_runs),
             "epochs_total": statistics.median(run.epochs for run in method_runs),
             "per_seed": [{"seed": seed, "epochs_to_target": epochs,
-                          "epochs_to_random_final": match, "final_best": progress(run)[-1][2]}
+                          "epochs_to_random_final": match, "final_best": progress(run)[-1][2],
+                          "epochs_trained": run.epochs, "curve": improvements(run)}
                          for seed, (epochs, _), match, run
                          in zip(SEEDS, reached, matched, method_runs, strict=True)],
         }
