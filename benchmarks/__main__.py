@@ -104,13 +104,14 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
     table = markdown_table(
         ["experiment", "sweep", "trials", "epochs", "utilization", "all runs",
          "of which first steps", "after start", "in fit", *parts, "overhead s/trial",
-         "entry -> fit s", "worker peak RSS MB"],
+         "trial start -> first step s", "trial end -> next first step s", "worker peak RSS MB"],
         [[r["experiment"], r["sweep"], r["trials"], r["epochs"], r["utilization"],
           ", ".join(f"{value:.3f}" for value in r.get("utilization_runs", [])),
           r.get("first_steps_share", "-"), r["utilization"] / (1 - r["breakdown"]["start"]),
           r.get("fit_utilization", r["utilization"] + r["breakdown"]["validation"]),
           *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"],
-          r["entry_to_fit_s"], r["worker_peak_rss_mb"]] for r in rows])
+          r.get("start_to_first_step_s", "-"), r.get("end_to_next_first_step_s", "-"),
+          r["worker_peak_rss_mb"]] for r in rows])
     return ("## 1. Utilization (2 concurrent trials) and 4. memory\n\n"
             "Utilization = time in training steps summed over trials / (wall time from the "
             "sweep's start to its last report x 2), for the run with the median utilization (all "
@@ -123,8 +124,13 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
             " workers, imports, data, model); reporting (between a trial's epochs: report and "
             "checkpoint); switching (from a trial's end to the next trial's fit); tail (workers "
             "idle while the last trial finishes). Overhead = worker-seconds per trial not in "
-            "training steps. Plain Ray Tune = the documentation's way (TF import, data loading "
-            "and model building in every trial, "
+            "training steps. Trial start -> first step: median over trials from entering the "
+            "trainable to the end of the first training step (a fresh worker's TensorFlow import "
+            "and tracing for the first trials; for the plain way, every trial's). Trial end -> "
+            "next first step: median over hand-overs from a trial's last report to the end of the "
+            "first step of the trial that took its place (ASHA's stop decision, the worker's "
+            "release and the next trial's start). Plain Ray Tune = the documentation's way "
+            "(TF import, data loading and model building in every trial, "
             f"default Tuner settings).\n\n{table}\n\n![Where the workers' time goes]"
             f"({plots.UTILIZATION_PNG})\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")

@@ -74,6 +74,31 @@ class SweepRun:
         return statistics.median(rows[0]["fit_started_at"] - rows[0]["trial_started_at"]
                                  for rows in self.rows.values())
 
+    @staticmethod
+    def _first_step_done(rows: list[dict[str, Any]]) -> float:
+        return rows[0]["fit_started_at"] + rows[0].get("first_step_s", 0.0)
+
+    @property
+    def start_to_first_step_s(self) -> float:
+        """Median time from a trial's entry into its trainable to the end of its first
+        training step (on a fresh worker: the model's build and the step's tracing)."""
+        return statistics.median(self._first_step_done(rows) - rows[0]["trial_started_at"]
+                                 for rows in self.rows.values())
+
+    @property
+    def end_to_next_first_step_s(self) -> float:
+        """Median time from a trial's last report to the end of the first training step of the
+        trial that took its place (nan if no trial ever took another's place).
+
+        Every trial after the first ``concurrency`` waits for a running one to end, so the k-th
+        of them to start takes the place of the k-th trial to end.
+        """
+        trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+        ends = sorted(rows[-1]["reported_at"] for rows in trials)
+        gaps = [self._first_step_done(rows) - end
+                for rows, end in zip(trials[self.concurrency:], ends, strict=False)]
+        return statistics.median(gaps) if gaps else float("nan")
+
     def breakdown(self) -> dict[str, float]:
         """Where the workers' time went, as shares of (wall time x concurrent trials).
 

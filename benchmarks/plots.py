@@ -66,8 +66,10 @@ def plot_search(result: dict[str, Any], path: Path) -> Path:
     seeds (thick) and every seed (thin), with the target."""
     figure, axes = _figure(7.5, 4.5)
     colours = ("#1565c0", "#ef6c00", "#616161", "#8e24aa")
-    floor = result["target"] - 0.12
-    for (name, method), colour in zip(result["methods"].items(), colours, strict=False):
+    styles = ("-", "-", "-", "--")
+    drawn = list(zip(result["methods"].items(), colours, styles, strict=False))
+    # The first search (TPE + ASHA) is drawn last, so that it is on top where lines overlap.
+    for (name, method), colour, style in reversed(drawn):
         runs = [row for row in method["per_seed"] if row.get("curve")]
         if not runs:
             continue
@@ -75,16 +77,20 @@ def plot_search(result: dict[str, Any], path: Path) -> Path:
             curve = row["curve"]
             xs = [trained for trained, _ in curve] + [row["epochs_trained"]]
             ys = [best for _, best in curve] + [curve[-1][1]]
-            axes.step(xs, ys, where="post", color=colour, alpha=0.25, linewidth=0.8)
+            axes.step(xs, ys, where="post", color=colour, alpha=0.2, linewidth=0.8)
         longest = int(max(row["epochs_trained"] for row in runs))
         axes.step(range(1, longest + 1), median_curve([row["curve"] for row in runs], longest),
-                  where="post", color=colour, linewidth=2.2, label=f"{name} (median)")
+                  where="post", color=colour, linestyle=style, linewidth=2.2,
+                  label=f"{name} (median)")
     axes.axhline(result["target"], color="black", linestyle="--", linewidth=1,
                  label=f"target {result['target']}")
-    axes.set_ylim(floor, None)
+    handles, labels = axes.get_legend_handles_labels()
+    # Legend in the searches' own order, the target last.
+    axes.legend([*handles[-2::-1], handles[-1]], [*labels[-2::-1], labels[-1]], fontsize=7,
+                loc="lower right")
+    axes.set_ylim(result["target"] - 0.12, None)
     axes.set_xlabel("epochs trained (all trials of the sweep)")
     axes.set_ylabel("best val_accuracy so far")
     axes.set_title("Search efficiency: the same seeds, trial counts and data")
-    axes.legend(fontsize=7, loc="lower right")
     figure.savefig(path, dpi=110)
     return path

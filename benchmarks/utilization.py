@@ -75,6 +75,8 @@ def measure(workdir: Path) -> list[dict]:
                 "first_steps_share": run.first_steps_share,
                 "overhead_per_trial_s": run.overhead_per_trial_s,
                 "entry_to_fit_s": run.entry_to_fit_s,
+                "start_to_first_step_s": run.start_to_first_step_s,
+                "end_to_next_first_step_s": run.end_to_next_first_step_s,
                 "worker_peak_rss_mb": run.peak_rss_mb(),
                 "breakdown": run.breakdown(),
             })

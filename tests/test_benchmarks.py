@@ -1,0 +1,56 @@
+"""The benchmarks' own arithmetic: what they report must follow from the trials' rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.common import SweepRun
+from benchmarks.plots import median_curve, plot_search, plot_utilization
+
+
+def _trial(entered: float, fit: float, first_step: float, reports: list[float]) -> list[dict]:
+    return [{"trial_started_at": entered, "fit_started_at": fit, "reported_at": reported,
+             "first_step_s": first_step if number == 0 else 0.0, "train_time_s": 1.0,
+             "val_time_s": 0.1, "val_accuracy": 0.5}
+            for number, reported in enumerate(reports)]
+
+
+def test_hand_over_pairs_the_kth_trial_to_end_with_the_kth_to_take_a_place():
+    # Two places: a and b start together; c takes the place of a (ends first at 5), d of b.
+    run = SweepRun("two places", 0.0, {
+        "a": _trial(0.0, 3.0, 1.0, [5.0]),
+        "b": _trial(0.0, 3.5, 1.0, [6.0, 8.0]),
+        "c": _trial(5.1, 5.2, 0.1, [9.0]),
+        "d": _trial(8.2, 8.3, 0.1, [12.0]),
+    }, concurrency=2)
+    assert run.end_to_next_first_step_s == pytest.approx(0.35)  # (5.3 - 5.0), (8.4 - 8.0)
+    assert run.start_to_first_step_s == pytest.approx(2.1)  # median of 4, 4.5, 0.2, 0.2
+
+
+def test_hand_over_is_nan_when_no_trial_waited_for_a_place():
+    run = SweepRun("one trial", 0.0, {"a": _trial(0.0, 1.0, 0.5, [2.0])}, concurrency=2)
+    assert math.isnan(run.end_to_next_first_step_s)
+
+
+def test_median_curve_keeps_each_runs_best_and_counts_nothing_before_its_first_report():
+    early = [[1, 0.5], [4, 0.8]]
+    late = [[3, 0.6], [5, 0.9]]
+    never_better = [[2, 0.4]]
+    assert median_curve([early, late, never_better], 6) == [0.0, 0.4, 0.5, 0.6, 0.8, 0.8]
+
+
+def test_plots_are_written(tmp_path):
+    breakdown = {"train": 0.8, "validation": 0.03, "start": 0.1, "reporting": 0.01,
+                 "switching": 0.03, "tail": 0.03}
+    rows = [{"experiment": "short", "sweep": "sweeper", "utilization": 0.8,
+             "breakdown": breakdown}]
+    search = {"target": 0.7, "methods": {
+        "TPE + ASHA": {"per_seed": [{"curve": [[1, 0.5], [3, 0.75]], "epochs_trained": 8}]},
+        "random, no early stopping": {"per_seed": [{"curve": [[9, 0.72]],
+                                                    "epochs_trained": 18}]},
+    }}
+    for path in (plot_utilization(rows, tmp_path / "u.png"),
+                 plot_search(search, tmp_path / "s.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
