@@ -21,8 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
+    import tomli as tomllib
 import pytest
-import tomllib
 import yaml
 from cli_helpers import process_tree, processes, wait_for
 from packaging.requirements import Requirement
