@@ -81,7 +81,10 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
         records.append(TrialRecord(
             trial_id=trial_id,
             config=dict(result.config or {}),
-            status=trial_status(epochs, max_epochs, error, done=sweep_done),
+            # Tune marks a trial's last result done when the trial ended (finished, or stopped by
+            # the scheduler): in an interrupted sweep that tells ASHA's stops from cut-off trials.
+            status=trial_status(epochs, max_epochs, error,
+                                done=sweep_done or bool(result.metrics.get("done"))),
             epochs_trained=epochs,
             last_value=history[-1].get(metric) if history else None,
             best_value=best[0] if best else None,

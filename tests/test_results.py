@@ -14,8 +14,10 @@ from sweeper.results import (
     COMPLETED,
     EARLY_STOPPED,
     FAILED,
+    UNFINISHED,
     TrialRecord,
     build_summary,
+    records_from_results,
     write_summary,
     write_trials_csv,
 )
@@ -103,3 +105,27 @@ def test_no_finite_score_without_failures_is_named_too(tmp_path):
                             [record("a", 1.0, [math.nan]), record("b", 1.0, [0.5], FAILED, "x")],
                             tmp_path)
     assert summary["error"] == "no trial produced a finite val_accuracy (1 of 2 failed)"
+
+
+def tune_result(trial_id: str, values: list[float], done: bool):
+    """A trial's result as Ray Tune's ResultGrid hands it over (Tune's own Result class)."""
+    import pandas as pd
+    from ray.tune import Result
+
+    frame = pd.DataFrame({"epoch": range(1, len(values) + 1), "val_accuracy": values})
+    return Result(metrics={"trial_id": trial_id, "epoch": len(values), "done": done},
+                  checkpoint=None, error=None, path=f"/sweep/trials/trial_{trial_id}",
+                  metrics_dataframe=frame)
+
+
+def test_an_interrupted_sweep_tells_early_stopped_trials_from_cut_off_ones():
+    # Tune marks a trial's last result done when the trial ended: finished, or stopped by ASHA.
+    grid = [tune_result("full", [0.5, 0.6, 0.7], done=True),
+            tune_result("stopped", [0.3], done=True),
+            tune_result("running", [0.4, 0.5], done=False)]
+    interrupted = {r.trial_id: r.status for r in records_from_results(
+        grid, "val_accuracy", "max", max_epochs=3, sweep_done=False)}
+    assert interrupted == {"full": COMPLETED, "stopped": EARLY_STOPPED, "running": UNFINISHED}
+    finished = {r.trial_id: r.status for r in records_from_results(
+        grid, "val_accuracy", "max", max_epochs=3, sweep_done=True)}
+    assert finished["running"] == EARLY_STOPPED

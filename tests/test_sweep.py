@@ -6,6 +6,7 @@ All tests here read the one session-wide sweep of ``conftest.smoke_sweep``.
 from __future__ import annotations
 
 import pytest
+from cli_helpers import trial_rows
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,10 @@ def test_asha_stops_some_trials_before_max_epochs(finished):
     stopped = [t for t in trials if t["epochs_trained"] < finished.max_epochs]
     assert stopped and all(t["status"] == "early_stopped" for t in stopped)
     assert any(t["epochs_trained"] == finished.max_epochs for t in trials)
+    # Tune marks the last result of a trial that ASHA stopped as done: what tells such a trial
+    # from one cut off by an interruption when the sweep did not finish (test_results).
+    rows = trial_rows(finished.sweep_dir)
+    assert all(rows[t["trial_id"]][-1]["done"] for t in stopped)
     assert finished.summary["epochs_trained"] == sum(t["epochs_trained"] for t in trials)
 
 
