@@ -19,15 +19,19 @@ EPOCHS = 4
 REPEATS = 2
 
 
-def sweeper_images_per_s(workdir: Path, repeat: int, *extra: str) -> float:
-    # validation_fraction 0.1 of 10000 leaves TRAIN_IMAGES to train on.
-    overrides = [*extra, "+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=10000",
-                 "train.validation_fraction=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32",
-                 "scheduler=none", "search.num_trials=1", "search.space.train.lr=choice(0.001)"]
-    label = f"throughput-{repeat}" + "".join(f"-{item.split('=')[-1]}" for item in extra)
+def sweeper_images_per_s(workdir: Path, repeat: int, *extra: str, samples: int = 10000,
+                         batch_size: int = 32) -> float:
+    """Images/s of one trial's training epochs after its first, trained on 90% of ``samples``
+    (the rest validates)."""
+    overrides = [*extra, "+experiment=smoke", "data=fashion_mnist",
+                 f"data.max_train_samples={samples}", "train.validation_fraction=0.1",
+                 f"train.epochs={EPOCHS}", f"train.batch_size={batch_size}", "scheduler=none",
+                 "search.num_trials=1", "search.space.train.lr=choice(0.001)"]
+    label = (f"throughput-{repeat}-b{batch_size}-n{samples}"
+             + "".join(f"-{item.split('=')[-1]}" for item in extra))
     run = run_sweeper(label, overrides, workdir, concurrency=1)
     times = [row["train_time_s"] for row in run.all_rows][1:]  # the first epoch compiles
-    return TRAIN_IMAGES / statistics.median(times)
+    return round(samples * 0.9) / statistics.median(times)
 
 
 def _last_json_line(module: str, *args: str) -> dict:
@@ -37,10 +41,12 @@ def _last_json_line(module: str, *args: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def plain_images_per_s() -> float:
-    return _last_json_line("benchmarks.plain_fit", "--threads", "1", "--samples",
-                           str(TRAIN_IMAGES), "--epochs", str(EPOCHS),
-                           "--batch-size", "32")["images_per_s"]
+def plain_images_per_s(threads: int = 1, samples: int = TRAIN_IMAGES, batch_size: int = 32,
+                       gpu: bool = False, data: str | None = None) -> float:
+    return _last_json_line("benchmarks.plain_fit", "--threads", str(threads), "--samples",
+                           str(samples), "--epochs", str(EPOCHS), "--batch-size",
+                           str(batch_size), *(["--gpu"] if gpu else []),
+                           *(["--data", data] if data else []))["images_per_s"]
 
 
 # Levers that change the numerics, measured on the same trial (options, not defaults).

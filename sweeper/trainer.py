@@ -60,8 +60,9 @@ class EpochMetrics:
 EpochCallback = Callable[[EpochMetrics, "object"], None]
 
 
-def configure_tensorflow(num_cpus: float, use_gpu: bool) -> None:
-    """Make TensorFlow use the trial's CPUs and share GPUs politely.
+def configure_tensorflow(num_cpus: float, use_gpu: bool) -> int:
+    """Make TensorFlow use the trial's CPUs and share GPUs politely; returns how many GPUs
+    TensorFlow can use (0 without ``use_gpu``).
 
     Must run before TensorFlow builds its first op in this process; a reused
     worker that already did keeps its earlier (identical) settings.
@@ -75,12 +76,25 @@ def configure_tensorflow(num_cpus: float, use_gpu: bool) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     except RuntimeError:
         logger.debug("TensorFlow already initialized; keeping its thread settings")
-    for gpu in tf.config.list_physical_devices("GPU") if use_gpu else []:
+    gpus = tf.config.list_physical_devices("GPU") if use_gpu else []
+    for gpu in gpus:
         try:
             # Grow memory on demand so several trials can share one GPU.
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             logger.debug("GPU already initialized; keeping its memory settings")
+    return len(gpus)
+
+
+def gpu_peak_mb() -> float:
+    """Peak GPU memory this process's TensorFlow has allocated on its first visible GPU, in MiB.
+
+    With memory growth on (configure_tensorflow) this is what the trial really uses, so it shows
+    how many trials fit on one GPU; TensorFlow's default would reserve nearly all of it.
+    """
+    import tensorflow as tf
+
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int,

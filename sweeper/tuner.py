@@ -29,7 +29,13 @@ from sweeper.data import Splits
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.space import apply_params
 from sweeper.tensorboard import TensorBoardCallback
-from sweeper.trainer import TrialDiverged, WarmModel, configure_tensorflow, train
+from sweeper.trainer import (
+    TrialDiverged,
+    WarmModel,
+    configure_tensorflow,
+    gpu_peak_mb,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +86,20 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     # (default 2); tracing or a long validation pass can outlast that before the per-batch
     # stop check below is reached. Read by this process when the next trial arrives.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
-    if not ray.get_gpu_ids():
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
         # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
         # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     node = {"node_id": ray.get_runtime_context().get_node_id()}
-    configure_tensorflow(base.resources.cpu_per_trial, use_gpu=base.resources.gpu_per_trial > 0)
+    if gpu_ids:  # which GPU trained the trial; several trials share one with gpu_per_trial < 1
+        node["gpu_ids"] = ",".join(str(gpu) for gpu in gpu_ids)
+    usable_gpus = configure_tensorflow(base.resources.cpu_per_trial, use_gpu=bool(gpu_ids))
+    if gpu_ids and not usable_gpus:
+        # Nodes may declare GPUs to Ray that TensorFlow cannot drive (no CUDA build or driver).
+        logger.warning("Ray gave this trial GPU %s but TensorFlow sees none, so it trains on the "
+                       "CPU; for GPU training install TensorFlow with its CUDA libraries: "
+                       "pip install 'tensorflow[and-cuda]'", node["gpu_ids"])
     cfg = apply_params(base, params)
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
@@ -99,9 +113,11 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     every = base.recovery.checkpoint_every
 
     def with_context(metrics) -> dict[str, Any]:
-        return {**metrics.as_dict(), **node, "trial_started_at": trial_started_at,
-                "reported_at": time.time(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if usable_gpus:
+            memory["gpu_peak_mb"] = gpu_peak_mb()
+        return {**metrics.as_dict(), **node, **memory, "trial_started_at": trial_started_at,
+                "reported_at": time.time()}
 
     def report(metrics, trained_model) -> None:
         if metrics.epoch % every and metrics.epoch < cfg.train.epochs:

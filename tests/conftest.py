@@ -113,3 +113,20 @@ def smoke_sweep(tmp_path_factory, fashion_mnist_dir):
     yield SmokeSweep(result.returncode, result.stdout, result.stderr, sweep_dir, summary,
                      cfg.search.num_trials, cfg.train.epochs, ray_tmpdir)
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def visible_gpus() -> int:
+    """GPUs on this machine as Ray counts them (no TensorFlow import, no GPU memory taken)."""
+    from sweeper.config import ClusterConfig
+    from sweeper.tuner import local_capacity
+
+    return int(local_capacity(ClusterConfig())[1])
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked gpu run only where a GPU is visible; elsewhere they are skipped, saying so."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if gpu_tests and not visible_gpus():
+        skip = pytest.mark.skip(reason="needs a GPU; none is visible on this machine")
+        for item in gpu_tests:
+            item.add_marker(skip)

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 import pytest
 import yaml
-from cli_helpers import process_tree, processes, wait_for
+from cli_helpers import process_tree, processes, trial_rows, wait_for
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -299,6 +299,11 @@ def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_pa
     assert len(nodes) == 4 and all(len(epochs) == 2 for epochs in nodes.values())
     used = {node for epochs in nodes.values() for node in epochs}
     assert used == {ray_cluster.node_id("worker_a"), ray_cluster.node_id("worker_b")}
+    # Every report names the GPU Ray gave the trial (each worker declares one: index 0); no
+    # GPU memory figure, since TensorFlow finds no GPU to train on behind the declared ones.
+    rows = [row for trial in trial_rows(sweep_dir).values() for row in trial]
+    assert {row.get("gpu_ids") for row in rows} == {"0"}
+    assert not any("gpu_peak_mb" in row for row in rows)
     for trial_id in nodes:
         run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
         run.Reload()
