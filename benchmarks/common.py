@@ -68,12 +68,6 @@ class SweepRun:
         """Worker-seconds per trial not spent in training steps."""
         return (self.worker_s - self.train_s) / len(self.rows)
 
-    @property
-    def entry_to_fit_s(self) -> float:
-        """Median time from a trial's entry into its trainable to the start of its fit."""
-        return statistics.median(rows[0]["fit_started_at"] - rows[0]["trial_started_at"]
-                                 for rows in self.rows.values())
-
     @staticmethod
     def _first_step_done(rows: list[dict[str, Any]]) -> float:
         return rows[0]["fit_started_at"] + rows[0].get("first_step_s", 0.0)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import SweepRun, markdown_table, run_sweeper
-from benchmarks.throughput import plain_images_per_s, sweeper_images_per_s
+from benchmarks.throughput import plain_images_per_s, sweeper_images_per_s, train_images
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS_GPU.md"
 REPEATS = 2
@@ -102,7 +102,7 @@ def throughput(workdir: Path, cpus: int, gpu: bool, data: list[str], data_dir: s
         for repeat in range(REPEATS):
             ours.append(sweeper_images_per_s(workdir, repeat, *resources, *data,
                                              samples=samples, batch_size=batch_size))
-            plain.append(plain_images_per_s(threads=cpus, samples=round(samples * 0.9),
+            plain.append(plain_images_per_s(threads=cpus, samples=train_images(samples),
                                             batch_size=batch_size, gpu=gpu, data=data_dir))
         rows.append({"batch_size": batch_size, "sweeper_images_per_s": statistics.median(ours),
                      "plain_images_per_s": statistics.median(plain),

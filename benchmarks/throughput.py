@@ -14,24 +14,34 @@ from pathlib import Path
 
 from benchmarks.common import run_sweeper
 
-TRAIN_IMAGES = 9000
+SAMPLES = 10000  # images per trial: train and validation
+VALIDATION_FRACTION = 0.1
 EPOCHS = 4
 REPEATS = 2
 
 
-def sweeper_images_per_s(workdir: Path, repeat: int, *extra: str, samples: int = 10000,
+def train_images(samples: int) -> int:
+    """The images a throughput trial of ``samples`` trains on (the rest validates)."""
+    return round(samples * (1 - VALIDATION_FRACTION))
+
+
+TRAIN_IMAGES = train_images(SAMPLES)
+
+
+def sweeper_images_per_s(workdir: Path, repeat: int, *extra: str, samples: int = SAMPLES,
                          batch_size: int = 32) -> float:
-    """Images/s of one trial's training epochs after its first, trained on 90% of ``samples``
-    (the rest validates)."""
+    """Images/s of one trial's training epochs after its first, trained on
+    ``train_images(samples)``."""
     overrides = [*extra, "+experiment=smoke", "data=fashion_mnist",
-                 f"data.max_train_samples={samples}", "train.validation_fraction=0.1",
-                 f"train.epochs={EPOCHS}", f"train.batch_size={batch_size}", "scheduler=none",
-                 "search.num_trials=1", "search.space.train.lr=choice(0.001)"]
+                 f"data.max_train_samples={samples}",
+                 f"train.validation_fraction={VALIDATION_FRACTION}", f"train.epochs={EPOCHS}",
+                 f"train.batch_size={batch_size}", "scheduler=none", "search.num_trials=1",
+                 "search.space.train.lr=choice(0.001)"]
     label = (f"throughput-{repeat}-b{batch_size}-n{samples}"
              + "".join(f"-{item.split('=')[-1]}" for item in extra))
     run = run_sweeper(label, overrides, workdir, concurrency=1)
     times = [row["train_time_s"] for row in run.all_rows][1:]  # the first epoch compiles
-    return round(samples * 0.9) / statistics.median(times)
+    return train_images(samples) / statistics.median(times)
 
 
 def _last_json_line(module: str, *args: str) -> dict:

@@ -74,7 +74,6 @@ def measure(workdir: Path) -> list[dict]:
                 "fit_utilization": run.fit_utilization,
                 "first_steps_share": run.first_steps_share,
                 "overhead_per_trial_s": run.overhead_per_trial_s,
-                "entry_to_fit_s": run.entry_to_fit_s,
                 "start_to_first_step_s": run.start_to_first_step_s,
                 "end_to_next_first_step_s": run.end_to_next_first_step_s,
                 "worker_peak_rss_mb": run.peak_rss_mb(),

@@ -40,7 +40,7 @@ def save(model, folder: Path, epoch: int) -> None:
 def exists(folder: Path) -> bool:
     """Whether ``folder`` holds a checkpoint this module can restore."""
     folder = Path(folder)
-    return ((folder / VARIABLES_FILE).is_file() or (folder / LEGACY_MODEL_FILE).is_file())
+    return (folder / VARIABLES_FILE).is_file() or (folder / LEGACY_MODEL_FILE).is_file()
 
 
 def epoch_of(folder: Path) -> int:

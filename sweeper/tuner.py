@@ -86,14 +86,14 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     # (default 2); tracing or a long validation pass can outlast that before the per-batch
     # stop check below is reached. Read by this process when the next trial arrives.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
     gpu_ids = ray.get_gpu_ids()
-    if not gpu_ids:
+    if gpu_ids:  # which GPU trained the trial; several trials share one with gpu_per_trial < 1
+        node["gpu_ids"] = ",".join(str(gpu) for gpu in gpu_ids)
+    else:
         # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
         # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    node = {"node_id": ray.get_runtime_context().get_node_id()}
-    if gpu_ids:  # which GPU trained the trial; several trials share one with gpu_per_trial < 1
-        node["gpu_ids"] = ",".join(str(gpu) for gpu in gpu_ids)
     usable_gpus = configure_tensorflow(base.resources.cpu_per_trial, use_gpu=bool(gpu_ids))
     if gpu_ids and not usable_gpus:
         # Nodes may declare GPUs to Ray that TensorFlow cannot drive (no CUDA build or driver).

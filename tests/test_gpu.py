@@ -6,13 +6,11 @@ and TensorFlow in each takes only what it needs of the GPU's memory.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from cli_helpers import run_cli, trial_rows
 
 from benchmarks.common import SweepRun
-from benchmarks.gpu import most_at_once
+from benchmarks.gpu import most_at_once, nvidia_smi
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -35,8 +33,6 @@ def test_four_trials_share_one_gpu_each_taking_a_small_part_of_its_memory(tmp_pa
     assert all(row.get("gpu_peak_mb", 0) > 0 for row in reports)
     run = SweepRun("gpu", 0.0, rows, concurrency=4)
     assert most_at_once(run) >= 2  # trials overlapped on the one GPU
-    total_mb = float(subprocess.run(
-        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, check=True).stdout.splitlines()[0])
+    total_mb = float(nvidia_smi("--query-gpu=memory.total")[0][0])
     # Memory growth: without it each trial's TensorFlow would reserve nearly all of the GPU.
     assert max(row["gpu_peak_mb"] for row in reports) < total_mb / 4
