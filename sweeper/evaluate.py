@@ -2,7 +2,9 @@
 
 After the search picked a trial on validation scores only, :func:`export_best`
 saves its model (its own checkpoint at the epoch it reported, or a retrain on
-train+validation when ``final.retrain`` asks for one) as ``best_model.keras``,
+train+validation when ``final.retrain`` asks for one, run by a *retrainer*: here
+in this process, or on the cluster by :func:`sweeper.tuner.retrain_on_cluster`)
+as ``best_model.keras``,
 scores that saved file on the test split, and writes the config that trains it
 again as ``best_config.yaml``. The scores themselves are plain numpy
 (:func:`classification_metrics`), so they can be checked without TensorFlow.
@@ -13,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +137,20 @@ def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> P
     return path
 
 
-def _retrain(cfg: SweepConfig, best: TrialRecord, splits: Splits):
+@dataclass(frozen=True)
+class RetrainedModel:
+    """A model retrained for ``final.retrain``: its ``.keras`` archive, and where it trained
+    (the Ray node and GPUs; None when it trained in this process)."""
+
+    archive: bytes
+    node_id: str | None = None
+    gpu_ids: str | None = None
+
+
+Retrainer = Callable[[SweepConfig, TrialRecord, Splits], RetrainedModel]
+
+
+def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
     """A fresh model of the best config trained on train+validation for its best epoch count.
 
     The trainer still wants a validation split; it gets the validation images, which are
@@ -152,12 +170,21 @@ def _retrain(cfg: SweepConfig, best: TrialRecord, splits: Splits):
     return train(cfg_best, merged)
 
 
-def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits,
-                sweep_dir: Path) -> dict[str, Any] | None:
+def retrain_here(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
+    """:func:`retrain_model` in this process, returned as its saved archive."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / BEST_MODEL
+        retrain_model(cfg, best, splits).save(path)
+        return RetrainedModel(path.read_bytes())
+
+
+def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: Path,
+                retrainer: Retrainer = retrain_here) -> dict[str, Any] | None:
     """Save the best model and its config; score the saved model on the test split.
 
     Writes ``best_model.keras``, ``best_config.yaml`` and ``best_model.json`` (where the
-    model came from and its test scores, which re-reporting reads back).
+    model came from and its test scores, which re-reporting reads back). ``retrainer``
+    trains the model when ``final.retrain`` asks for it or the trial kept no checkpoint.
 
     Returns:
         The test block for summary.json, or None when ``final.evaluate`` is false.
@@ -174,8 +201,10 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits,
         logger.warning("Trial %s kept no checkpoint of epoch %s; retraining it instead",
                        best.trial_id, best.best_epoch)
         retrain = True
+    retrained = None
     if retrain:
-        _retrain(cfg, best, splits).save(path)
+        retrained = retrainer(cfg, best, splits)
+        path.write_bytes(retrained.archive)
     else:
         model, _ = trial_checkpoint.restore(checkpoint,
                                             lambda: build_model(best_config(cfg, best)))
@@ -191,6 +220,8 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits,
     info = {"trial_id": best.trial_id, "epoch": best.best_epoch,
             "source": SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT,
             "checkpoint": None if retrain else str(checkpoint), "test": test}
+    if retrained is not None and retrained.node_id is not None:
+        info["retrained_on"] = {"node_id": retrained.node_id, "gpu_ids": retrained.gpu_ids}
     (sweep_dir / BEST_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return test
 

@@ -170,15 +170,16 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
         with starting_trials_together(cfg_t):
             grid = tuner.fit()
+        finished = grid.num_terminated + grid.num_errors
+        done = len(grid) >= cfg_t.search.num_trials and finished == len(grid)
+        records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
+                                       cfg_t.train.epochs, sweep_done=done)
+        ranked = rank(records, cfg_t.search.mode)
+        # Still on Ray: a retrain of the best config runs where the trials ran.
+        test = export_final(cfg_t, ranked[0], splits, paths.root) if ranked and done else None
     finally:
         if started_ray:
             ray.shutdown()
-    finished = grid.num_terminated + grid.num_errors
-    done = len(grid) >= cfg_t.search.num_trials and finished == len(grid)
-    records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
-                                   cfg_t.train.epochs, sweep_done=done)
-    ranked = rank(records, cfg_t.search.mode)
-    test = export_final(cfg_t, ranked[0], splits, paths.root) if ranked and done else None
     summary = build_summary(cfg_t.name, cfg_t.search.metric, cfg_t.search.mode,
                             cfg_t.train.epochs, records, paths.root,
                             search_space=flatten_space(cfg_t.search.space), test=test)
@@ -197,9 +198,10 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
 def export_final(cfg: SweepConfig, best, splits: Splits, sweep_dir: Path) -> dict[str, Any] | None:
     """Export and test-score the best trial; a failure here is logged, never loses the results."""
     from sweeper.evaluate import export_best
+    from sweeper.tuner import retrain_on_cluster
 
     try:
-        return export_best(cfg, best, splits, sweep_dir)
+        return export_best(cfg, best, splits, sweep_dir, retrainer=retrain_on_cluster)
     except Exception:
         logger.exception("Could not export or evaluate the best trial %s", best.trial_id)
         return None

@@ -7,6 +7,7 @@ takes and returns plain values.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -26,6 +27,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from sweeper import checkpoint as trial_checkpoint
 from sweeper.config import ClusterConfig, SweepConfig
 from sweeper.data import Splits
+from sweeper.evaluate import RetrainedModel, retrain_here
+from sweeper.results import TrialRecord
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.space import apply_params
 from sweeper.tensorboard import TensorBoardCallback
@@ -86,20 +89,7 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     # (default 2); tracing or a long validation pass can outlast that before the per-batch
     # stop check below is reached. Read by this process when the next trial arrives.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
-    node = {"node_id": ray.get_runtime_context().get_node_id()}
-    gpu_ids = ray.get_gpu_ids()
-    if gpu_ids:  # which GPU trained the trial; several trials share one with gpu_per_trial < 1
-        node["gpu_ids"] = ",".join(str(gpu) for gpu in gpu_ids)
-    else:
-        # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
-        # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    usable_gpus = configure_tensorflow(base.resources.cpu_per_trial, use_gpu=bool(gpu_ids))
-    if gpu_ids and not usable_gpus:
-        # Nodes may declare GPUs to Ray that TensorFlow cannot drive (no CUDA build or driver).
-        logger.warning("Ray gave this trial GPU %s but TensorFlow sees none, so it trains on the "
-                       "CPU; for GPU training install TensorFlow with its CUDA libraries: "
-                       "pip install 'tensorflow[and-cuda]'", node["gpu_ids"])
+    node, usable_gpus = _prepare_worker(base.resources.cpu_per_trial)
     cfg = apply_params(base, params)
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
@@ -132,6 +122,53 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
               should_stop=_stop_requested())
     except TrialDiverged as error:
         tune.report({**with_context(error.metrics), "diverged": True, "failure": str(error)})
+
+
+_warned_gpu_unusable = False  # once per worker process, not once per trial it runs
+
+
+def _prepare_worker(cpus: float) -> tuple[dict[str, str], int]:
+    """Set TensorFlow up for the CPUs and GPUs Ray gave this task or trial.
+
+    Returns where it runs (``node_id``, and ``gpu_ids`` when Ray gave GPUs) and how many
+    GPUs TensorFlow can use.
+    """
+    global _warned_gpu_unusable
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    gpu_ids = ray.get_gpu_ids()
+    if gpu_ids:  # which GPU trained the trial; several trials share one with gpu_per_trial < 1
+        node["gpu_ids"] = ",".join(str(gpu) for gpu in gpu_ids)
+    else:
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
+        # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    usable_gpus = configure_tensorflow(cpus, use_gpu=bool(gpu_ids))
+    if gpu_ids and not usable_gpus and not _warned_gpu_unusable:
+        # Nodes may declare GPUs to Ray that TensorFlow cannot drive (no CUDA build or driver).
+        logger.warning("Ray gave this worker GPU %s but TensorFlow sees none, so it trains on "
+                       "the CPU; for GPU training install TensorFlow with its CUDA libraries: "
+                       "pip install 'tensorflow[and-cuda]'", node["gpu_ids"])
+        _warned_gpu_unusable = True
+    return node, usable_gpus
+
+
+def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
+    """``final.retrain`` as a Ray task with one trial's CPUs and GPUs.
+
+    On a cluster the driver's machine may have no GPU (``cluster/gpu.yaml``'s head has none
+    to give); the task trains where the trials did. A task cut off with its node is retried
+    ``recovery.max_failures`` times.
+    """
+    task = ray.remote(_retrain_task).options(num_cpus=cfg.resources.cpu_per_trial,
+                                             num_gpus=cfg.resources.gpu_per_trial,
+                                             max_retries=cfg.recovery.max_failures)
+    return ray.get(task.remote(cfg, best, splits))
+
+
+def _retrain_task(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
+    node, _ = _prepare_worker(cfg.resources.cpu_per_trial)
+    retrained = retrain_here(cfg, best, splits)
+    return dataclasses.replace(retrained, node_id=node["node_id"], gpu_ids=node.get("gpu_ids"))
 
 
 def _stop_requested():

@@ -290,7 +290,7 @@ def _trial_nodes(sweep_dir: Path) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_path):
     _gpu_workers(ray_cluster)
-    driver, sweep_dir = ray_cluster.sweep("cluster")
+    driver, sweep_dir = ray_cluster.sweep("cluster", "final.retrain=true")
     summary = ray_cluster.summary_when_done(driver, sweep_dir)
 
     assert summary["num_trials"] == 4
@@ -308,6 +308,13 @@ def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_pa
         run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
         run.Reload()
         assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2]
+    # The best config was retrained as a Ray task with a trial's resources, on a worker node
+    # (the head gives no CPUs, like cluster/gpu.yaml's), not in the driver; then test-scored.
+    info = json.loads((sweep_dir / "best_model.json").read_text())
+    assert info["source"] == summary["test"]["source"] == "retrain"
+    assert info["retrained_on"]["node_id"] in used
+    assert info["retrained_on"]["gpu_ids"] == "0"
+    assert summary["test"]["accuracy"] > 0.3  # chance is 0.1
     # Only Hydra's own .hydra/ and log stay in the driver's sweep_dir.
     assert not (tmp_path / "sweeps" / "cluster" / "summary.json").exists()
     assert not (tmp_path / "sweeps" / "cluster" / "trials").exists()
