@@ -150,6 +150,11 @@ class RetrainedModel:
 Retrainer = Callable[[SweepConfig, TrialRecord, Splits], RetrainedModel]
 
 
+def retrain_epochs(cfg: SweepConfig, best: TrialRecord) -> int:
+    """Epochs of a retrain: as many as the best trial had trained when it scored best."""
+    return best.best_epoch or cfg.train.epochs
+
+
 def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
     """A fresh model of the best config trained on train+validation for its best epoch count.
 
@@ -159,7 +164,7 @@ def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
     from sweeper.trainer import train
 
     cfg_best = best_config(cfg, best)
-    cfg_best.train.epochs = best.best_epoch or cfg.train.epochs
+    cfg_best.train.epochs = retrain_epochs(cfg, best)
     merged = dataclasses.replace(
         splits,
         x_train=np.concatenate([splits.x_train, splits.x_val]),

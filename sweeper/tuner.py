@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from sweeper import checkpoint as trial_checkpoint
 from sweeper.config import ClusterConfig, SweepConfig
 from sweeper.data import Splits
-from sweeper.evaluate import RetrainedModel, retrain_here
+from sweeper.evaluate import RetrainedModel, retrain_epochs, retrain_here
 from sweeper.results import TrialRecord
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.space import apply_params
@@ -159,6 +159,9 @@ def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> R
     to give); the task trains where the trials did. A task cut off with its node is retried
     ``recovery.max_failures`` times.
     """
+    logger.info("Retraining trial %s on train+validation for %d epochs as a Ray task "
+                "(%g CPUs, %g GPUs)", best.trial_id, retrain_epochs(cfg, best),
+                cfg.resources.cpu_per_trial, cfg.resources.gpu_per_trial)
     task = ray.remote(_retrain_task).options(num_cpus=cfg.resources.cpu_per_trial,
                                              num_gpus=cfg.resources.gpu_per_trial,
                                              max_retries=cfg.recovery.max_failures)
