@@ -104,14 +104,15 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
     table = markdown_table(
         ["experiment", "sweep", "trials", "epochs", "utilization", "all runs",
          "of which first steps", "after start", "in fit", *parts, "overhead s/trial",
-         "trial start -> first step s", "trial end -> next first step s", "worker peak RSS MB"],
+         "trial start -> first step s", "trial end -> next first step s",
+         "CPUs busy in start (driver)", "worker peak RSS MB"],
         [[r["experiment"], r["sweep"], r["trials"], r["epochs"], r["utilization"],
           ", ".join(f"{value:.3f}" for value in r.get("utilization_runs", [])),
           r.get("first_steps_share", "-"), r["utilization"] / (1 - r["breakdown"]["start"]),
           r.get("fit_utilization", r["utilization"] + r["breakdown"]["validation"]),
           *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"],
           r.get("start_to_first_step_s", "-"), r.get("end_to_next_first_step_s", "-"),
-          r["worker_peak_rss_mb"]] for r in rows])
+          _start_cpu(r), r["worker_peak_rss_mb"]] for r in rows])
     return ("## 1. Utilization (2 concurrent trials) and 4. memory\n\n"
             "Utilization = time in training steps summed over trials / (wall time from the "
             "sweep's start to its last report x 2), for the run with the median utilization (all "
@@ -129,11 +130,21 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
             "and tracing for the first trials; for the plain way, every trial's). Trial end -> "
             "next first step: median over hand-overs from a trial's last report to the end of the "
             "first step of the trial that took its place (ASHA's stop decision, the worker's "
-            "release and the next trial's start). Plain Ray Tune = the documentation's way "
+            "release and the next trial's start). CPUs busy in start: share of the machine's "
+            "CPU time in use from the sweep's start to the last first worker's fit (from "
+            "/proc/stat), and in brackets the driver's share of it: near 1 means the start is "
+            "the workers' own CPU work (Ray worker, imports), with no idle CPU to hide it in. "
+            "Plain Ray Tune = the documentation's way "
             "(TF import, data loading and model building in every trial, "
             f"default Tuner settings).\n\n{table}\n\n![Where the workers' time goes]"
             f"({plots.UTILIZATION_PNG})\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
+
+
+def _start_cpu(row: dict) -> str:
+    if "start_cpu_busy" not in row:  # figures from before this column existed
+        return "-"
+    return f"{row['start_cpu_busy']:.2f} ({row['start_cpu_driver']:.2f})"
 
 
 def _throughput_section(result: dict) -> str:

@@ -7,14 +7,66 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+class CpuSampler:
+    """The machine's CPU time, busy and in all, and this process's, sampled 20 times a second
+    while a sweep runs (Linux ``/proc/stat``: one file read and ``os.times`` per sample, so
+    the sampling itself costs next to nothing).
+
+    Used as a context manager; :meth:`busy_shares` then says how busy the CPUs were in a
+    window of the sweep and which share of them this process (the sweep's driver) took.
+    """
+
+    INTERVAL_S = 0.05
+
+    def __init__(self) -> None:
+        # (wall clock, busy CPU-seconds, all CPU-seconds, this process's CPU-seconds)
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        with open("/proc/stat") as stat:
+            # user nice system idle iowait irq softirq steal (guest time is inside user)
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+        own = os.times()
+        total = sum(ticks) / self._ticks
+        idle = (ticks[3] + ticks[4]) / self._ticks
+        return time.time(), total - idle, total, own.user + own.system
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self.samples.append(self._sample())
+
+    def __enter__(self) -> CpuSampler:
+        self.samples.append(self._sample())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self._sample())
+
+    def busy_shares(self, start: float, end: float) -> tuple[float, float]:
+        """(share of all CPUs busy, share of all CPUs this process used) from start to end."""
+        first = min(self.samples, key=lambda sample: abs(sample[0] - start))
+        last = min(self.samples, key=lambda sample: abs(sample[0] - end))
+        total = last[2] - first[2]
+        if total <= 0:
+            return float("nan"), float("nan")
+        return (last[1] - first[1]) / total, (last[3] - first[3]) / total
 
 
 @dataclass
@@ -25,6 +77,9 @@ class SweepRun:
     started_at: float  # wall clock just before the sweep was asked to run
     rows: dict[str, list[dict[str, Any]]]  # trial id -> its result rows in order
     concurrency: int
+    # (all CPUs busy, the driver's share) from the sweep's start to the last worker's first
+    # fit: whether the one-time start waits on something or is the workers' own CPU work.
+    start_cpu: tuple[float, float] = field(default=(float("nan"), float("nan")))
 
     @property
     def all_rows(self) -> list[dict[str, Any]]:
@@ -93,6 +148,12 @@ class SweepRun:
                 for rows, end in zip(trials[self.concurrency:], ends, strict=False)]
         return statistics.median(gaps) if gaps else float("nan")
 
+    @property
+    def start_ended_at(self) -> float:
+        """When the last of the first ``concurrency`` trials started its fit."""
+        trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+        return max(rows[0]["fit_started_at"] for rows in trials[: self.concurrency])
+
     def breakdown(self) -> dict[str, float]:
         """Where the workers' time went, as shares of (wall time x concurrent trials).
 
@@ -157,9 +218,19 @@ def run_sweeper(label: str, overrides: list[str], workdir: Path, concurrency: in
     sweep_dir = workdir / label
     cfg = sweeper_config([*overrides, f"sweep_dir={sweep_dir}", f"name={label}",
                           "final.evaluate=false"])
-    started = time.time()
-    run_sweep(cfg)
-    return SweepRun(label, started, read_rows(sweep_dir / "trials"), concurrency)
+    with CpuSampler() as cpu:
+        started = time.time()
+        run_sweep(cfg)
+    return measured_run(label, started, read_rows(sweep_dir / "trials"), concurrency, cpu)
+
+
+def measured_run(label: str, started: float, rows: dict[str, list[dict[str, Any]]],
+                 concurrency: int, cpu: CpuSampler) -> SweepRun:
+    """A :class:`SweepRun` with the CPUs' business during its start filled in."""
+    run = SweepRun(label, started, rows, concurrency)
+    if rows:
+        run.start_cpu = cpu.busy_shares(started, run.start_ended_at)
+    return run
 
 
 def median(values) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import FASHION_MNIST, SweepRun, read_rows
+from benchmarks.common import FASHION_MNIST, CpuSampler, SweepRun, measured_run, read_rows
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -125,6 +125,7 @@ def run_plain_tune(label: str, workdir: Path, sweep: PlainSweep, concurrency: in
         ),
         run_config=tune.RunConfig(name=label, storage_path=str(workdir), verbose=0),
     )
-    started = time.time()
-    tuner.fit()
-    return SweepRun(label, started, read_rows(workdir / label), concurrency)
+    with CpuSampler() as cpu:
+        started = time.time()
+        tuner.fit()
+    return measured_run(label, started, read_rows(workdir / label), concurrency, cpu)

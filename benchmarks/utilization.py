@@ -77,6 +77,7 @@ def measure(workdir: Path) -> list[dict]:
                 "start_to_first_step_s": run.start_to_first_step_s,
                 "end_to_next_first_step_s": run.end_to_next_first_step_s,
                 "worker_peak_rss_mb": run.peak_rss_mb(),
+                "start_cpu_busy": run.start_cpu[0], "start_cpu_driver": run.start_cpu[1],
                 "breakdown": run.breakdown(),
             })
     return rows

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import pytest
 
-from benchmarks.common import SweepRun
+from benchmarks.common import CpuSampler, SweepRun
 from benchmarks.plots import median_curve, plot_search, plot_utilization
 
 
@@ -32,6 +34,31 @@ def test_hand_over_pairs_the_kth_trial_to_end_with_the_kth_to_take_a_place():
 def test_hand_over_is_nan_when_no_trial_waited_for_a_place():
     run = SweepRun("one trial", 0.0, {"a": _trial(0.0, 1.0, 0.5, [2.0])}, concurrency=2)
     assert math.isnan(run.end_to_next_first_step_s)
+
+
+def test_the_start_ends_when_the_last_of_the_first_trials_starts_its_fit():
+    run = SweepRun("two places", 0.0, {
+        "a": _trial(0.0, 3.0, 1.0, [5.0]),
+        "b": _trial(0.1, 3.5, 1.0, [6.0]),
+        "c": _trial(5.1, 5.2, 0.1, [9.0]),  # a later trial: not part of the start
+    }, concurrency=2)
+    assert run.start_ended_at == 3.5
+
+
+def test_cpu_sampler_sees_this_process_busy_and_then_idle():
+    with CpuSampler() as cpu:
+        spin_from = time.time()
+        while time.time() - spin_from < 0.6:  # one core fully busy in this process
+            pass
+        spin_to = time.time()
+        time.sleep(0.6)
+        rest_to = time.time()
+    cores = os.cpu_count() or 1
+    busy, own = cpu.busy_shares(spin_from, spin_to)
+    assert own == pytest.approx(1 / cores, abs=0.2 / cores + 0.1)
+    assert busy >= own - 0.05  # the machine was at least as busy as this process
+    _, own_resting = cpu.busy_shares(spin_to + 0.1, rest_to)
+    assert own_resting < 0.1
 
 
 def test_median_curve_keeps_each_runs_best_and_counts_nothing_before_its_first_report():
