@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true",
                         help="train on the GPU (default: hide GPUs, as for a CPU trial)")
     args = parser.parse_args()
-    if not args.gpu:  # a CPU trial sees no GPU either (sweeper.tuner.run_trial hides them)
+    if not args.gpu:  # a CPU trial sees no GPU either (sweeper.trial.run_trial hides them)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     # What Ray sets in a trial with that many CPUs; without it oneDNN's OpenMP pool takes every
     # core whatever TensorFlow's own thread settings say.

@@ -8,11 +8,14 @@ here, in :func:`validate`, which runs before Ray starts.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
@@ -301,4 +304,20 @@ def check_resources_fit(resources: ResourcesConfig, cpus: float, gpus: float,
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:
     """Turn Hydra's composed DictConfig into the typed dataclass tree."""
+    # Imported here: trial workers import this module for the dataclasses alone.
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def apply_params(cfg: SweepConfig, params: Mapping[str, Any]) -> SweepConfig:
+    """A copy of ``cfg`` with sampled ``{"group.setting": value}`` parameters filled in."""
+    trial = copy.deepcopy(cfg)
+    for key, value in params.items():
+        group, _, name = key.partition(".")
+        section = getattr(trial, group)
+        declared = getattr(section, name)
+        if isinstance(declared, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        setattr(section, name, value)
+    return trial

@@ -3,7 +3,7 @@
 After the search picked a trial on validation scores only, :func:`export_best`
 saves its model (its own checkpoint at the epoch it reported, or a retrain on
 train+validation when ``final.retrain`` asks for one, run by a *retrainer*: here
-in this process, or on the cluster by :func:`sweeper.tuner.retrain_on_cluster`)
+in this process, or on the cluster by :func:`sweeper.trial.retrain_on_cluster`)
 as ``best_model.keras``,
 scores that saved file on the test split, and writes the config that trains it
 again as ``best_config.yaml``. The scores themselves are plain numpy
@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from sweeper.config import SweepConfig
+from sweeper.config import SweepConfig, apply_params
 from sweeper.data import NUM_CLASSES, Splits
 from sweeper.results import TrialRecord
-from sweeper.space import apply_params
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ Unlike the plugin, ``range`` keeps Hydra's meaning (the stop is excluded), so
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Mapping
@@ -30,7 +29,13 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from sweeper.config import SEARCHABLE_GROUPS, ConfigError, SweepConfig, validate_trial_settings
+from sweeper.config import (
+    SEARCHABLE_GROUPS,
+    ConfigError,
+    SweepConfig,
+    apply_params,
+    validate_trial_settings,
+)
 
 # Hydra turns interval bounds into floats; integer bounds written as such mean an int setting.
 _INT_INTERVAL = re.compile(r"interval\(\s*(start\s*=\s*)?[+-]?\d+\s*,\s*(end\s*=\s*)?[+-]?\d+\s*\)")
@@ -181,16 +186,3 @@ def _check_bounds(cfg: SweepConfig, key: str, expression: Any,
         except ConfigError as error:
             raise ConfigError(f"search.space.{key}", expression,
                               f"includes {value!r}, but {error.allowed}") from None
-
-
-def apply_params(cfg: SweepConfig, params: Mapping[str, Any]) -> SweepConfig:
-    """A copy of ``cfg`` with sampled ``{"group.setting": value}`` parameters filled in."""
-    trial = copy.deepcopy(cfg)
-    for key, value in params.items():
-        group, _, name = key.partition(".")
-        section = getattr(trial, group)
-        declared = getattr(section, name)
-        if isinstance(declared, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        setattr(section, name, value)
-    return trial

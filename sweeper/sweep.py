@@ -198,7 +198,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
 def export_final(cfg: SweepConfig, best, splits: Splits, sweep_dir: Path) -> dict[str, Any] | None:
     """Export and test-score the best trial; a failure here is logged, never loses the results."""
     from sweeper.evaluate import export_best
-    from sweeper.tuner import retrain_on_cluster
+    from sweeper.trial import retrain_on_cluster
 
     try:
         return export_best(cfg, best, splits, sweep_dir, retrainer=retrain_on_cluster)

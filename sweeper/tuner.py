@@ -7,12 +7,8 @@ takes and returns plain values.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import resource
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +20,11 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from sweeper import checkpoint as trial_checkpoint
 from sweeper.config import ClusterConfig, SweepConfig
 from sweeper.data import Splits
-from sweeper.evaluate import RetrainedModel, retrain_epochs, retrain_here
-from sweeper.results import TrialRecord
 from sweeper.searcher import PruningOptunaSearch, make_sampler
-from sweeper.space import apply_params
 from sweeper.tensorboard import TensorBoardCallback
-from sweeper.trainer import (
-    TrialDiverged,
-    WarmModel,
-    configure_tensorflow,
-    gpu_peak_mb,
-    train,
-)
+from sweeper.trial import run_trial
 
 logger = logging.getLogger(__name__)
 
@@ -70,121 +56,6 @@ class SweepPaths:
         if cfg.cluster.storage_path:
             return cls(Path(cfg.cluster.storage_path).expanduser().resolve() / cfg.name)
         return cls(Path(cfg.sweep_dir).expanduser().resolve())
-
-
-# Lives as long as the worker process: a reused worker hands its compiled model to the next trial.
-_WARM_MODEL = WarmModel()
-
-
-def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> None:
-    """The Ray Tune trainable: train one sampled configuration, reporting every epoch.
-
-    Every ``recovery.checkpoint_every`` epochs (and at the last) the report carries a
-    checkpoint of the model and optimizer state; a retried trial continues from its last
-    checkpoint. A diverged trial reports its non-finite figures once, flagged, and ends:
-    a retry would only diverge again. Each report names the Ray node that trained the epoch.
-    """
-    trial_started_at = time.time()
-    # Ray reuses this worker only if a stopped trial's thread ends within this many seconds
-    # (default 2); tracing or a long validation pass can outlast that before the per-batch
-    # stop check below is reached. Read by this process when the next trial arrives.
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
-    node, usable_gpus = _prepare_worker(base.resources.cpu_per_trial)
-    cfg = apply_params(base, params)
-    model, initial_epoch = None, 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        model = _WARM_MODEL.get(cfg)
-    else:
-        with checkpoint.as_directory() as folder:
-            model, initial_epoch = trial_checkpoint.restore(Path(folder),
-                                                            lambda: _WARM_MODEL.get(cfg))
-        logger.info("Trial continues from its checkpoint after epoch %d", initial_epoch)
-    every = base.recovery.checkpoint_every
-
-    def with_context(metrics) -> dict[str, Any]:
-        memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if usable_gpus:
-            memory["gpu_peak_mb"] = gpu_peak_mb()
-        return {**metrics.as_dict(), **node, **memory, "trial_started_at": trial_started_at,
-                "reported_at": time.time()}
-
-    def report(metrics, trained_model) -> None:
-        if metrics.epoch % every and metrics.epoch < cfg.train.epochs:
-            tune.report(with_context(metrics))
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            trial_checkpoint.save(trained_model, Path(folder), metrics.epoch)
-            tune.report(with_context(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
-
-    try:
-        train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch,
-              should_stop=_stop_requested())
-    except TrialDiverged as error:
-        tune.report({**with_context(error.metrics), "diverged": True, "failure": str(error)})
-
-
-_warned_gpu_unusable = False  # once per worker process, not once per trial it runs
-
-
-def _prepare_worker(cpus: float) -> tuple[dict[str, str], int]:
-    """Set TensorFlow up for the CPUs and GPUs Ray gave this task or trial.
-
-    Returns where it runs (``node_id``, and ``gpu_ids`` when Ray gave GPUs) and how many
-    GPUs TensorFlow can use.
-    """
-    global _warned_gpu_unusable
-    node = {"node_id": ray.get_runtime_context().get_node_id()}
-    gpu_ids = ray.get_gpu_ids()
-    if gpu_ids:  # which GPU trained the trial; several trials share one with gpu_per_trial < 1
-        node["gpu_ids"] = ",".join(str(gpu) for gpu in gpu_ids)
-    else:
-        # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
-        # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    usable_gpus = configure_tensorflow(cpus, use_gpu=bool(gpu_ids))
-    if gpu_ids and not usable_gpus and not _warned_gpu_unusable:
-        # Nodes may declare GPUs to Ray that TensorFlow cannot drive (no CUDA build or driver).
-        logger.warning("Ray gave this worker GPU %s but TensorFlow sees none, so it trains on "
-                       "the CPU; for GPU training install TensorFlow with its CUDA libraries: "
-                       "pip install 'tensorflow[and-cuda]'", node["gpu_ids"])
-        _warned_gpu_unusable = True
-    return node, usable_gpus
-
-
-def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
-    """``final.retrain`` as a Ray task with one trial's CPUs and GPUs.
-
-    On a cluster the driver's machine may have no GPU (``cluster/gpu.yaml``'s head has none
-    to give); the task trains where the trials did. A task cut off with its node is retried
-    ``recovery.max_failures`` times.
-    """
-    logger.info("Retraining trial %s on train+validation for %d epochs as a Ray task "
-                "(%g CPUs, %g GPUs)", best.trial_id, retrain_epochs(cfg, best),
-                cfg.resources.cpu_per_trial, cfg.resources.gpu_per_trial)
-    task = ray.remote(_retrain_task).options(num_cpus=cfg.resources.cpu_per_trial,
-                                             num_gpus=cfg.resources.gpu_per_trial,
-                                             max_retries=cfg.recovery.max_failures)
-    return ray.get(task.remote(cfg, best, splits))
-
-
-def _retrain_task(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
-    node, _ = _prepare_worker(cfg.resources.cpu_per_trial)
-    retrained = retrain_here(cfg, best, splits)
-    return dataclasses.replace(retrained, node_id=node["node_id"], gpu_ids=node.get("gpu_ids"))
-
-
-def _stop_requested():
-    """Whether Tune has stopped this trial, as a cheap check for every training batch.
-
-    Reports are asynchronous: after ASHA stops a trial its thread goes on training until its
-    next report, and a reused worker waits only 2 s for it (TUNE_FUNCTION_THREAD_TIMEOUT_S)
-    before failing the next trial. Checking the session's stop event per batch ends it at once.
-    """
-    from ray.train._internal.session import get_session
-
-    stop_event = getattr(get_session(), "stop_event", None)
-    return stop_event.is_set if stop_event is not None else None
 
 
 def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],

@@ -99,8 +99,8 @@ def test_best_config_reproduces_the_composed_config(finished, smoke_config):
     from omegaconf import OmegaConf
     from optuna.distributions import CategoricalDistribution
 
-    from sweeper.config import to_sweep_config
-    from sweeper.space import apply_params, build_search_space
+    from sweeper.config import apply_params, to_sweep_config
+    from sweeper.space import build_search_space
 
     best = finished.summary["best"]
     saved = to_sweep_config(_compose_best_config(finished.sweep_dir))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.config import ConfigError, SweepConfig
-from sweeper.space import apply_params, build_search_space, flatten_space, parse_distribution
+from sweeper.config import ConfigError, SweepConfig, apply_params
+from sweeper.space import build_search_space, flatten_space, parse_distribution
 
 GRAMMAR = [
     ("choice(32, 64, 128)", CategoricalDistribution([32, 64, 128])),
