@@ -34,8 +34,9 @@ def main() -> None:
         parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ALL)}")
 
     ray_session(num_cpus=2)
-    # A subset re-measures its benchmarks and keeps the others' figures from the last file.
-    figures = _earlier_figures(args.out)
+    # A subset re-measures its benchmarks and keeps the others' figures from the last run.
+    raw = args.out.with_suffix(".json")
+    figures = _earlier_figures(raw)
     ran = figures.setdefault("measured", {})
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="sweeper-bench-") as tmp:
@@ -53,8 +54,9 @@ def main() -> None:
     _draw(figures, args.out.parent)
     text = _render(figures)
     print(text)
-    args.out.write_text(text + "\n<!-- raw figures\n" + json.dumps(figures, indent=1) + "\n-->\n")
-    print(f"\nWritten to {args.out}")
+    args.out.write_text(text + "\n")
+    raw.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"\nWritten to {args.out}; every figure in {raw}")
 
 
 def _draw(figures: dict, folder: Path) -> None:
@@ -67,17 +69,10 @@ def _draw(figures: dict, folder: Path) -> None:
 
 
 def _earlier_figures(path: Path) -> dict:
-    """The raw figures of an earlier results file ({} if there is none to read)."""
-    if not path.is_file():
-        return {}
-    text = path.read_text()
-    start = text.find("<!-- raw figures\n")
-    end = text.rfind("\n-->")
-    if start < 0 or end < start:
-        return {}
+    """The figures of an earlier run ({} if there are none to read)."""
     try:
-        return json.loads(text[start + len("<!-- raw figures\n"):end])
-    except json.JSONDecodeError:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
@@ -100,44 +95,48 @@ def _render(figures: dict) -> str:
 
 
 def _utilization_section(rows: list[dict], driver_rss: float) -> str:
-    parts = ("validation", "start", "reporting", "switching", "tail")
-    table = markdown_table(
-        ["experiment", "sweep", "trials", "epochs", "utilization", "all runs",
-         "of which first steps", "after start", "in fit", *parts, "overhead s/trial",
-         "trial start -> first step s", "trial end -> next first step s",
+    headline = markdown_table(
+        ["experiment", "sweep", "trials", "epochs", "utilization", "all runs", "after start",
+         "in fit", "trial start -> first step s", "trial end -> next first step s",
          "CPUs busy in start (driver)", "worker peak RSS MB"],
         [[r["experiment"], r["sweep"], r["trials"], r["epochs"], r["utilization"],
           ", ".join(f"{value:.3f}" for value in r.get("utilization_runs", [])),
-          r.get("first_steps_share", "-"), r["utilization"] / (1 - r["breakdown"]["start"]),
+          r["utilization"] / (1 - r["breakdown"]["start"]),
           r.get("fit_utilization", r["utilization"] + r["breakdown"]["validation"]),
-          *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"],
           r.get("start_to_first_step_s", "-"), r.get("end_to_next_first_step_s", "-"),
           _start_cpu(r), r["worker_peak_rss_mb"]] for r in rows])
+    parts = ("validation", "start", "reporting", "switching", "tail")
+    breakdown = markdown_table(
+        ["experiment", "sweep", "training steps", "of which first steps", *parts,
+         "overhead s/trial"],
+        [[r["experiment"], r["sweep"], r["utilization"], r.get("first_steps_share", "-"),
+          *(r["breakdown"][part] for part in parts), r["overhead_per_trial_s"]] for r in rows])
     return ("## 1. Utilization (2 concurrent trials) and 4. memory\n\n"
             "Utilization = time in training steps summed over trials / (wall time from the "
             "sweep's start to its last report x 2), for the run with the median utilization (all "
             "runs: every run's, alternating sweeper and plain); after start = the same without "
-            "the one-time start, what a long sweep tends to; of which first steps = the first "
-            "step of every trial's fit, counted as training but mostly the tracing of the "
-            "training step on a fresh worker; in fit = training steps and validation passes (all "
-            "of `fit`, the model's own work). The next five columns share out the rest of the "
-            "workers' time: validation passes; start (sweep start to each worker's first fit: Ray"
-            " workers, imports, data, model); reporting (between a trial's epochs: report and "
-            "checkpoint); switching (from a trial's end to the next trial's fit); tail (workers "
-            "idle while the last trial finishes). Overhead = worker-seconds per trial not in "
-            "training steps. Trial start -> first step: median over trials from entering the "
-            "trainable to the end of the first training step (a fresh worker's TensorFlow import "
-            "and tracing for the first trials; for the plain way, every trial's). Trial end -> "
-            "next first step: median over hand-overs from a trial's last report to the end of the "
-            "first step of the trial that took its place (ASHA's stop decision, the worker's "
-            "release and the next trial's start). CPUs busy in start: share of the machine's "
-            "CPU time in use from the sweep's start to the last first worker's fit (from "
-            "/proc/stat), and in brackets the driver's share of it: near 1 means the start is "
-            "the workers' own CPU work (Ray worker, imports), with no idle CPU to hide it in. "
-            "Plain Ray Tune = the documentation's way "
-            "(TF import, data loading and model building in every trial, "
-            f"default Tuner settings).\n\n{table}\n\n![Where the workers' time goes]"
-            f"({plots.UTILIZATION_PNG})\n\n"
+            "the one-time start, what a long sweep tends to; in fit = training steps and "
+            "validation passes (all of `fit`, the model's own work). Trial start -> first step: "
+            "median over trials from entering the trainable to the end of the first training "
+            "step (a fresh worker's TensorFlow import and tracing for the first trials; for the "
+            "plain way, every trial's). Trial end -> next first step: median over hand-overs "
+            "from a trial's last report to the end of the first step of the trial that took its "
+            "place (ASHA's stop decision, the worker's release and the next trial's start). "
+            "CPUs busy in start: share of the machine's CPU time in use from the sweep's start "
+            "to the last first worker's fit (from /proc/stat), and in brackets the driver's "
+            "share of it: near 1 means the start is the workers' own CPU work (Ray worker, "
+            "imports), with no idle CPU to hide it in. Plain Ray Tune = the documentation's way "
+            "(TF import, data loading and model building in every trial, default Tuner "
+            f"settings).\n\n{headline}\n\n"
+            "Where the workers' time went (shares of wall time x 2, same runs): training steps "
+            "(of which first steps: the first step of every trial's fit, mostly the tracing of "
+            "the training step on a fresh worker); validation passes; start (sweep start to "
+            "each worker's first fit: Ray workers, imports, data, model); reporting (between a "
+            "trial's epochs: report and checkpoint); switching (from a trial's end to the next "
+            "trial's fit; for the plain way this includes the TensorFlow import, data loading "
+            "and model building of every trial); tail (workers idle while the last trial "
+            "finishes). Overhead = worker-seconds per trial not in training steps.\n\n"
+            f"{breakdown}\n\n![Where the workers' time goes]({plots.UTILIZATION_PNG})\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
 
 

@@ -226,8 +226,9 @@ def main() -> None:
     result["failures"] = checks(result, gpu)
     text = render(result)
     print(text)
-    args.out.write_text(text + "\n<!-- raw figures\n" + json.dumps(result, indent=1) + "\n-->\n")
-    print(f"\nWritten to {args.out}")
+    args.out.write_text(text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nWritten to {args.out}; every figure in {args.out.with_suffix('.json')}")
     sys.exit(1 if result["failures"] else 0)
 
 
