@@ -115,8 +115,8 @@ def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> R
     """``final.retrain`` as a Ray task with one trial's CPUs and GPUs.
 
     On a cluster the driver's machine may have no GPU (``cluster/gpu.yaml``'s head has none
-    to give); the task trains where the trials did. A task cut off with its node is retried
-    ``recovery.max_failures`` times.
+    to give); the task trains on a node that could run a trial. A task cut off with its node
+    is retried ``recovery.max_failures`` times.
     """
     from sweeper.evaluate import retrain_epochs
 

@@ -1,7 +1,7 @@
-"""Ray Tune assembly: trainable, searcher, scheduler, resources, storage, restore.
+"""Ray Tune assembly on the driver: trainable, searcher, scheduler, resources, storage, restore.
 
-This is where Ray lives. Everything it calls into (trainer, space, results)
-takes and returns plain values.
+Ray lives here and in :mod:`sweeper.trial` (what runs on the workers). Everything they
+call into (trainer, space, results) takes and returns plain values.
 """
 
 from __future__ import annotations
