@@ -28,6 +28,7 @@ class CpuSampler:
     """
 
     INTERVAL_S = 0.05
+    PROC_STAT = "/proc/stat"
 
     def __init__(self) -> None:
         # (wall clock, busy CPU-seconds, all CPU-seconds, this process's CPU-seconds)
@@ -37,7 +38,7 @@ class CpuSampler:
         self._ticks = os.sysconf("SC_CLK_TCK")
 
     def _sample(self) -> tuple[float, float, float, float]:
-        with open("/proc/stat") as stat:
+        with open(self.PROC_STAT) as stat:
             # user nice system idle iowait irq softirq steal (guest time is inside user)
             ticks = [int(value) for value in stat.readline().split()[1:9]]
         own = os.times()
@@ -50,17 +51,21 @@ class CpuSampler:
             self.samples.append(self._sample())
 
     def __enter__(self) -> CpuSampler:
-        self.samples.append(self._sample())
-        self._thread.start()
+        if os.path.exists(self.PROC_STAT):  # elsewhere (macOS) the figures stay nan
+            self.samples.append(self._sample())
+            self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(self._sample())
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.samples.append(self._sample())
 
     def busy_shares(self, start: float, end: float) -> tuple[float, float]:
         """(share of all CPUs busy, share of all CPUs this process used) from start to end."""
+        if not self.samples:
+            return float("nan"), float("nan")
         first = min(self.samples, key=lambda sample: abs(sample[0] - start))
         last = min(self.samples, key=lambda sample: abs(sample[0] - end))
         total = last[2] - first[2]

@@ -61,6 +61,13 @@ def test_cpu_sampler_sees_this_process_busy_and_then_idle():
     assert own_resting < 0.1
 
 
+def test_cpu_sampler_reports_nan_where_there_is_no_proc_stat(monkeypatch, tmp_path):
+    monkeypatch.setattr(CpuSampler, "PROC_STAT", str(tmp_path / "missing"))
+    with CpuSampler() as cpu:
+        pass
+    assert all(math.isnan(share) for share in cpu.busy_shares(0.0, time.time()))
+
+
 def test_median_curve_keeps_each_runs_best_and_counts_nothing_before_its_first_report():
     early = [[1, 0.5], [4, 0.8]]
     late = [[3, 0.6], [5, 0.9]]
