@@ -31,7 +31,7 @@ RAY_TRIAL_ID = "ray_trial_id"
 
 
 def make_sampler(name: str, seed: int, n_startup_trials: int,
-                 multivariate: bool = False) -> optuna.samplers.BaseSampler:
+                 multivariate: bool = True) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by ``search.sampler``, seeded."""
     if name == "tpe":
         with warnings.catch_warnings():
