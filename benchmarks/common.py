@@ -18,7 +18,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-class CpuSampler:
+class PeriodicSampler:
+    """Calls :meth:`sample` when entered, every ``every_s`` seconds from a thread while the
+    ``with`` block runs, and once more when it leaves; subclasses say what a sample is."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def available(self) -> bool:
+        """Whether this machine can be sampled (if not, nothing is sampled)."""
+        return True
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self):
+        if self.available():
+            self.sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.sample()
+
+
+class CpuSampler(PeriodicSampler):
     """The machine's CPU time, busy and in all, and this process's, sampled 20 times a second
     while a sweep runs (Linux ``/proc/stat``: one file read and ``os.times`` per sample, so
     the sampling itself costs next to nothing).
@@ -27,40 +60,25 @@ class CpuSampler:
     window of the sweep and which share of them this process (the sweep's driver) took.
     """
 
-    INTERVAL_S = 0.05
     PROC_STAT = "/proc/stat"
 
     def __init__(self) -> None:
+        super().__init__(every_s=0.05)
         # (wall clock, busy CPU-seconds, all CPU-seconds, this process's CPU-seconds)
         self.samples: list[tuple[float, float, float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self._ticks = os.sysconf("SC_CLK_TCK")
 
-    def _sample(self) -> tuple[float, float, float, float]:
+    def available(self) -> bool:
+        return os.path.exists(self.PROC_STAT)  # elsewhere (macOS) the figures stay nan
+
+    def sample(self) -> None:
         with open(self.PROC_STAT) as stat:
             # user nice system idle iowait irq softirq steal (guest time is inside user)
             ticks = [int(value) for value in stat.readline().split()[1:9]]
         own = os.times()
         total = sum(ticks) / self._ticks
         idle = (ticks[3] + ticks[4]) / self._ticks
-        return time.time(), total - idle, total, own.user + own.system
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.INTERVAL_S):
-            self.samples.append(self._sample())
-
-    def __enter__(self) -> CpuSampler:
-        if os.path.exists(self.PROC_STAT):  # elsewhere (macOS) the figures stay nan
-            self.samples.append(self._sample())
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-            self.samples.append(self._sample())
+        self.samples.append((time.time(), total - idle, total, own.user + own.system))
 
     def busy_shares(self, start: float, end: float) -> tuple[float, float]:
         """(share of all CPUs busy, share of all CPUs this process used) from start to end."""
@@ -128,6 +146,11 @@ class SweepRun:
         """Worker-seconds per trial not spent in training steps."""
         return (self.worker_s - self.train_s) / len(self.rows)
 
+    @property
+    def trials_by_start(self) -> list[list[dict[str, Any]]]:
+        """Each trial's rows, in the order the trials entered their trainable."""
+        return sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+
     @staticmethod
     def _first_step_done(rows: list[dict[str, Any]]) -> float:
         return rows[0]["fit_started_at"] + rows[0].get("first_step_s", 0.0)
@@ -147,7 +170,7 @@ class SweepRun:
         Every trial after the first ``concurrency`` waits for a running one to end, so the k-th
         of them to start takes the place of the k-th trial to end.
         """
-        trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+        trials = self.trials_by_start
         ends = sorted(rows[-1]["reported_at"] for rows in trials)
         gaps = [self._first_step_done(rows) - end
                 for rows, end in zip(trials[self.concurrency:], ends, strict=False)]
@@ -156,7 +179,7 @@ class SweepRun:
     @property
     def start_ended_at(self) -> float:
         """When the last of the first ``concurrency`` trials started its fit."""
-        trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+        trials = self.trials_by_start
         return max(rows[0]["fit_started_at"] for rows in trials[: self.concurrency])
 
     def breakdown(self) -> dict[str, float]:
@@ -170,7 +193,7 @@ class SweepRun:
         model building of every trial); tail: workers idle while the last trials finish.
         """
         total = self.worker_s
-        trials = sorted(self.rows.values(), key=lambda rows: rows[0]["trial_started_at"])
+        trials = self.trials_by_start
         start = sum(rows[0]["fit_started_at"] - self.started_at
                     for rows in trials[: self.concurrency])
         reporting = 0.0

@@ -28,12 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SweepRun, markdown_table, run_sweeper
+from benchmarks.common import PeriodicSampler, SweepRun, markdown_table, run_sweeper
 from benchmarks.throughput import plain_images_per_s, sweeper_images_per_s, train_images
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS_GPU.md"
@@ -52,32 +51,20 @@ def nvidia_smi(*query: str) -> list[list[str]]:
             if line.strip()]
 
 
-class GPUMemorySampler:
+class GPUMemorySampler(PeriodicSampler):
     """Samples the GPU memory each process holds, as nvidia-smi reports it, while a sweep runs."""
 
     def __init__(self, every_s: float = 0.5) -> None:
-        self.every_s = every_s
+        super().__init__(every_s)
         self.peak_per_process_mb: dict[str, float] = {}
         self.peak_total_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            rows = nvidia_smi("--query-compute-apps=pid,used_memory")
-            for pid, used in rows:
-                self.peak_per_process_mb[pid] = max(self.peak_per_process_mb.get(pid, 0.0),
-                                                    float(used))
-            self.peak_total_mb = max(self.peak_total_mb, sum(float(used) for _, used in rows))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> GPUMemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        rows = nvidia_smi("--query-compute-apps=pid,used_memory")
+        for pid, used in rows:
+            self.peak_per_process_mb[pid] = max(self.peak_per_process_mb.get(pid, 0.0),
+                                                float(used))
+        self.peak_total_mb = max(self.peak_total_mb, sum(float(used) for _, used in rows))
 
 
 def most_at_once(run: SweepRun) -> int:
