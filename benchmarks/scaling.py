@@ -5,7 +5,7 @@ one result the driver must process (searcher, ASHA, TensorBoard events, experime
 Measured here: the driver's CPU time per result ``c`` (user + system time of the driver
 process, which runs Tune's loop, the searcher, ASHA and the callbacks; the trials run in other
 processes), with many fast-reporting dummy trials going through sweeper's own searcher
-(SQLite study), scheduler and TensorBoard callback.
+(SQLite study), scheduler and callbacks (TensorBoard events, result files).
 With N concurrent trials each reporting every ``e`` seconds the driver is busy
 rho = N * c / e of the time; a trial waits for the driver once rho > 1, so
 
@@ -40,8 +40,7 @@ def driver_seconds_per_result(workdir: Path) -> float:
     from sweeper.space import build_search_space
     from sweeper.study import open_storage
     from sweeper.sweep import validate
-    from sweeper.tensorboard import TensorBoardCallback
-    from sweeper.tuner import SchedulerStateCallback, make_scheduler, make_searcher
+    from sweeper.tuner import make_scheduler, make_searcher, sweep_callbacks, tune_settings
 
     cfg, space = validate(sweeper_config(["+experiment=smoke", "data=fashion_mnist",
                                           f"train.epochs={RESULTS_PER_TRIAL}",
@@ -55,12 +54,13 @@ def driver_seconds_per_result(workdir: Path) -> float:
             search_alg=make_searcher(cfg, build_search_space(cfg),
                                      open_storage(f"sqlite:///{root}/optuna.db")),
             scheduler=scheduler, num_samples=DUMMY_TRIALS, reuse_actors=True),
-        run_config=tune.RunConfig(name="trials", storage_path=str(root), verbose=0, callbacks=[
-            TensorBoardCallback(root / "tensorboard", space, cfg.search.metric),
-            SchedulerStateCallback(scheduler)]),
+        run_config=tune.RunConfig(name="trials", storage_path=str(root), verbose=0,
+                                  callbacks=sweep_callbacks(root / "tensorboard", space,
+                                                            cfg.search.metric, scheduler)),
     )
     before = resource.getrusage(resource.RUSAGE_SELF)
-    grid = tuner.fit()
+    with tune_settings(cfg):  # as run_sweep drives Tune
+        grid = tuner.fit()
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     results = sum(len(result.metrics_dataframe) for result in grid)

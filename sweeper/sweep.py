@@ -146,7 +146,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         cfg_t = fresh_variant(cfg_t)
     import ray
 
-    from sweeper.tuner import SweepPaths, build_tuner, connect, starting_trials_together
+    from sweeper.tuner import SweepPaths, build_tuner, connect, tune_settings
 
     paths = SweepPaths.for_config(cfg_t)
     state = sweep_state(paths.root)
@@ -168,7 +168,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         if joins_cluster(cfg_t.cluster):
             log_cluster()
         tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
-        with starting_trials_together(cfg_t):
+        with tune_settings(cfg_t):
             grid = tuner.fit()
         finished = grid.num_terminated + grid.num_errors
         done = len(grid) >= cfg_t.search.num_trials and finished == len(grid)

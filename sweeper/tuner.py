@@ -18,6 +18,7 @@ import ray
 from optuna.distributions import BaseDistribution
 from ray import tune
 from ray.tune import Callback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from sweeper.config import ClusterConfig, SweepConfig
@@ -109,6 +110,19 @@ class SchedulerStateCallback(Callback):
         self.scheduler.__dict__.update(state["scheduler"])
 
 
+def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], metric: str,
+                    scheduler: TrialScheduler) -> list[Callback]:
+    """What the driver does with every result besides searching and scheduling.
+
+    Tune's JSON and CSV loggers write each trial's result.json and progress.csv (results and
+    users read them); its TensorBoardX logger is left out (see :func:`tune_settings`): its
+    event files in every trial folder showed each trial twice to ``tensorboard --logdir`` on
+    the sweep folder, beside sweeper's own runs with their hyperparameters.
+    """
+    return [TensorBoardCallback(tensorboard_dir, space, metric), SchedulerStateCallback(scheduler),
+            JsonLoggerCallback(), CSVLoggerCallback()]
+
+
 def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:
     """CPUs and GPUs an in-process Ray would get, found the way Ray finds them."""
     import os
@@ -163,19 +177,31 @@ def pending_trials(cfg: SweepConfig, cpus: float, gpus: float) -> int:
 
 
 @contextlib.contextmanager
-def starting_trials_together(cfg: SweepConfig):
-    """Let Tune start :func:`pending_trials` trials at once while fit() runs (it reads the
-    setting from the environment); a value the user set is left alone."""
-    key = "TUNE_MAX_PENDING_TRIALS_PG"
-    if key in os.environ:
-        yield
-        return
-    capacity = ray.cluster_resources()
-    os.environ[key] = str(pending_trials(cfg, capacity.get("CPU", 1.0), capacity.get("GPU", 0.0)))
+def tune_settings(cfg: SweepConfig):
+    """Settings Tune reads from the environment, set while fit() runs; values the user set
+    are left alone.
+
+    - ``TUNE_MAX_PENDING_TRIALS_PG``: start :func:`pending_trials` trials at once.
+    - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``: Tune adds its CSV, JSON and TensorBoardX loggers
+      unless told not to; :func:`sweep_callbacks` holds the first two, and sweeper writes
+      TensorBoard events itself.
+    """
+    settings = {
+        "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    }
+    ours = {key: value for key, value in settings.items() if key not in os.environ}
+    os.environ.update(ours)
     try:
         yield
     finally:
-        os.environ.pop(key, None)
+        for key in ours:
+            os.environ.pop(key, None)
+
+
+def _cluster_capacity() -> tuple[float, float]:
+    capacity = ray.cluster_resources()
+    return capacity.get("CPU", 1.0), capacity.get("GPU", 0.0)
 
 
 def _trial_dirname(trial) -> str:
@@ -206,10 +232,7 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
         run_config=tune.RunConfig(
             name=TRIALS_DIRNAME,
             storage_path=str(paths.root),
-            callbacks=[
-                TensorBoardCallback(paths.tensorboard, space, metric),
-                SchedulerStateCallback(scheduler),
-            ],
+            callbacks=sweep_callbacks(paths.tensorboard, space, metric, scheduler),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.recovery.keep_checkpoints,  # best by metric; Ray keeps the latest
                 checkpoint_score_attribute=metric,

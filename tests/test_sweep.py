@@ -76,3 +76,9 @@ def test_the_sweep_directory_holds_trials_tensorboard_and_summary(finished):
     assert any((sweep_dir / "tensorboard").glob("events.out.tfevents.*"))
     trial_dirs = {path.name for path in (sweep_dir / "trials").glob("trial_*") if path.is_dir()}
     assert trial_dirs == {f"trial_{t['trial_id']}" for t in finished.summary["trials"]}
+    # Each trial folder keeps Tune's result files, and TensorBoard events live only in
+    # tensorboard/: `tensorboard --logdir` on the sweep folder shows every trial once.
+    for trial_dir in trial_dirs:
+        assert (sweep_dir / "trials" / trial_dir / "result.json").stat().st_size > 0
+        assert (sweep_dir / "trials" / trial_dir / "progress.csv").stat().st_size > 0
+    assert not list((sweep_dir / "trials").rglob("events.out.tfevents.*"))

@@ -1,4 +1,5 @@
-"""How the sweep drives Ray Tune: how many trials Tune may start at once."""
+"""How the sweep drives Ray Tune: how many trials Tune may start at once, and which of
+Tune's loggers run."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ import os
 
 import pytest
 from ray.tune.execution.tune_controller import _get_max_pending_trials
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.search import SearchGenerator
+from ray.tune.utils.callback import _create_default_callbacks
 
 from sweeper.config import to_sweep_config
 from sweeper.space import build_search_space
-from sweeper.tuner import make_searcher, pending_trials, starting_trials_together
+from sweeper.tuner import (
+    make_scheduler,
+    make_searcher,
+    pending_trials,
+    sweep_callbacks,
+    tune_settings,
+)
 
 PENDING = "TUNE_MAX_PENDING_TRIALS_PG"
 
@@ -36,7 +45,7 @@ def test_tune_starts_as_many_trials_together_as_may_run(compose, ray_local, monk
     cfg = to_sweep_config(compose("+experiment=smoke", "resources.max_concurrent_trials=2"))
     search = SearchGenerator(make_searcher(cfg, build_search_space(cfg)))
     assert _get_max_pending_trials(search) == 1
-    with starting_trials_together(cfg):
+    with tune_settings(cfg):
         assert _get_max_pending_trials(search) == 2
     assert PENDING not in os.environ  # nothing left behind for the next sweep in this process
 
@@ -44,6 +53,26 @@ def test_tune_starts_as_many_trials_together_as_may_run(compose, ray_local, monk
 def test_a_pending_trials_setting_of_the_users_own_is_kept(compose, ray_local, monkeypatch):
     monkeypatch.setenv(PENDING, "5")
     cfg = to_sweep_config(compose("+experiment=smoke", "resources.max_concurrent_trials=2"))
-    with starting_trials_together(cfg):
+    with tune_settings(cfg):
         assert os.environ[PENDING] == "5"
     assert os.environ[PENDING] == "5"
+
+
+def test_tune_writes_result_files_but_no_tensorboard_files_of_its_own(compose, ray_local,
+                                                                      tmp_path, monkeypatch):
+    """What Tune's fit() adds to the sweep's callbacks: no second JSON or CSV logger, and no
+    TensorBoardX logger (sweeper's TensorBoardCallback writes the events); outside the
+    context Tune's defaults come back."""
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    cfg = to_sweep_config(compose("+experiment=smoke"))
+    space = build_search_space(cfg)
+
+    def loggers() -> list[type]:
+        callbacks = sweep_callbacks(tmp_path, space, "val_accuracy", make_scheduler(cfg))
+        kinds = (JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback)
+        return sorted((type(callback) for callback in _create_default_callbacks(callbacks)
+                       if isinstance(callback, kinds)), key=lambda kind: kind.__name__)
+
+    with tune_settings(cfg):
+        assert loggers() == [CSVLoggerCallback, JsonLoggerCallback]
+    assert loggers() == [CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback]
