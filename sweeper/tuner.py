@@ -139,6 +139,14 @@ def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:
     return float(cpus), float(gpus)
 
 
+# Ray starts an idle worker per CPU as the driver connects, for the driver's first tasks; Tune
+# gives its trial actors a runtime env of their own (its env vars), so they never take those
+# workers and start their own. On a small machine the unused workers' start took CPU from the
+# trials' start: the first trial's first training step came 1.2 s later (9.5 vs 8.3 s from
+# `python -m sweeper`, median of 3 alternating runs on 2 CPUs).
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+
+
 def connect(cluster: ClusterConfig) -> bool:
     """Start or join Ray as the config says; returns whether this call started it."""
     if ray.is_initialized():
@@ -148,7 +156,8 @@ def connect(cluster: ClusterConfig) -> bool:
     else:
         # "local" starts a fresh Ray even where `ray start` left a cluster running.
         ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
-                 include_dashboard=False, logging_level=logging.WARNING)
+                 include_dashboard=False, logging_level=logging.WARNING,
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     return True
 
 

@@ -4,6 +4,9 @@ Tune's loggers run."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from ray.tune.execution.tune_controller import _get_max_pending_trials
@@ -76,3 +79,40 @@ def test_tune_writes_result_files_but_no_tensorboard_files_of_its_own(compose, r
     with tune_settings(cfg):
         assert loggers() == [CSVLoggerCallback, JsonLoggerCallback]
     assert loggers() == [CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback]
+
+
+IDLE_WORKERS = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import ray
+from cli_helpers import processes, process_tree
+from sweeper.config import ClusterConfig
+from sweeper.tuner import connect
+
+def idle_workers():
+    table = processes()
+    return sum(1 for pid in process_tree(os.getpid(), table)
+               if table[pid][2][0].startswith("ray::IDLE"))
+
+started = time.monotonic()
+ray.init(address="local", num_cpus=2, include_dashboard=False)  # Ray's default
+while idle_workers() < 2 and time.monotonic() - started < 30:
+    time.sleep(0.1)
+waited = time.monotonic() - started
+print("default", idle_workers())
+ray.shutdown()
+connect(ClusterConfig(num_cpus=2))  # sweeper's in-process Ray
+time.sleep(max(3.0, 2 * waited))
+print("sweeper", idle_workers())
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_starts_no_idle_workers_that_trials_would_not_take():
+    """Ray's default starts an idle worker per CPU as the driver connects; Tune's trial actors
+    never take them (their runtime env differs), so the in-process Ray starts none."""
+    script = IDLE_WORKERS.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    counts = dict(line.split() for line in done.stdout.splitlines() if line.strip())
+    assert counts == {"default": "2", "sweeper": "0"}, done.stderr[-2000:]
