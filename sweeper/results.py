@@ -59,6 +59,18 @@ def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> tuple
     return pick(scored, key=lambda pair: pair[0])
 
 
+def all_trials_ended(grid, num_trials: int) -> bool:
+    """Whether every trial of the sweep has ended: all ``num_trials`` were created and each
+    finished, was stopped by the scheduler, or failed.
+
+    Not from the grid's statuses: on Ctrl-C Tune saves the experiment with its running trials
+    as RUNNING (a resume continues them) and then stops them, so they come back TERMINATED as
+    if they had ended. Tune marks a trial's last result ``done`` only when it ended.
+    """
+    return len(grid) >= num_trials and all(
+        result.error is not None or result.metrics.get("done") for result in grid)
+
+
 def records_from_results(grid, metric: str, mode: str, max_epochs: int,
                          sweep_done: bool) -> list[TrialRecord]:
     """Turn Ray Tune's ResultGrid into TrialRecords, in trial order."""

@@ -30,7 +30,13 @@ from sweeper.config import (
 )
 from sweeper.data import Splits, check_source, load_splits
 from sweeper.report import publish
-from sweeper.results import build_summary, format_table, rank, records_from_results
+from sweeper.results import (
+    all_trials_ended,
+    build_summary,
+    format_table,
+    rank,
+    records_from_results,
+)
 from sweeper.space import build_search_space, flatten_space
 from sweeper.study import earlier_trials, open_storage, resolve_warm_start, storage_url
 
@@ -170,8 +176,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
         with tune_settings(cfg_t):
             grid = tuner.fit()
-        finished = grid.num_terminated + grid.num_errors
-        done = len(grid) >= cfg_t.search.num_trials and finished == len(grid)
+        done = all_trials_ended(grid, cfg_t.search.num_trials)
         records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
                                        cfg_t.train.epochs, sweep_done=done)
         ranked = rank(records, cfg_t.search.mode)

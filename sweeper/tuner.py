@@ -7,6 +7,7 @@ call into (trainer, space, results) takes and returns plain values.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -110,6 +111,41 @@ class SchedulerStateCallback(Callback):
         self.scheduler.__dict__.update(state["scheduler"])
 
 
+class FailedTrialsSaved(Callback):
+    """Make the saved experiment state say ERROR for every trial that failed.
+
+    Ray Tune (seen in 2.60) does not save the status of a trial whose worker process died: the
+    trial is detached from its actor before the failure is handled, and only attached trials
+    are queued for the state snapshot, so the state keeps it RUNNING. A resume of an interrupted
+    sweep would then run it again whatever ``resume.errored`` says. Tune saves the state one
+    last time before it ends the experiment; this rewrites the failed trials' entries there with
+    what Tune holds for them in memory, in Tune's own format.
+    """
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        failed = {trial.trial_id: trial for trial in trials if trial.status == "ERROR"}
+        if not failed:
+            return
+        folder = Path(next(iter(failed.values())).storage.experiment_fs_path)
+        states = sorted(folder.glob("experiment_state-*.json"))  # the newest one is restored
+        if not states:
+            logger.debug("No experiment state in %s to record failed trials in", folder)
+            return
+        state = json.loads(states[-1].read_text())
+        changed = False
+        for index, (trial_json, _) in enumerate(state["trial_data"]):
+            saved = json.loads(trial_json)
+            trial = failed.get(saved["trial_id"])
+            if trial is not None and saved["status"] != trial.status:
+                state["trial_data"][index] = list(trial.get_json_state())
+                changed = True
+        if changed:
+            staged = states[-1].with_suffix(".json.tmp")
+            staged.write_text(json.dumps(state))
+            os.replace(staged, states[-1])
+            logger.debug("Recorded failed trials in %s", states[-1])
+
+
 def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], metric: str,
                     scheduler: TrialScheduler) -> list[Callback]:
     """What the driver does with every result besides searching and scheduling.
@@ -120,7 +156,7 @@ def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], m
     the sweep folder, beside sweeper's own runs with their hyperparameters.
     """
     return [TensorBoardCallback(tensorboard_dir, space, metric), SchedulerStateCallback(scheduler),
-            JsonLoggerCallback(), CSVLoggerCallback()]
+            FailedTrialsSaved(), JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
 import signal
 
 import optuna
@@ -20,6 +22,14 @@ def _summary(sweep_dir):
     return json.loads((sweep_dir / "summary.json").read_text())
 
 
+def _first_epoch_reported(sweep_dir):
+    """(trial id, worker pid) of a trial whose last report is its first epoch, if any."""
+    for trial_id, rows in trial_rows(sweep_dir).items():
+        if rows and rows[-1]["epoch"] == 1:
+            return trial_id, rows[-1]["pid"]
+    return None
+
+
 def _latest(folder, pattern):
     """The file of the newest Ray session: names end in the session's start time."""
     return max(folder.glob(pattern), key=lambda path: path.name)
@@ -31,15 +41,8 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path):
             "train.epochs=3", "data.max_train_samples=6000"]
     process = start_cli(args, cwd=tmp_path, log=tmp_path / "run.log")
     try:
-        def first_epoch_reported():
-            for trial_id, rows in trial_rows(sweep_dir).items():
-                if rows and rows[-1]["epoch"] == 1:
-                    return trial_id, rows[-1]["pid"]
-            return None
-
-        trial_id, worker_pid = wait_for(first_epoch_reported, 600, "a trial's first epoch")
-        import os
-
+        trial_id, worker_pid = wait_for(lambda: _first_epoch_reported(sweep_dir), 600,
+                                       "a trial's first epoch")
         os.kill(worker_pid, signal.SIGKILL)  # mid-epoch 2 of that trial
         assert process.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
@@ -152,3 +155,55 @@ def test_ctrl_c_leaves_a_resumable_sweep(tmp_path):
     changed = run_cli([*args, "train.batch_size=32"], cwd=tmp_path)
     assert changed.returncode == 2
     assert "train.batch_size" in changed.stderr and "fresh=true" in changed.stderr
+
+
+def test_resume_retries_or_keeps_a_trial_that_had_failed(tmp_path):
+    """A trial that ended in an error before the sweep was interrupted: resuming with
+    resume.errored=retry continues it from its last checkpoint, with skip it stays failed."""
+    sweep_dir = tmp_path / "sweep"
+    settings = [*SMOKE, "search.num_trials=3", "scheduler=none", "train.epochs=4",
+                "data.max_train_samples=6000", "recovery.max_failures=0"]
+    log = tmp_path / "first.log"
+    process = start_cli([*settings, f"sweep_dir={sweep_dir}"], cwd=tmp_path, log=log)
+    try:
+        failed_id, worker_pid = wait_for(lambda: _first_epoch_reported(sweep_dir), 600,
+                                       "a trial's first epoch")
+        os.kill(worker_pid, signal.SIGKILL)  # no retries left (max_failures=0): the trial fails
+        error_file = sweep_dir / "trials" / f"trial_{failed_id}" / "error.txt"
+        wait_for(error_file.exists, 300, "the trial's error")
+        # All trials created: Ctrl-C must not pass the cut-off ones for ended.
+        wait_for(lambda: len(trial_rows(sweep_dir)) == 3, 300, "a third trial")
+        process.send_signal(signal.SIGINT)
+        returncode = process.wait(timeout=300)
+    finally:
+        kill_tree(process)
+    assert returncode == 130, log.read_text()[-3000:]
+    before = trial_rows(sweep_dir)[failed_id]
+    assert [row["epoch"] for row in before] == [1]
+
+    # The same interrupted sweep twice: resumed each way.
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy_dir)
+    outcomes = {}
+    for errored, folder in (("skip", sweep_dir), ("retry", copy_dir)):
+        resumed = run_cli([*settings, f"sweep_dir={folder}", f"resume.errored={errored}"],
+                          cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        summary = _summary(folder)
+        assert summary["state"] == "complete" and summary["num_trials"] == 3
+        outcomes[errored] = (next(t for t in summary["trials"] if t["trial_id"] == failed_id),
+                             trial_rows(folder)[failed_id])
+        # The trials Ctrl-C cut off went on to their last epoch.
+        for trial in summary["trials"]:
+            if trial["trial_id"] != failed_id:
+                assert trial["status"] == "completed" and trial["epochs_trained"] == 4, trial
+
+    kept, kept_rows = outcomes["skip"]
+    assert kept["status"] == "failed" and kept["epochs_trained"] == 1
+    assert kept_rows == before  # not trained again
+    retried, retried_rows = outcomes["retry"]
+    assert retried["status"] == "completed" and retried["epochs_trained"] == 4
+    # It went on from its checkpoint after epoch 1 on a new worker, no epoch trained twice.
+    assert [row["epoch"] for row in retried_rows] == [1, 2, 3, 4]
+    assert retried_rows[0] == before[0]
+    assert all(row["pid"] != worker_pid for row in retried_rows[1:])
