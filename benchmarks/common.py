@@ -270,9 +270,12 @@ def ray_session(num_cpus: int = 2):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    from sweeper.tuner import LOCAL_RAY_SYSTEM_CONFIG
+
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False)
+                 logging_level="ERROR", log_to_driver=False,
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)  # as sweeper starts its Ray
     return ray
 
 
