@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,15 +223,22 @@ def pending_trials(cfg: SweepConfig, cpus: float, gpus: float) -> int:
     return max(1, int(min(fits, default=1)))
 
 
+TUNE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGUSR1")
+                     if hasattr(signal, name))  # Windows has no SIGUSR1
+
+
 @contextlib.contextmanager
 def tune_settings(cfg: SweepConfig):
-    """Settings Tune reads from the environment, set while fit() runs; values the user set
-    are left alone.
+    """Settings Tune reads from the environment, set while fit() runs (values the user set are
+    left alone), and the signal handlers fit() installs, put back after it.
 
     - ``TUNE_MAX_PENDING_TRIALS_PG``: start :func:`pending_trials` trials at once.
     - ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``: Tune adds its CSV, JSON and TensorBoardX loggers
       unless told not to; :func:`sweep_callbacks` holds the first two, and sweeper writes
       TensorBoard events itself.
+    - Tune's SIGINT (Ctrl-C) and SIGUSR1 handlers stay installed after a fit that was not
+      interrupted: a Ctrl-C during the final retrain would only print Tune's "ending Ray Tune
+      run" and be lost.
     """
     settings = {
         "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
@@ -237,11 +246,16 @@ def tune_settings(cfg: SweepConfig):
     }
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
+    handlers = {number: signal.getsignal(number) for number in TUNE_SIGNALS}
     try:
         yield
     finally:
         for key in ours:
             os.environ.pop(key, None)
+        if threading.current_thread() is threading.main_thread():  # where Tune installs them
+            for number, handler in handlers.items():
+                if handler is not None:  # None: not installed from Python; leave it
+                    signal.signal(number, handler)
 
 
 def _cluster_capacity() -> tuple[float, float]:

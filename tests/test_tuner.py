@@ -4,11 +4,13 @@ Tune's loggers run."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ray import tune
 from ray.tune.execution.tune_controller import _get_max_pending_trials
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.search import SearchGenerator
@@ -17,6 +19,7 @@ from ray.tune.utils.callback import _create_default_callbacks
 from sweeper.config import to_sweep_config
 from sweeper.space import build_search_space
 from sweeper.tuner import (
+    TUNE_SIGNALS,
     make_scheduler,
     make_searcher,
     pending_trials,
@@ -116,3 +119,19 @@ def test_a_local_ray_starts_no_idle_workers_that_trials_would_not_take():
                           timeout=120, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     counts = dict(line.split() for line in done.stdout.splitlines() if line.strip())
     assert counts == {"default": "2", "sweeper": "0"}, done.stderr[-2000:]
+
+
+def test_ctrl_c_after_fit_is_not_left_to_tunes_handler(compose, ray_local, tmp_path):
+    """Tune installs SIGINT and SIGUSR1 handlers for fit() and keeps them after a fit that was
+    not interrupted; after the context the process's own handlers are back, so a Ctrl-C during
+    the final retrain stops it instead of being swallowed."""
+    cfg = to_sweep_config(compose("+experiment=smoke"))
+    own = {number: signal.getsignal(number) for number in TUNE_SIGNALS}
+    tuner = tune.Tuner(lambda config: tune.report({"x": 1.0}),
+                       tune_config=tune.TuneConfig(num_samples=1),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    with tune_settings(cfg):
+        tuner.fit()
+        during = {number: signal.getsignal(number) for number in TUNE_SIGNALS}
+    assert during != own  # Tune's own, still installed after its fit
+    assert {number: signal.getsignal(number) for number in TUNE_SIGNALS} == own
