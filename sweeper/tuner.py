@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 from dataclasses import dataclass
@@ -113,39 +114,86 @@ class SchedulerStateCallback(Callback):
         self.scheduler.__dict__.update(state["scheduler"])
 
 
+FAILED_TRIALS_FILE = "failed_trials.json"  # sweeper's own, beside Tune's experiment state
+
+
 class FailedTrialsSaved(Callback):
-    """Make the saved experiment state say ERROR for every trial that failed.
+    """Make the saved experiment state say ERROR for every trial that failed for good.
 
     Ray Tune (seen in 2.60) does not save the status of a trial whose worker process died: the
     trial is detached from its actor before the failure is handled, and only attached trials
-    are queued for the state snapshot, so the state keeps it RUNNING. A resume of an interrupted
-    sweep would then run it again whatever ``resume.errored`` says. Tune saves the state one
-    last time before it ends the experiment; this rewrites the failed trials' entries there with
-    what Tune holds for them in memory, in Tune's own format.
+    are queued for the state snapshot, so the state keeps it RUNNING. A resume would then run
+    it again whatever ``resume.errored`` says. So each such trial, as Tune holds it in memory
+    (Tune's own format), is written to ``failed_trials.json`` in the experiment folder when it
+    fails, and put into Tune's saved state after Tune's last save at the experiment's end, or,
+    for a driver that was killed, before the resume (:func:`record_failed_trials`).
     """
 
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        if not _stored_locally(trial):
+            return
+        record = Path(trial.storage.experiment_fs_path) / FAILED_TRIALS_FILE
+        failed = json.loads(record.read_text()) if record.exists() else {}
+        failed[trial.trial_id] = list(trial.get_json_state())
+        _replace_file(record, failed)
+        # Tune writes the error beside the driver and copies it to the trial's folder with its
+        # next save, which a killed driver never makes; the trial's error is read from there.
+        for name in (trial.run_metadata.error_filename, trial.run_metadata.pickled_error_filename):
+            written = Path(trial.local_path, name) if name else None
+            if written is not None and written.is_file():
+                shutil.copyfile(written, Path(trial.path, name))
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        failed = {trial.trial_id: trial for trial in trials if trial.status == "ERROR"}
-        if not failed:
-            return
-        folder = Path(next(iter(failed.values())).storage.experiment_fs_path)
-        states = sorted(folder.glob("experiment_state-*.json"))  # the newest one is restored
-        if not states:
-            logger.debug("No experiment state in %s to record failed trials in", folder)
-            return
-        state = json.loads(states[-1].read_text())
-        changed = False
-        for index, (trial_json, _) in enumerate(state["trial_data"]):
-            saved = json.loads(trial_json)
-            trial = failed.get(saved["trial_id"])
-            if trial is not None and saved["status"] != trial.status:
-                state["trial_data"][index] = list(trial.get_json_state())
-                changed = True
-        if changed:
-            staged = states[-1].with_suffix(".json.tmp")
-            staged.write_text(json.dumps(state))
-            os.replace(staged, states[-1])
-            logger.debug("Recorded failed trials in %s", states[-1])
+        failed = [trial for trial in trials if trial.status == "ERROR" and _stored_locally(trial)]
+        if failed:
+            _put_into_saved_state(Path(failed[0].storage.experiment_fs_path),
+                                  {trial.trial_id: list(trial.get_json_state())
+                                   for trial in failed})
+
+
+def _stored_locally(trial) -> bool:
+    """Whether the sweep's folder is on this machine's file system (local or mounted)."""
+    from pyarrow.fs import LocalFileSystem
+
+    return isinstance(trial.storage.storage_filesystem, LocalFileSystem)
+
+
+def record_failed_trials(trials_dir: Path, retry: bool) -> None:
+    """Before a resume: put the trials recorded as failed into Tune's saved state, or, when
+    they are to be retried, forget them (a new failure is recorded anew)."""
+    record = trials_dir / FAILED_TRIALS_FILE
+    if not record.exists():
+        return
+    if retry:
+        record.unlink()
+    else:
+        _put_into_saved_state(trials_dir, json.loads(record.read_text()))
+
+
+def _put_into_saved_state(trials_dir: Path, failed: dict[str, list[str]]) -> None:
+    """Replace the saved entries of ``failed`` trials (id -> Tune's JSON state) that differ."""
+    states = sorted(trials_dir.glob("experiment_state-*.json"))  # the newest one is restored
+    if not states:
+        logger.debug("No experiment state in %s to record failed trials in", trials_dir)
+        return
+    state = json.loads(states[-1].read_text())
+    changed = False
+    for index, (trial_json, _) in enumerate(state["trial_data"]):
+        saved = json.loads(trial_json)
+        entry = failed.get(saved["trial_id"])
+        if entry is not None and saved["status"] != json.loads(entry[0])["status"]:
+            state["trial_data"][index] = entry
+            changed = True
+    if changed:
+        _replace_file(states[-1], state)
+        logger.debug("Recorded failed trials in %s", states[-1])
+
+
+def _replace_file(path: Path, content: Any) -> None:
+    """Write JSON so that a reader (or a kill) never sees half a file."""
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(content))
+    os.replace(staged, path)
 
 
 def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], metric: str,
@@ -274,6 +322,7 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
     trainable = _trainable(cfg, splits)
     if tune.Tuner.can_restore(str(paths.trials)):
         logger.info("Resuming the interrupted sweep in %s", paths.trials)
+        record_failed_trials(paths.trials, retry=cfg.resume.errored == "retry")
         return tune.Tuner.restore(str(paths.trials), trainable=trainable,
                                   resume_errored=cfg.resume.errored == "retry")
     metric, mode = cfg.search.metric, cfg.search.mode

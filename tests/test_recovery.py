@@ -207,3 +207,36 @@ def test_resume_retries_or_keeps_a_trial_that_had_failed(tmp_path):
     assert [row["epoch"] for row in retried_rows] == [1, 2, 3, 4]
     assert retried_rows[0] == before[0]
     assert all(row["pid"] != worker_pid for row in retried_rows[1:])
+
+
+def test_a_trial_that_failed_stays_failed_after_a_killed_driver_resumes(tmp_path):
+    """resume.errored=skip after the driver was killed (no last save by Tune): the trial whose
+    worker died for good is not trained again, the others finish."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=3", "scheduler=none",
+            "train.epochs=4", "data.max_train_samples=6000", "recovery.max_failures=0",
+            "resume.errored=skip"]
+    process = start_cli(args, cwd=tmp_path, log=tmp_path / "first.log")
+    try:
+        failed_id, worker_pid = wait_for(lambda: _first_epoch_reported(sweep_dir), 600,
+                                         "a trial's first epoch")
+        os.kill(worker_pid, signal.SIGKILL)  # no retries left: the trial fails
+        record = sweep_dir / "trials" / "failed_trials.json"
+        wait_for(lambda: record.exists() and failed_id in json.loads(record.read_text()), 300,
+                 "the failure recorded")
+        before = trial_rows(sweep_dir)[failed_id]
+        kill_tree(process)
+    finally:
+        kill_tree(process)
+    assert process.returncode == -signal.SIGKILL
+
+    resumed = run_cli(args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = _summary(sweep_dir)
+    assert summary["state"] == "complete" and summary["num_trials"] == 3
+    for trial in summary["trials"]:
+        if trial["trial_id"] == failed_id:
+            assert trial["status"] == "failed" and trial["epochs_trained"] == 1, trial
+        else:
+            assert trial["status"] == "completed" and trial["epochs_trained"] == 4, trial
+    assert trial_rows(sweep_dir)[failed_id] == before  # not trained again
