@@ -30,6 +30,14 @@ def _first_epoch_reported(sweep_dir):
     return None
 
 
+def _resumed_after_kill(process, args, cwd):
+    """The same command run again after the driver and its Ray were killed (SIGKILL)."""
+    assert process.returncode == -signal.SIGKILL
+    resumed = run_cli(args, cwd=cwd)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return resumed
+
+
 def _latest(folder, pattern):
     """The file of the newest Ray session: names end in the session's start time."""
     return max(folder.glob(pattern), key=lambda path: path.name)
@@ -81,13 +89,9 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
         mtime = state.stat().st_mtime
         wait_for(lambda: state.stat().st_mtime > mtime, 120, "an experiment checkpoint")
         before = trial_rows(sweep_dir)
-        kill_tree(process)
     finally:
         kill_tree(process)
-    assert process.returncode == -signal.SIGKILL
-
-    resumed = run_cli(args, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = _resumed_after_kill(process, args, tmp_path)
     assert "Resuming" in resumed.stdout + resumed.stderr
 
     summary = _summary(sweep_dir)
@@ -225,13 +229,9 @@ def test_a_trial_that_failed_stays_failed_after_a_killed_driver_resumes(tmp_path
         wait_for(lambda: record.exists() and failed_id in json.loads(record.read_text()), 300,
                  "the failure recorded")
         before = trial_rows(sweep_dir)[failed_id]
-        kill_tree(process)
     finally:
         kill_tree(process)
-    assert process.returncode == -signal.SIGKILL
-
-    resumed = run_cli(args, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    _resumed_after_kill(process, args, tmp_path)
     summary = _summary(sweep_dir)
     assert summary["state"] == "complete" and summary["num_trials"] == 3
     for trial in summary["trials"]:
