@@ -132,23 +132,31 @@ class FailedTrialsSaved(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         if not _stored_locally(trial):
             return
-        record = Path(trial.storage.experiment_fs_path) / FAILED_TRIALS_FILE
-        failed = json.loads(record.read_text()) if record.exists() else {}
-        failed[trial.trial_id] = list(trial.get_json_state())
-        _replace_file(record, failed)
-        # Tune writes the error beside the driver and copies it to the trial's folder with its
-        # next save, which a killed driver never makes; the trial's error is read from there.
-        for name in (trial.run_metadata.error_filename, trial.run_metadata.pickled_error_filename):
-            written = Path(trial.local_path, name) if name else None
-            if written is not None and written.is_file():
-                shutil.copyfile(written, Path(trial.path, name))
+        try:
+            record = Path(trial.storage.experiment_fs_path) / FAILED_TRIALS_FILE
+            failed = json.loads(record.read_text()) if record.exists() else {}
+            failed[trial.trial_id] = list(trial.get_json_state())
+            _replace_file(record, failed)
+            # Tune writes the error beside the driver and copies it to the trial's folder with
+            # its next save, which a killed driver never makes; the error is read from there.
+            for name in (trial.run_metadata.error_filename,
+                         trial.run_metadata.pickled_error_filename):
+                written, kept = Path(trial.local_path, name or ""), Path(trial.path, name or "")
+                if name and written.is_file() and written != kept:
+                    shutil.copyfile(written, kept)
+        except (OSError, ValueError) as error:  # the sweep goes on; only a resume may differ
+            logger.warning("Could not record failed trial %s: %s", trial.trial_id, error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         failed = [trial for trial in trials if trial.status == "ERROR" and _stored_locally(trial)]
-        if failed:
+        if not failed:
+            return
+        try:
             _put_into_saved_state(Path(failed[0].storage.experiment_fs_path),
                                   {trial.trial_id: list(trial.get_json_state())
                                    for trial in failed})
+        except (OSError, ValueError) as error:
+            logger.warning("Could not record failed trials in the experiment state: %s", error)
 
 
 def _stored_locally(trial) -> bool:
