@@ -295,6 +295,9 @@ def tune_settings(cfg: SweepConfig):
     - Tune's SIGINT (Ctrl-C) and SIGUSR1 handlers stay installed after a fit that was not
       interrupted: a Ctrl-C during the final retrain would only print Tune's "ending Ray Tune
       run" and be lost.
+    - SIGTERM (a preempted job, ``kill``, ``docker stop``) stops the trials as Ctrl-C does: Tune
+      saves the experiment one last time and the caller learns it was interrupted. Ray's own
+      handler ended the driver at once (exit 1, a stack dump, no last save).
     """
     settings = {
         "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
@@ -302,7 +305,9 @@ def tune_settings(cfg: SweepConfig):
     }
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
-    handlers = {number: signal.getsignal(number) for number in TUNE_SIGNALS}
+    handlers = {number: signal.getsignal(number) for number in (*TUNE_SIGNALS, signal.SIGTERM)}
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
     try:
         yield
     finally:
@@ -312,6 +317,15 @@ def tune_settings(cfg: SweepConfig):
             for number, handler in handlers.items():
                 if handler is not None:  # None: not installed from Python; leave it
                     signal.signal(number, handler)
+
+
+def _as_ctrl_c(signum: int, frame) -> None:
+    """Hand a signal to whatever handles Ctrl-C now: Tune's graceful stop while it runs the
+    trials; after a first stop, Python's KeyboardInterrupt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 def _cluster_capacity() -> tuple[float, float]:

@@ -132,7 +132,10 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
     assert all(trial.state.is_finished() for trial in by_tune_id.values())
 
 
-def test_ctrl_c_leaves_a_resumable_sweep(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_leaves_a_resumable_sweep(tmp_path, stop):
+    """Ctrl-C, or SIGTERM as a preempted job gets: the trials stop, the summary says
+    interrupted, the resume command is printed, and running it finishes the sweep."""
     sweep_dir = tmp_path / "sweep"
     args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=3", "scheduler=none",
             "train.epochs=2", "data.max_train_samples=2000"]
@@ -140,7 +143,7 @@ def test_ctrl_c_leaves_a_resumable_sweep(tmp_path):
     process = start_cli(args, cwd=tmp_path, log=log)
     try:
         wait_for(lambda: any(trial_rows(sweep_dir).values()), 600, "a first result")
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         returncode = process.wait(timeout=300)
     finally:
         kill_tree(process)
