@@ -59,16 +59,22 @@ def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> tuple
     return pick(scored, key=lambda pair: pair[0])
 
 
-def all_trials_ended(grid, num_trials: int) -> bool:
+def all_trials_ended(grid, num_trials: int, max_epochs: int) -> bool:
     """Whether every trial of the sweep has ended: all ``num_trials`` were created and each
-    finished, was stopped by the scheduler, or failed.
+    trained all its epochs, was stopped by the scheduler, diverged, or failed.
 
     Not from the grid's statuses: on Ctrl-C Tune saves the experiment with its running trials
     as RUNNING (a resume continues them) and then stops them, so they come back TERMINATED as
-    if they had ended. Tune marks a trial's last result ``done`` only when it ended.
+    if they had ended. Nor from Tune's ``done`` flag alone: Tune sets it on the result of a
+    scheduler's stop, but a trial whose function returned keeps ``done`` false in what Tune
+    saves, so a restored sweep would never end.
     """
-    return len(grid) >= num_trials and all(
-        result.error is not None or result.metrics.get("done") for result in grid)
+    def ended(result) -> bool:
+        metrics = result.metrics or {}
+        return (result.error is not None or bool(metrics.get("done"))
+                or bool(metrics.get("diverged")) or metrics.get("epoch", 0) >= max_epochs)
+
+    return len(grid) >= num_trials and all(ended(result) for result in grid)
 
 
 def records_from_results(grid, metric: str, mode: str, max_epochs: int,
@@ -93,8 +99,8 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
         records.append(TrialRecord(
             trial_id=trial_id,
             config=dict(result.config or {}),
-            # Tune marks a trial's last result done when the trial ended (finished, or stopped by
-            # the scheduler): in an interrupted sweep that tells ASHA's stops from cut-off trials.
+            # Tune marks done the result on which the scheduler stopped a trial: in an
+            # interrupted sweep that tells ASHA's stops from cut-off trials.
             status=trial_status(epochs, max_epochs, error,
                                 done=sweep_done or bool(result.metrics.get("done"))),
             epochs_trained=epochs,

@@ -176,7 +176,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
         with tune_settings(cfg_t):
             grid = tuner.fit()
-        done = all_trials_ended(grid, cfg_t.search.num_trials)
+        done = all_trials_ended(grid, cfg_t.search.num_trials, cfg_t.train.epochs)
         records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
                                        cfg_t.train.epochs, sweep_done=done)
         ranked = rank(records, cfg_t.search.mode)

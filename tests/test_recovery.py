@@ -243,3 +243,25 @@ def test_a_trial_that_failed_stays_failed_after_a_killed_driver_resumes(tmp_path
         else:
             assert trial["status"] == "completed" and trial["epochs_trained"] == 4, trial
     assert trial_rows(sweep_dir)[failed_id] == before  # not trained again
+
+
+def test_trials_all_ended_but_no_summary_yet_completes_without_training(tmp_path):
+    """The driver stopped after the last trial but before the summary (killed, or Ctrl-C in
+    the final retrain): running the command again restores the finished experiment, trains
+    nothing and completes the sweep (trials that ran to their last epoch count as ended)."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=2", "scheduler=none",
+            "train.epochs=2", "data.max_train_samples=2000"]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rows = trial_rows(sweep_dir)
+    (sweep_dir / "summary.json").unlink()
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Resuming" in again.stdout + again.stderr
+    summary = _summary(sweep_dir)
+    assert summary["state"] == "complete"
+    assert [trial["status"] for trial in summary["trials"]] == ["completed", "completed"]
+    assert trial_rows(sweep_dir) == rows  # nothing trained again
+    assert (sweep_dir / "best_model.keras").is_file()

@@ -16,6 +16,7 @@ from sweeper.results import (
     FAILED,
     UNFINISHED,
     TrialRecord,
+    all_trials_ended,
     build_summary,
     records_from_results,
     write_summary,
@@ -107,19 +108,33 @@ def test_no_finite_score_without_failures_is_named_too(tmp_path):
     assert summary["error"] == "no trial produced a finite val_accuracy (1 of 2 failed)"
 
 
-def tune_result(trial_id: str, values: list[float], done: bool):
+def tune_result(trial_id: str, values: list[float], done: bool,
+                error: Exception | None = None, **metrics):
     """A trial's result as Ray Tune's ResultGrid hands it over (Tune's own Result class)."""
     import pandas as pd
     from ray.tune import Result
 
     frame = pd.DataFrame({"epoch": range(1, len(values) + 1), "val_accuracy": values})
-    return Result(metrics={"trial_id": trial_id, "epoch": len(values), "done": done},
-                  checkpoint=None, error=None, path=f"/sweep/trials/trial_{trial_id}",
+    return Result(metrics={"trial_id": trial_id, "epoch": len(values), "done": done, **metrics},
+                  checkpoint=None, error=error, path=f"/sweep/trials/trial_{trial_id}",
                   metrics_dataframe=frame)
 
 
+@pytest.mark.parametrize("last, ended", [
+    (tune_result("stopped", [0.3], done=True), True),  # the scheduler's stop: Tune marks done
+    (tune_result("full", [0.5, 0.6, 0.7], done=False), True),  # restored: done stays false
+    (tune_result("nan", [0.2], done=False, diverged=True), True),
+    (tune_result("dead", [0.4], done=False, error=RuntimeError("worker died")), True),
+    (tune_result("cut", [0.4, 0.5], done=False), False),  # Ctrl-C: TERMINATED, not ended
+])
+def test_a_sweep_has_ended_when_every_trial_has(last, ended):
+    others = [tune_result("a", [0.5, 0.6, 0.7], done=True), tune_result("b", [0.1], done=True)]
+    assert all_trials_ended([*others, last], num_trials=3, max_epochs=3) is ended
+    assert not all_trials_ended([*others, last], num_trials=4, max_epochs=3)  # one to come
+
+
 def test_an_interrupted_sweep_tells_early_stopped_trials_from_cut_off_ones():
-    # Tune marks a trial's last result done when the trial ended: finished, or stopped by ASHA.
+    # Tune marks done the result on which the scheduler stopped a trial.
     grid = [tune_result("full", [0.5, 0.6, 0.7], done=True),
             tune_result("stopped", [0.3], done=True),
             tune_result("running", [0.4, 0.5], done=False)]
