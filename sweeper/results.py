@@ -59,22 +59,18 @@ def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> tuple
     return pick(scored, key=lambda pair: pair[0])
 
 
-def all_trials_ended(grid, num_trials: int, max_epochs: int) -> bool:
-    """Whether every trial of the sweep has ended: all ``num_trials`` were created and each
-    trained all its epochs, was stopped by the scheduler, diverged, or failed.
+def all_trials_ended(records: list[TrialRecord], num_trials: int) -> bool:
+    """Whether every trial of the sweep has ended: all ``num_trials`` were created and none is
+    unfinished (each trained all its epochs, was stopped by the scheduler, diverged or failed;
+    :func:`trial_status` of records made with ``sweep_done=False``).
 
-    Not from the grid's statuses: on Ctrl-C Tune saves the experiment with its running trials
-    as RUNNING (a resume continues them) and then stops them, so they come back TERMINATED as
-    if they had ended. Nor from Tune's ``done`` flag alone: Tune sets it on the result of a
+    Not from Tune's statuses: on Ctrl-C Tune saves the experiment with its running trials as
+    RUNNING (a resume continues them) and then stops them, so they come back TERMINATED as if
+    they had ended. Nor from Tune's ``done`` flag alone: Tune sets it on the result of a
     scheduler's stop, but a trial whose function returned keeps ``done`` false in what Tune
     saves, so a restored sweep would never end.
     """
-    def ended(result) -> bool:
-        metrics = result.metrics or {}
-        return (result.error is not None or bool(metrics.get("done"))
-                or bool(metrics.get("diverged")) or metrics.get("epoch", 0) >= max_epochs)
-
-    return len(grid) >= num_trials and all(ended(result) for result in grid)
+    return len(records) >= num_trials and all(r.status != UNFINISHED for r in records)
 
 
 def records_from_results(grid, metric: str, mode: str, max_epochs: int,

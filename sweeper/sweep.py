@@ -176,9 +176,10 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
         with tune_settings(cfg_t):
             grid = tuner.fit()
-        done = all_trials_ended(grid, cfg_t.search.num_trials, cfg_t.train.epochs)
+        # Once all trials have ended no record is unfinished, so sweep_done changes nothing.
         records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
-                                       cfg_t.train.epochs, sweep_done=done)
+                                       cfg_t.train.epochs, sweep_done=False)
+        done = all_trials_ended(records, cfg_t.search.num_trials)
         ranked = rank(records, cfg_t.search.mode)
         # Still on Ray: a retrain of the best config runs where the trials ran.
         test = export_final(cfg_t, ranked[0], splits, paths.root) if ranked and done else None

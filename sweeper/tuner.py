@@ -306,14 +306,16 @@ def tune_settings(cfg: SweepConfig):
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
     handlers = {number: signal.getsignal(number) for number in (*TUNE_SIGNALS, signal.SIGTERM)}
-    if threading.current_thread() is threading.main_thread():
+    # Handlers can only be set from the main thread, the one where Tune installs its own.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
         signal.signal(signal.SIGTERM, _as_ctrl_c)
     try:
         yield
     finally:
         for key in ours:
             os.environ.pop(key, None)
-        if threading.current_thread() is threading.main_thread():  # where Tune installs them
+        if in_main_thread:
             for number, handler in handlers.items():
                 if handler is not None:  # None: not installed from Python; leave it
                     signal.signal(number, handler)

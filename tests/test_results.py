@@ -129,8 +129,10 @@ def tune_result(trial_id: str, values: list[float], done: bool,
 ])
 def test_a_sweep_has_ended_when_every_trial_has(last, ended):
     others = [tune_result("a", [0.5, 0.6, 0.7], done=True), tune_result("b", [0.1], done=True)]
-    assert all_trials_ended([*others, last], num_trials=3, max_epochs=3) is ended
-    assert not all_trials_ended([*others, last], num_trials=4, max_epochs=3)  # one to come
+    records = records_from_results([*others, last], "val_accuracy", "max", max_epochs=3,
+                                   sweep_done=False)
+    assert all_trials_ended(records, num_trials=3) is ended
+    assert not all_trials_ended(records, num_trials=4)  # one to come
 
 
 def test_an_interrupted_sweep_tells_early_stopped_trials_from_cut_off_ones():
