@@ -15,7 +15,9 @@
    second trial could not start), as TensorFlow and ``nvidia-smi`` count it. Measured: images/s
    of the whole sweep packed against one at a time, and the utilization of benchmark 1.
 
-A failed check exits 1 after writing what was measured.
+The packing runs first, then the throughput; the results files are written after each, so a
+run cut short (a lent machine's time is short) keeps what it measured. A failed check exits 1
+after writing what was measured.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from benchmarks.throughput import plain_images_per_s, sweeper_images_per_s, trai
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS_GPU.md"
 REPEATS = 2
+PARTS = ("packing", "throughput")  # run in this order: the checks first
 PACKED = 4  # trials sharing one GPU
 TRIALS = 8
 
@@ -52,12 +55,15 @@ def nvidia_smi(*query: str) -> list[list[str]]:
 
 
 class GPUMemorySampler(PeriodicSampler):
-    """Samples the GPU memory each process holds, as nvidia-smi reports it, while a sweep runs."""
+    """Samples the GPU memory each process holds and the GPU's memory in use, as nvidia-smi
+    reports them, while a sweep runs. What a process holds is what it reserved: TensorFlow's
+    own peak counts only the bytes its allocator handed out of what it reserved."""
 
     def __init__(self, every_s: float = 0.5) -> None:
         super().__init__(every_s)
         self.peak_per_process_mb: dict[str, float] = {}
         self.peak_total_mb = 0.0
+        self.peak_used_mb = 0.0  # the whole GPU (first one), all processes and contexts
 
     def sample(self) -> None:
         rows = nvidia_smi("--query-compute-apps=pid,used_memory")
@@ -65,6 +71,8 @@ class GPUMemorySampler(PeriodicSampler):
             self.peak_per_process_mb[pid] = max(self.peak_per_process_mb.get(pid, 0.0),
                                                 float(used))
         self.peak_total_mb = max(self.peak_total_mb, sum(float(used) for _, used in rows))
+        for (used,) in nvidia_smi("--query-gpu=memory.used")[:1]:
+            self.peak_used_mb = max(self.peak_used_mb, float(used))
 
 
 def most_at_once(run: SweepRun) -> int:
@@ -76,6 +84,24 @@ def most_at_once(run: SweepRun) -> int:
         running += change
         most = max(most, running)
     return most
+
+
+def failed_attempts(trials_dir: Path) -> tuple[int, list[str]]:
+    """How many trial attempts failed in a sweep, retried ones included, as Tune's newest saved
+    experiment state counts them, and the distinct errors they ended with (the last line of
+    each trial's error.txt). A retried trial that then finished leaves no other trace."""
+    states = sorted(trials_dir.glob("experiment_state-*.json"))  # the newest sorts last
+    failures = 0
+    if states:
+        state = json.loads(states[-1].read_text())
+        failures = sum(json.loads(metadata).get("num_failures", 0)
+                       for _, metadata in state["trial_data"])
+    errors = set()
+    for error_file in trials_dir.glob("*/error.txt"):
+        lines = [line.strip() for line in error_file.read_text(errors="replace").splitlines()
+                 if line.strip()]
+        errors.update(lines[-1:])
+    return failures, sorted(errors)
 
 
 def throughput(workdir: Path, cpus: int, gpu: bool, data: list[str], data_dir: str | None,
@@ -114,7 +140,9 @@ def packing(workdir: Path, cpus: int, gpu: bool, data: list[str]) -> dict[str, A
     figures = {}
     for label, run in runs.items():
         rows = run.all_rows
+        failures, errors = failed_attempts(workdir / run.label / "trials")
         figures[label] = {
+            "failed_attempts": failures, "errors": errors,
             "trials": len(run.rows), "epochs": run.epochs, "wall_s": run.wall_s,
             "most_at_once": most_at_once(run), "utilization": run.utilization,
             "gpu_ids": sorted({row.get("gpu_ids", "") for row in rows}),
@@ -122,6 +150,7 @@ def packing(workdir: Path, cpus: int, gpu: bool, data: list[str]) -> dict[str, A
             "smi_peak_per_process_mb": max(sampled[label].peak_per_process_mb.values(),
                                            default=0.0),
             "smi_peak_total_mb": sampled[label].peak_total_mb,
+            "smi_peak_gpu_used_mb": sampled[label].peak_used_mb,
         }
     packed, single = figures["packed"], figures["one at a time"]
     return {"runs": figures, "gpu_memory_total_mb": total_mb[0] if total_mb else None,
@@ -132,6 +161,12 @@ def packing(workdir: Path, cpus: int, gpu: bool, data: list[str]) -> dict[str, A
 def checks(result: dict[str, Any], gpu: bool) -> list[str]:
     """What the GPU path must do, as failures (empty: all passed)."""
     failures = []
+    if "packing" not in result:
+        return failures
+    for label, run in result["packing"]["runs"].items():
+        if run["failed_attempts"]:
+            failures.append(f"{run['failed_attempts']} trial attempts failed in the {label} "
+                            f"sweep ({'; '.join(run['errors']) or 'no error file'})")
     packed = result["packing"]["runs"]["packed"]
     if packed["most_at_once"] < PACKED:
         failures.append(f"only {packed['most_at_once']} trials trained at once, not {PACKED}")
@@ -145,36 +180,50 @@ def checks(result: dict[str, Any], gpu: bool) -> list[str]:
         if not 0 < packed[what] < limit:
             failures.append(f"{what} {packed[what]:.0f} MB is not within (0, {limit:.0f}) MB: "
                             f"a trial held more than 1/{PACKED} of the GPU")
+    # All the packed trials together: had one reserved the GPU, the others could not start.
+    if not packed["smi_peak_gpu_used_mb"] < (total or 0.0) / 2:
+        failures.append(f"the packed sweep used {packed['smi_peak_gpu_used_mb']:.0f} MB of the "
+                        f"GPU's {total} MB at its peak, not under half")
     return failures
 
 
 def render(result: dict[str, Any]) -> str:
-    device = result["device"]
-    lines = [f"# GPU benchmark results\n\n`python -m benchmarks.gpu` on {device}, "
-             f"{result['measured']}.\n",
-             "## Trainer throughput on the GPU (median of alternating runs)\n",
-             markdown_table(["batch", "sweeper trial images/s", "plain model.fit images/s",
-                             "ratio"],
-                            [[row["batch_size"], row["sweeper_images_per_s"],
-                              row["plain_images_per_s"], row["ratio"]]
-                             for row in result["throughput"]]),
-             f"\n## {PACKED} trials on one GPU against one at a time ({TRIALS} trials, 3 epochs "
-             "each, all of Fashion-MNIST)\n"]
-    runs = result["packing"]["runs"]
-    lines.append(markdown_table(
-        ["sweep", "trials", "most at once", "GPU ids reported", "utilization",
-         "TF peak GPU MB per trial", "nvidia-smi peak MB per process",
-         "nvidia-smi peak MB all"],
-        [[label, run["trials"], run["most_at_once"], " ".join(run["gpu_ids"]) or "-",
-          run["utilization"], run["tf_gpu_peak_mb"], run["smi_peak_per_process_mb"],
-          run["smi_peak_total_mb"]] for label, run in runs.items()]))
-    packing_result = result["packing"]
-    lines.append(f"\nGPU memory: {packing_result['gpu_memory_total_mb']} MB. Packed sweep "
-                 f"{packing_result['packed_speedup']:.2f}x the images/s of one trial at a "
-                 "time.\n")
-    lines.append("Checks: " + ("all passed" if not result["failures"]
-                               else "; ".join(result["failures"])) + "\n")
+    lines = [f"# GPU benchmark results\n\n`python -m benchmarks.gpu` on {result['device']}, "
+             f"{result['measured']}.\n"]
+    if "packing" in result:
+        packing_result = result["packing"]
+        lines.append(f"## {PACKED} trials on one GPU against one at a time ({TRIALS} trials, "
+                     "3 epochs each, all of Fashion-MNIST)\n")
+        lines.append(markdown_table(
+            ["sweep", "trials", "failed attempts", "most at once", "GPU ids reported",
+             "utilization", "TF peak GPU MB per trial", "nvidia-smi peak MB per process",
+             "nvidia-smi peak MB all processes", "nvidia-smi peak MB GPU used"],
+            [[label, run["trials"], run["failed_attempts"], run["most_at_once"],
+              " ".join(run["gpu_ids"]) or "-", run["utilization"], run["tf_gpu_peak_mb"],
+              run["smi_peak_per_process_mb"], run["smi_peak_total_mb"],
+              run["smi_peak_gpu_used_mb"]]
+             for label, run in packing_result["runs"].items()]))
+        lines.append(f"\nGPU memory: {packing_result['gpu_memory_total_mb']} MB. Packed sweep "
+                     f"{packing_result['packed_speedup']:.2f}x the images/s of one trial at a "
+                     "time.\n")
+    if "throughput" in result:
+        lines.append("## Trainer throughput on the GPU (median of alternating runs)\n")
+        lines.append(markdown_table(
+            ["batch", "sweeper trial images/s", "plain model.fit images/s", "ratio"],
+            [[row["batch_size"], row["sweeper_images_per_s"], row["plain_images_per_s"],
+              row["ratio"]] for row in result["throughput"]]))
+    if result["unfinished"]:
+        lines.append(f"\nNot measured yet: {', '.join(result['unfinished'])}.\n")
+    lines.append("\nChecks: " + ("all passed" if not result["failures"]
+                                  else "; ".join(result["failures"])) + "\n")
     return "\n".join(lines)
+
+
+def save(result: dict[str, Any], gpu: bool, out: Path) -> None:
+    """Check and write what is measured so far (RESULTS_GPU.md and its .json)."""
+    result["failures"] = checks(result, gpu)
+    out.write_text(render(result) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -183,6 +232,8 @@ def main() -> None:
     parser.add_argument("--cpu-rehearsal", action="store_true",
                         help="run every step on CPUs only (small), to try the script")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to run, in this order (a lent machine's call may not fit both)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -203,18 +254,21 @@ def main() -> None:
     names = [row[0] for row in nvidia_smi("--query-gpu=name")]
     result: dict[str, Any] = {
         "device": (f"{names[0]} x{gpus}" if gpu and names else f"{cpus} CPUs (rehearsal)"),
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "unfinished": list(args.parts)}
     with tempfile.TemporaryDirectory(prefix="sweeper-gpu-") as tmp:
         workdir = Path(tmp)
-        # The throughput trial gets one GPU and its share of the machine's CPUs.
-        result["throughput"] = throughput(workdir, max(1, cpus // max(1, gpus)), gpu, data,
-                                          args.data, sizes)
-        result["packing"] = packing(workdir, cpus, gpu, sweep_data)
-    result["failures"] = checks(result, gpu)
-    text = render(result)
-    print(text)
-    args.out.write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        for part in PARTS:
+            if part not in args.parts:
+                continue
+            if part == "packing":  # trials share the GPU, each taking a small part of its memory
+                result["packing"] = packing(workdir, cpus, gpu, sweep_data)
+            else:  # the throughput trial gets one GPU and its share of the machine's CPUs
+                result["throughput"] = throughput(workdir, max(1, cpus // max(1, gpus)), gpu,
+                                                  data, args.data, sizes)
+            result["unfinished"].remove(part)
+            save(result, gpu, args.out)
+            print(render(result), flush=True)
     print(f"\nWritten to {args.out}; every figure in {args.out.with_suffix('.json')}")
     sys.exit(1 if result["failures"] else 0)
 

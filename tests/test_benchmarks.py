@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,40 @@ def test_plots_are_written(tmp_path):
     for path in (plot_utilization(rows, tmp_path / "u.png"),
                  plot_search(search, tmp_path / "s.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+
+def test_gpu_checks_count_the_failed_attempts_of_retried_trials(ray_local, tmp_path):
+    """A trial that failed and was retried leaves only Tune's failure count and error file: the
+    GPU packing check must see it (trials that could not start beside others were retried)."""
+    from ray import tune
+
+    from benchmarks.gpu import checks, failed_attempts
+
+    def fails_once_when_x_is_1(config: dict) -> None:  # nested: Ray's workers get it by value
+        marker = Path(config["marker_dir"]) / f"failed_{config['x']}"
+        if config["x"] == 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("cudaSetDevice() on GPU:0 failed. Status: out of memory")
+        tune.report({"score": config["x"]})
+
+    grid = tune.Tuner(
+        fails_once_when_x_is_1,
+        param_space={"x": tune.grid_search([0, 1]), "marker_dir": str(tmp_path)},
+        run_config=tune.RunConfig(name="trials", storage_path=str(tmp_path / "sweep"),
+                                  failure_config=tune.FailureConfig(max_failures=2),
+                                  verbose=0)).fit()
+    assert grid.num_errors == 0  # the retry finished: the result grid shows nothing
+
+    failures, errors = failed_attempts(tmp_path / "sweep" / "trials")
+    assert failures == 1
+    assert errors == ["RuntimeError: cudaSetDevice() on GPU:0 failed. Status: out of memory"]
+    assert failed_attempts(tmp_path / "no sweep") == (0, [])
+
+    run = {"failed_attempts": failures, "errors": errors, "most_at_once": 4}
+    result = {"packing": {"runs": {"packed": run, "one at a time": {**run, "failed_attempts": 0}},
+                          "gpu_memory_total_mb": None}}
+    assert checks(result, gpu=False) == [
+        "1 trial attempts failed in the packed sweep (RuntimeError: cudaSetDevice() on GPU:0 "
+        "failed. Status: out of memory)"]
+    assert checks({}, gpu=True) == []  # nothing measured yet, nothing failed
