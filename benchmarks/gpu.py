@@ -192,8 +192,10 @@ def render(result: dict[str, Any]) -> str:
              f"{result['measured']}.\n"]
     if "packing" in result:
         packing_result = result["packing"]
+        extra = " ".join(result.get("packing_overrides", []))
         lines.append(f"## {PACKED} trials on one GPU against one at a time ({TRIALS} trials, "
-                     "3 epochs each, all of Fashion-MNIST)\n")
+                     "3 epochs each, all of Fashion-MNIST" + (f"; {extra}" if extra else "")
+                     + ")\n")
         lines.append(markdown_table(
             ["sweep", "trials", "failed attempts", "most at once", "GPU ids reported",
              "utilization", "TF peak GPU MB per trial", "nvidia-smi peak MB per process",
@@ -234,6 +236,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run, in this order (a lent machine's call may not fit both)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="a sweeper override for the packing sweeps, "
+                        "e.g. train.jit_compile=false to see whether XLA is in a failure")
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -251,10 +256,12 @@ def main() -> None:
     # A rehearsal is small and quick: it checks the script, not the machine.
     sizes = ((32, 2000), (256, 4000)) if args.cpu_rehearsal else ((32, 20000), (256, 60000))
     sweep_data = [*data, "data.max_train_samples=2000"] if args.cpu_rehearsal else data
+    sweep_data = [*sweep_data, *args.overrides]
     names = [row[0] for row in nvidia_smi("--query-gpu=name")]
     result: dict[str, Any] = {
         "device": (f"{names[0]} x{gpus}" if gpu and names else f"{cpus} CPUs (rehearsal)"),
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "packing_overrides": args.overrides,
         "unfinished": list(args.parts)}
     with tempfile.TemporaryDirectory(prefix="sweeper-gpu-") as tmp:
         workdir = Path(tmp)
