@@ -90,10 +90,12 @@ def failed_attempts(trials_dir: Path) -> tuple[int, list[str]]:
     """How many trial attempts failed in a sweep, retried ones included, as Tune's newest saved
     experiment state counts them, and the distinct errors they ended with (the last line of
     each trial's error.txt). A retried trial that then finished leaves no other trace."""
-    states = sorted(trials_dir.glob("experiment_state-*.json"))  # the newest sorts last
+    from sweeper.tuner import newest_experiment_state
+
+    saved_state = newest_experiment_state(trials_dir)
     failures = 0
-    if states:
-        state = json.loads(states[-1].read_text())
+    if saved_state is not None:
+        state = json.loads(saved_state.read_text())
         failures = sum(json.loads(metadata).get("num_failures", 0)
                        for _, metadata in state["trial_data"])
     errors = set()
@@ -221,11 +223,14 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict[str, Any], gpu: bool, out: Path) -> None:
-    """Check and write what is measured so far (RESULTS_GPU.md and its .json)."""
+def save(result: dict[str, Any], gpu: bool, out: Path) -> str:
+    """Check and write what is measured so far (RESULTS_GPU.md and its .json); returns the
+    table written."""
     result["failures"] = checks(result, gpu)
-    out.write_text(render(result) + "\n")
+    text = render(result)
+    out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    return text
 
 
 def main() -> None:
@@ -274,8 +279,7 @@ def main() -> None:
                 result["throughput"] = throughput(workdir, max(1, cpus // max(1, gpus)), gpu,
                                                   data, args.data, sizes)
             result["unfinished"].remove(part)
-            save(result, gpu, args.out)
-            print(render(result), flush=True)
+            print(save(result, gpu, args.out), flush=True)
     print(f"\nWritten to {args.out}; every figure in {args.out.with_suffix('.json')}")
     sys.exit(1 if result["failures"] else 0)
 

@@ -178,13 +178,20 @@ def record_failed_trials(trials_dir: Path, retry: bool) -> None:
         _put_into_saved_state(trials_dir, json.loads(record.read_text()))
 
 
+def newest_experiment_state(trials_dir: Path) -> Path | None:
+    """The saved experiment state that Tune restores from ``trials_dir`` (None if none): the
+    newest, whose name ends in the time it was written."""
+    states = sorted(trials_dir.glob("experiment_state-*.json"))
+    return states[-1] if states else None
+
+
 def _put_into_saved_state(trials_dir: Path, failed: dict[str, list[str]]) -> None:
     """Replace the saved entries of ``failed`` trials (id -> Tune's JSON state) that differ."""
-    states = sorted(trials_dir.glob("experiment_state-*.json"))  # the newest one is restored
-    if not states:
+    saved_state = newest_experiment_state(trials_dir)
+    if saved_state is None:
         logger.debug("No experiment state in %s to record failed trials in", trials_dir)
         return
-    state = json.loads(states[-1].read_text())
+    state = json.loads(saved_state.read_text())
     changed = False
     for index, (trial_json, _) in enumerate(state["trial_data"]):
         saved = json.loads(trial_json)
@@ -193,8 +200,8 @@ def _put_into_saved_state(trials_dir: Path, failed: dict[str, list[str]]) -> Non
             state["trial_data"][index] = entry
             changed = True
     if changed:
-        _replace_file(states[-1], state)
-        logger.debug("Recorded failed trials in %s", states[-1])
+        _replace_file(saved_state, state)
+        logger.debug("Recorded failed trials in %s", saved_state)
 
 
 def _replace_file(path: Path, content: Any) -> None:
