@@ -24,14 +24,20 @@ ALL = ("utilization", "throughput", "search", "scaling")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("benchmarks", nargs="*", help=f"any of {', '.join(ALL)} (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--search-trials", type=int, default=search_efficiency.NUM_TRIALS,
+                        metavar="N", help="trials per search in the search benchmark "
+                        f"(default {search_efficiency.NUM_TRIALS})")
     args = parser.parse_args()
     chosen = args.benchmarks or list(ALL)
     unknown = sorted(set(chosen) - set(ALL))
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ALL)}")
+    if args.search_trials < 1:
+        parser.error(f"--search-trials must be at least 1, got {args.search_trials}")
 
     ray_session(num_cpus=2)
     # A subset re-measures its benchmarks and keeps the others' figures from the last run.
@@ -47,7 +53,7 @@ def main() -> None:
         if "throughput" in chosen:
             figures["throughput"] = throughput.measure(workdir)
         if "search" in chosen:
-            figures["search"] = search_efficiency.measure(workdir)
+            figures["search"] = search_efficiency.measure(workdir, args.search_trials)
         if "scaling" in chosen:
             figures["scaling"] = _scaling(workdir, figures.get("utilization"))
     ran.update({name: stamp for name in chosen})
@@ -190,7 +196,9 @@ def _search_section(result: dict) -> str:
         ["search", *(f"seed {seed}" for seed in search_efficiency.SEEDS)],
         [[name, *(f"{row['epochs_to_target']:g} / {row['epochs_to_random_final']:g}"
                   for row in m["per_seed"])] for name, m in methods.items() if "per_seed" in m])
-    return (f"## 3. Search efficiency (medians over seeds {search_efficiency.SEEDS})\n\n"
+    trials = result.get("num_trials", search_efficiency.NUM_TRIALS)
+    return (f"## 3. Search efficiency ({trials} trials a search, medians over seeds "
+            f"{search_efficiency.SEEDS})\n\n"
             f"Target val_accuracy {result['target']} (reached by every random full-budget "
             "run). Epochs to random's final best: until the search matches the best model "
             "random search without early stopping found with its whole budget, seed by seed "
