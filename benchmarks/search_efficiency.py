@@ -29,7 +29,7 @@ METHODS = {
 }
 # A first sweep as users write it: wide learning-rate range, batch size, optimizer and dropout.
 # Much of this space trains slowly or not at all, which is where early stopping and a model of
-# the results pay off. 1/20 of Fashion-MNIST keeps three seeds x three searches affordable.
+# the results pay off. 1/20 of Fashion-MNIST keeps five seeds x four searches affordable.
 BASE = ["+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=3000",
         "train.validation_fraction=0.25", "train.batch_size=32", "train.epochs=9",
         "search.n_startup_trials=5", "scheduler.grace_period=1",

@@ -91,7 +91,6 @@ def test_plots_are_written(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-
 def test_gpu_checks_count_the_failed_attempts_of_retried_trials(ray_local, tmp_path):
     """A trial that failed and was retried leaves only Tune's failure count and error file: the
     GPU packing check must see it (trials that could not start beside others were retried)."""
