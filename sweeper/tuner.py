@@ -22,6 +22,7 @@ import ray
 from optuna.distributions import BaseDistribution
 from ray import tune
 from ray.tune import Callback
+from ray.tune.execution import class_cache as tune_actor_classes
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
@@ -240,11 +241,12 @@ def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:
     return float(cpus), float(gpus)
 
 
-# Ray starts an idle worker per CPU as the driver connects, for the driver's first tasks; Tune
-# gives its trial actors a runtime env of their own (its env vars), so they never take those
-# workers and start their own. On a small machine the unused workers' start took CPU from the
-# trials' start: the first trial's first training step came 1.2 s later (9.5 vs 8.3 s from
-# `python -m sweeper`, median of 3 alternating runs on 2 CPUs).
+# Ray starts an idle worker per CPU as the driver connects, for the driver's first tasks. While
+# Tune gave its trial actors a runtime env of their own, they never took those workers, whose
+# start only took CPU from the trials' start (first training step 1.2 s later: 9.5 vs 8.3 s
+# from `python -m sweeper`, median of 3 alternating runs on 2 CPUs). With that env gone
+# (tune_settings) the trials do take them, and still gain nothing: 8.87 vs 8.83 s, median of
+# 5; and Ray would start one per CPU even where fewer trials run.
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 
@@ -305,6 +307,12 @@ def tune_settings(cfg: SweepConfig):
     - SIGTERM (a preempted job, ``kill``, ``docker stop``) stops the trials as Ctrl-C does: Tune
       saves the experiment one last time and the caller learns it was interrupted. Ray's own
       handler ended the driver at once (exit 1, a stack dump, no last save).
+    - Tune gives every trial actor the runtime env ``{"env_vars": {"PL_DISABLE_FORK": "1"}}``,
+      for PyTorch Lightning, which the trials don't use. Any runtime env makes Ray start the
+      actor's worker through its ``setup_worker.py`` shim: one more Python process that imports
+      Ray only to exec the real worker, ~0.4 CPU-s per trial worker while the other workers
+      import TensorFlow. Without it the trials' runtime env is empty (environment variables
+      that Tune forwards from the driver, AWS credentials for one, still go).
     """
     settings = {
         "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
@@ -312,6 +320,8 @@ def tune_settings(cfg: SweepConfig):
     }
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
+    tune_actor_env = dict(tune_actor_classes.DEFAULT_ENV_VARS)
+    tune_actor_classes.DEFAULT_ENV_VARS.clear()
     handlers = {number: signal.getsignal(number) for number in (*TUNE_SIGNALS, signal.SIGTERM)}
     # Handlers can only be set from the main thread, the one where Tune installs its own.
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -322,6 +332,7 @@ def tune_settings(cfg: SweepConfig):
     finally:
         for key in ours:
             os.environ.pop(key, None)
+        tune_actor_classes.DEFAULT_ENV_VARS.update(tune_actor_env)
         if in_main_thread:
             for number, handler in handlers.items():
                 if handler is not None:  # None: not installed from Python; leave it

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 from ray import tune
 from ray.tune.execution.tune_controller import _get_max_pending_trials
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
@@ -84,6 +85,27 @@ def test_tune_writes_result_files_but_no_tensorboard_files_of_its_own(compose, r
     assert loggers() == [CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback]
 
 
+def test_trials_get_no_runtime_env_of_tunes(compose, ray_local, tmp_path):
+    """Tune gives its trial actors environment variables for PyTorch Lightning, a runtime env
+    that makes Ray start every trial's worker through a second Python process (its
+    setup_worker.py shim); inside the context the trials' runtime env is empty, and
+    afterwards Tune's own comes back."""
+    cfg = to_sweep_config(compose("+experiment=smoke"))
+
+    def trial_env_vars() -> str:
+        def trainable(config):
+            env_vars = ray.get_runtime_context().runtime_env.get("env_vars", {})
+            tune.report({"env_vars": ",".join(sorted(env_vars))})
+
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1),
+                           run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+        return tuner.fit()[0].metrics["env_vars"]
+
+    with tune_settings(cfg):
+        assert trial_env_vars() == ""
+    assert trial_env_vars() == "PL_DISABLE_FORK"
+
+
 IDLE_WORKERS = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
@@ -111,9 +133,10 @@ ray.shutdown()
 """
 
 
-def test_a_local_ray_starts_no_idle_workers_that_trials_would_not_take():
-    """Ray's default starts an idle worker per CPU as the driver connects; Tune's trial actors
-    never take them (their runtime env differs), so the in-process Ray starts none."""
+def test_a_local_ray_starts_no_idle_workers_ahead_of_the_trials():
+    """Ray's default starts an idle worker per CPU as the driver connects; starting them ahead
+    of the trials gained nothing measured (see LOCAL_RAY_SYSTEM_CONFIG), so the in-process
+    Ray starts none."""
     script = IDLE_WORKERS.format(tests=str(Path(__file__).parent))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
