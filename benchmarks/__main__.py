@@ -50,6 +50,7 @@ def main() -> None:
         if "utilization" in chosen:
             figures["utilization"] = utilization.measure(workdir)
             figures["driver_peak_rss_mb"] = utilization.driver_peak_rss_mb(workdir)
+            figures["worker_start"] = utilization.worker_start(workdir)
         if "throughput" in chosen:
             figures["throughput"] = throughput.measure(workdir)
         if "search" in chosen:
@@ -91,6 +92,8 @@ def _render(figures: dict) -> str:
     if "utilization" in figures:
         sections.append(_utilization_section(figures["utilization"],
                                              figures["driver_peak_rss_mb"]))
+        if "worker_start" in figures:
+            sections.append(_worker_start_section(figures["worker_start"]))
     if "throughput" in figures:
         sections.append(_throughput_section(figures["throughput"]))
     if "search" in figures:
@@ -144,6 +147,26 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
             "finishes). Overhead = worker-seconds per trial not in training steps.\n\n"
             f"{breakdown}\n\n![Where the workers' time goes]({plots.UTILIZATION_PNG})\n\n"
             f"Driver (`python -m sweeper +experiment=smoke`) peak RSS: {driver_rss:.0f} MB.\n")
+
+
+def _worker_start_section(result: dict) -> str:
+    runs = result["runs"]
+    rows = [[label, figures["start_s"], figures["start_cpu_s"]] for label, figures in runs.items()]
+    with_env, without = runs["with a runtime env"], runs["without (sweeper)"]
+    rows.append(["with / without", with_env["start_s"] / without["start_s"],
+                 with_env["start_cpu_s"] / without["start_cpu_s"]])
+    table = markdown_table(["trial actors", "start s", "CPU-s in start (whole machine)"], rows)
+    variable = "=".join(utilization.FORWARDED_VARIABLE)
+    return ("### Start of fresh trial workers, with and without a runtime env\n\n"
+            "Any runtime env on an actor makes Ray start its worker through a second Python "
+            "process (Ray's setup_worker.py shim, which imports Ray only to start the real "
+            "worker). Tune gives its trial actors one (environment variables for PyTorch "
+            "Lightning); sweeper starts its trials without it (`tuner.tune_settings`). Here a "
+            "2-trial, 1-epoch sweep: start = from the sweep's start to the later worker's first "
+            "fit, CPU-s = the machine's busy CPU time in that window; \"with a runtime env\" "
+            "gets one as a user's sweep would, from a variable Tune forwards to its trials "
+            f"(`{variable}`, Tune's default value); median of {result['pairs']} alternating "
+            f"pairs.\n\n{table}\n")
 
 
 def _start_cpu(row: dict) -> str:

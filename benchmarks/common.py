@@ -91,6 +91,14 @@ class CpuSampler(PeriodicSampler):
             return float("nan"), float("nan")
         return (last[1] - first[1]) / total, (last[3] - first[3]) / total
 
+    def busy_seconds(self, start: float, end: float) -> float:
+        """CPU-seconds the machine (all its processes) used from start to end."""
+        if not self.samples:
+            return float("nan")
+        first = min(self.samples, key=lambda sample: abs(sample[0] - start))
+        last = min(self.samples, key=lambda sample: abs(sample[0] - end))
+        return last[1] - first[1]
+
 
 @dataclass
 class SweepRun:
@@ -103,6 +111,7 @@ class SweepRun:
     # (all CPUs busy, the driver's share) from the sweep's start to the last worker's first
     # fit: whether the one-time start waits on something or is the workers' own CPU work.
     start_cpu: tuple[float, float] = field(default=(float("nan"), float("nan")))
+    start_cpu_s: float = float("nan")  # the machine's busy CPU-seconds in that window
 
     @property
     def all_rows(self) -> list[dict[str, Any]]:
@@ -258,6 +267,7 @@ def measured_run(label: str, started: float, rows: dict[str, list[dict[str, Any]
     run = SweepRun(label, started, rows, concurrency)
     if rows:
         run.start_cpu = cpu.busy_shares(started, run.start_ended_at)
+        run.start_cpu_s = cpu.busy_seconds(started, run.start_ended_at)
     return run
 
 

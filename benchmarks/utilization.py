@@ -3,17 +3,23 @@ sweeper vs the same sweep written the plain way.
 
 Utilization = time in training steps summed over trials / (sweep wall time x concurrent
 trials). Both sweeps run in the same process, one after the other, on the same Ray.
+
+Also the start of fresh trial workers with a runtime env on the trial actors (as Tune gives
+them one) and without (sweeper's way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import SweepRun, run_sweeper
+from benchmarks.common import SweepRun, median, run_sweeper
 from benchmarks.plain_tune import PlainSweep, run_plain_tune
 
 CONCURRENCY = 2
@@ -81,6 +87,48 @@ def measure(workdir: Path) -> list[dict]:
                 "breakdown": run.breakdown(),
             })
     return rows
+
+
+# Two fresh workers, one epoch each: the sweep is little more than its start.
+START_OVERRIDES = ["+experiment=cnn_lr", "data=fashion_mnist", "data.max_train_samples=6000",
+                   "search.num_trials=2", "train.epochs=1", "resources.cpu_per_trial=1",
+                   f"resources.max_concurrent_trials={CONCURRENCY}"]
+START_PAIRS = 6
+# Any runtime env makes Ray start an actor's worker through its setup_worker.py shim. Tune gives
+# trial actors env vars of its own, which sweeper empties (tuner.tune_settings); the runs "with
+# a runtime env" get one as a user's sweep would: a variable Tune forwards to its trials, here
+# at Tune's default value, so nothing else changes.
+FORWARDED_VARIABLE = ("RAY_CHDIR_TO_TRIAL_DIR", "1")
+
+
+def worker_start(workdir: Path, pairs: int = START_PAIRS) -> dict:
+    """How long two fresh trial workers take to start (from the sweep's start to the later
+    one's first fit) and the CPU-seconds the machine spends on it, with a runtime env on the
+    trial actors and without: medians of ``pairs`` alternating runs."""
+    runs: dict[str, list[SweepRun]] = {"with a runtime env": [], "without (sweeper)": []}
+    for pair in range(pairs):
+        labels = list(runs) if pair % 2 == 0 else list(runs)[::-1]
+        for label in labels:
+            variable = FORWARDED_VARIABLE if label == "with a runtime env" else None
+            with _environment_variable(variable):
+                runs[label].append(run_sweeper(f"start-{len(runs[label])}-{label.split()[0]}",
+                                               START_OVERRIDES, workdir, CONCURRENCY))
+    return {"pairs": pairs, "runs": {
+        label: {"start_s": median(run.start_ended_at - run.started_at for run in done),
+                "start_cpu_s": median(run.start_cpu_s for run in done)}
+        for label, done in runs.items()}}
+
+
+@contextlib.contextmanager
+def _environment_variable(variable: tuple[str, str] | None) -> Iterator[None]:
+    if variable is None or variable[0] in os.environ:
+        yield
+        return
+    os.environ[variable[0]] = variable[1]
+    try:
+        yield
+    finally:
+        del os.environ[variable[0]]
 
 
 def driver_peak_rss_mb(workdir: Path) -> float:

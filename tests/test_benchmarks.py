@@ -60,6 +60,8 @@ def test_cpu_sampler_sees_this_process_busy_and_then_idle():
     assert busy >= own - 0.05  # the machine was at least as busy as this process
     _, own_resting = cpu.busy_shares(spin_to + 0.1, rest_to)
     assert own_resting < 0.1
+    # The machine's busy CPU-seconds while this process spun one core for 0.6 s.
+    assert cpu.busy_seconds(spin_from, spin_to) >= 0.6 * 0.7  # less a sample either side
 
 
 def test_cpu_sampler_reports_nan_where_there_is_no_proc_stat(monkeypatch, tmp_path):
@@ -67,6 +69,7 @@ def test_cpu_sampler_reports_nan_where_there_is_no_proc_stat(monkeypatch, tmp_pa
     with CpuSampler() as cpu:
         pass
     assert all(math.isnan(share) for share in cpu.busy_shares(0.0, time.time()))
+    assert math.isnan(cpu.busy_seconds(0.0, time.time()))
 
 
 def test_median_curve_keeps_each_runs_best_and_counts_nothing_before_its_first_report():

@@ -85,11 +85,11 @@ def test_tune_writes_result_files_but_no_tensorboard_files_of_its_own(compose, r
     assert loggers() == [CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback]
 
 
-def test_trials_get_no_runtime_env_of_tunes(compose, ray_local, tmp_path):
+def test_trials_get_no_runtime_env_of_tunes(compose, ray_local, tmp_path, monkeypatch):
     """Tune gives its trial actors environment variables for PyTorch Lightning, a runtime env
     that makes Ray start every trial's worker through a second Python process (its
-    setup_worker.py shim); inside the context the trials' runtime env is empty, and
-    afterwards Tune's own comes back."""
+    setup_worker.py shim); inside the context the trials' runtime env is empty, a variable
+    Tune forwards from the driver still reaches them, and afterwards Tune's own comes back."""
     cfg = to_sweep_config(compose("+experiment=smoke"))
 
     def trial_env_vars() -> str:
@@ -103,6 +103,9 @@ def test_trials_get_no_runtime_env_of_tunes(compose, ray_local, tmp_path):
 
     with tune_settings(cfg):
         assert trial_env_vars() == ""
+        monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "1")  # Tune's default, set explicitly
+        assert trial_env_vars() == "RAY_CHDIR_TO_TRIAL_DIR"
+    monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR")
     assert trial_env_vars() == "PL_DISABLE_FORK"
 
 
