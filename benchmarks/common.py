@@ -84,8 +84,7 @@ class CpuSampler(PeriodicSampler):
         """(share of all CPUs busy, share of all CPUs this process used) from start to end."""
         if not self.samples:
             return float("nan"), float("nan")
-        first = min(self.samples, key=lambda sample: abs(sample[0] - start))
-        last = min(self.samples, key=lambda sample: abs(sample[0] - end))
+        first, last = self._nearest(start), self._nearest(end)
         total = last[2] - first[2]
         if total <= 0:
             return float("nan"), float("nan")
@@ -95,9 +94,10 @@ class CpuSampler(PeriodicSampler):
         """CPU-seconds the machine (all its processes) used from start to end."""
         if not self.samples:
             return float("nan")
-        first = min(self.samples, key=lambda sample: abs(sample[0] - start))
-        last = min(self.samples, key=lambda sample: abs(sample[0] - end))
-        return last[1] - first[1]
+        return self._nearest(end)[1] - self._nearest(start)[1]
+
+    def _nearest(self, when: float) -> tuple[float, float, float, float]:
+        return min(self.samples, key=lambda sample: abs(sample[0] - when))
 
 
 @dataclass
