@@ -158,10 +158,16 @@ def test_cli_refuses_a_cluster_without_storage_before_ray_starts(tmp_path):
 
 # --- real Ray nodes on this machine ------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def _free_port(taken: set[int]) -> int:
+    """A port free now and not in ``taken`` (which it joins): the kernel can hand out a port it
+    just gave, and two of Ray's components given one port stop the node from starting."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 class LocalRayCluster:
@@ -171,7 +177,8 @@ class LocalRayCluster:
         self.root = root
         # Short: Ray's socket paths under it must stay below the 107-character limit.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
-        self.port = _free_port()
+        self.ports: set[int] = set()  # every port given to this cluster's nodes
+        self.port = _free_port(self.ports)
         self.address = f"{LOOPBACK}:{self.port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -186,7 +193,7 @@ class LocalRayCluster:
         self.nodes[name] = subprocess.Popen(
             [sys.executable, "-c", RAY_CLI, "start", "--block", f"--node-ip-address={LOOPBACK}",
              "--object-store-memory=150000000", "--disable-usage-stats",
-             *(f"{flag}={_free_port()}" for flag in ports), *args],
+             *(f"{flag}={_free_port(self.ports)}" for flag in ports), *args],
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: "Ray runtime started" in log.read_text()
                   or self.nodes[name].poll() is not None, 120, f"Ray node {name}")
@@ -197,8 +204,8 @@ class LocalRayCluster:
         """The head: no CPUs, so it runs no trials. Its monitor sees 127.0.0.1 as its address."""
         self._start("head", ["--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0",
                              f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
-                             f"--dashboard-port={_free_port()}",
-                             f"--ray-client-server-port={_free_port()}", *args],
+                             f"--dashboard-port={_free_port(self.ports)}",
+                             f"--ray-client-server-port={_free_port(self.ports)}", *args],
                     {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **env})
 
     def add_worker(self, name: str, *args: str) -> None:
