@@ -152,7 +152,7 @@ def _utilization_section(rows: list[dict], driver_rss: float) -> str:
 def _worker_start_section(result: dict) -> str:
     runs = result["runs"]
     rows = [[label, figures["start_s"], figures["start_cpu_s"]] for label, figures in runs.items()]
-    with_env, without = runs["with a runtime env"], runs["without (sweeper)"]
+    with_env, without = runs[utilization.WITH_ENV], runs[utilization.WITHOUT_ENV]
     rows.append(["with / without", with_env["start_s"] / without["start_s"],
                  with_env["start_cpu_s"] / without["start_cpu_s"]])
     table = markdown_table(["trial actors", "start s", "CPU-s in start (whole machine)"], rows)

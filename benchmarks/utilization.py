@@ -10,14 +10,13 @@ them one) and without (sweeper's way).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from benchmarks.common import SweepRun, median, run_sweeper
 from benchmarks.plain_tune import PlainSweep, run_plain_tune
@@ -99,36 +98,29 @@ START_PAIRS = 6
 # a runtime env" get one as a user's sweep would: a variable Tune forwards to its trials, here
 # at Tune's default value, so nothing else changes.
 FORWARDED_VARIABLE = ("RAY_CHDIR_TO_TRIAL_DIR", "1")
+WITH_ENV, WITHOUT_ENV = "with a runtime env", "without (sweeper)"
 
 
 def worker_start(workdir: Path, pairs: int = START_PAIRS) -> dict:
     """How long two fresh trial workers take to start (from the sweep's start to the later
     one's first fit) and the CPU-seconds the machine spends on it, with a runtime env on the
     trial actors and without: medians of ``pairs`` alternating runs."""
-    runs: dict[str, list[SweepRun]] = {"with a runtime env": [], "without (sweeper)": []}
+    runs: dict[str, list[SweepRun]] = {WITH_ENV: [], WITHOUT_ENV: []}
+    name, value = FORWARDED_VARIABLE
     for pair in range(pairs):
         labels = list(runs) if pair % 2 == 0 else list(runs)[::-1]
         for label in labels:
-            variable = FORWARDED_VARIABLE if label == "with a runtime env" else None
-            with _environment_variable(variable):
-                runs[label].append(run_sweeper(f"start-{len(runs[label])}-{label.split()[0]}",
+            with mock.patch.dict(os.environ):  # as it was again after the run
+                if label == WITH_ENV:
+                    os.environ[name] = value
+                else:
+                    os.environ.pop(name, None)
+                runs[label].append(run_sweeper(f"start-{pair}-{label.split()[0]}",
                                                START_OVERRIDES, workdir, CONCURRENCY))
     return {"pairs": pairs, "runs": {
         label: {"start_s": median(run.start_ended_at - run.started_at for run in done),
                 "start_cpu_s": median(run.start_cpu_s for run in done)}
         for label, done in runs.items()}}
-
-
-@contextlib.contextmanager
-def _environment_variable(variable: tuple[str, str] | None) -> Iterator[None]:
-    if variable is None or variable[0] in os.environ:
-        yield
-        return
-    os.environ[variable[0]] = variable[1]
-    try:
-        yield
-    finally:
-        del os.environ[variable[0]]
 
 
 def driver_peak_rss_mb(workdir: Path) -> float:
