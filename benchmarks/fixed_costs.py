@@ -6,8 +6,11 @@ In a fresh process with one TensorFlow thread, on Fashion-MNIST, median of repea
 - writing a checkpoint: sweeper's (the model's and optimizer's variables as .npz) against a
   Keras archive of the same trained model (what trials wrote before);
 - the first training step of a trial that gets a worker's warm model: as sweeper hands it
-  over, and with TensorFlow's global seed set again (what the hand-over did before).
-On short epochs both are a visible share of a worker's time; on GPU epochs a large one.
+  over, and with TensorFlow's global seed set again (what the hand-over did before);
+- a new model's build and first step (a fresh worker's first trial, every trial of a search
+  over dropout): with the optimizer's and metrics' variables created up front, as
+  ``build_model`` does, and left to Keras' first trace (before), which then traces twice.
+On short epochs all are a visible share of a worker's time; on GPU epochs a large one.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CHECKPOINT_REPEATS = 15
 HANDOVER_REPEATS = 5
+NEW_MODEL_REPEATS = 5
 
 
 def _checkpoint_ms(write) -> float:
@@ -41,7 +46,13 @@ def measure() -> dict:
     from benchmarks.common import sweeper_config
     from sweeper import checkpoint
     from sweeper.data import load_splits
-    from sweeper.trainer import WarmModel, configure_tensorflow, make_dataset
+    from sweeper.trainer import (
+        WarmModel,
+        build_model,
+        configure_tensorflow,
+        create_training_variables,
+        make_dataset,
+    )
 
     configure_tensorflow(1, use_gpu=False)
     cfg = sweeper_config(["+experiment=cnn_lr", "data=fashion_mnist",
@@ -73,11 +84,30 @@ def measure() -> dict:
 
     handover_ms(False)  # the worker's first trial: builds and traces the training step
     handover = {"sweeper": handover_ms(False), "seed reset (before)": handover_ms(True)}
+
+    def new_model_s(variables_up_front: bool) -> float:
+        keras.backend.clear_session()
+        first_steps.clear()
+        began = time.perf_counter()
+        with mock.patch("sweeper.trainer.create_training_variables",
+                        create_training_variables if variables_up_front else lambda model: None):
+            model = build_model(cfg)
+        built = time.perf_counter() - began
+        model.fit(make_dataset(splits.x_train, splits.y_train, 32, 0), epochs=1, verbose=0,
+                  callbacks=[FirstStep()])
+        return built + first_steps[0]
+
+    new_model: dict[str, list[float]] = {"sweeper": [], "variables in the first trace (before)": []}
+    for _ in range(NEW_MODEL_REPEATS):  # alternating, so both see the same machine
+        for name, up_front in zip(new_model, (True, False), strict=True):
+            new_model[name].append(new_model_s(up_front))
     model = warm.get(cfg)
     checkpoints = {"sweeper": _checkpoint_ms(lambda folder: checkpoint.save(model, folder, 1)),
                    "Keras archive (before)": _checkpoint_ms(
                        lambda folder: model.save(folder / "model.keras"))}
-    return {"checkpoint_ms": checkpoints, "first_step_after_handover_ms": handover}
+    return {"checkpoint_ms": checkpoints, "first_step_after_handover_ms": handover,
+            "new_model_first_step_ms": {name: statistics.median(times) * 1000
+                                        for name, times in new_model.items()}}
 
 
 if __name__ == "__main__":

@@ -79,6 +79,17 @@ def test_median_curve_keeps_each_runs_best_and_counts_nothing_before_its_first_r
     assert median_curve([early, late, never_better], 6) == [0.0, 0.4, 0.5, 0.6, 0.8, 0.8]
 
 
+def test_fixed_costs_table_shows_each_cost_measured_and_skips_those_an_older_run_lacks():
+    from benchmarks.__main__ import _fixed_costs_table
+
+    older = {"checkpoint_ms": {"sweeper": 3.0, "Keras archive (before)": 27.0},
+             "first_step_after_handover_ms": {"sweeper": 15.0, "seed reset (before)": 120.0}}
+    newer = {**older, "new_model_first_step_ms": {"sweeper": 400.0, "in the trace": 800.0}}
+    assert "new model" not in _fixed_costs_table(older)
+    last_row = _fixed_costs_table(newer).splitlines()[-1]
+    assert last_row == "| build and first step of a new model | 400 | 800 | 2 |"
+
+
 def test_plots_are_written(tmp_path):
     breakdown = {"train": 0.8, "validation": 0.03, "start": 0.1, "reporting": 0.01,
                  "switching": 0.03, "tail": 0.03}

@@ -75,6 +75,24 @@ def test_the_first_step_of_a_fit_is_timed_apart_because_it_traces(small_splits):
     assert second.first_step_s == 0.0
 
 
+def test_a_new_model_traces_its_training_and_validation_steps_once(small_splits):
+    """A tf.function that creates variables is traced twice; build_model creates the optimizer's
+    and the metrics' variables up front, so a new model's first step traces once."""
+    model = build_model(trial_config(epochs=1))
+    traced: list[str] = []
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name)  # Keras calls the Python step only while tracing
+
+        def counted(data, step=step, name=name):
+            traced.append(name)
+            return step(data)
+
+        setattr(model, name, counted)
+    train(trial_config(epochs=1), small_splits, model=model)
+    assert sorted(traced) == ["test_step", "train_step"]
+    assert model.optimizer.iterations.numpy() == math.ceil(900 / 64)
+
+
 def test_continuing_from_initial_epoch_trains_only_the_remaining_epochs(small_splits):
     first = train(trial_config(epochs=1), small_splits)
     seen: list[int] = []
