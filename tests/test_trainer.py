@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -91,6 +92,21 @@ def test_a_new_model_traces_its_training_and_validation_steps_once(small_splits)
     train(trial_config(epochs=1), small_splits, model=model)
     assert sorted(traced) == ["test_step", "train_step"]
     assert model.optimizer.iterations.numpy() == math.ceil(900 / 64)
+
+
+def test_creating_the_variables_up_front_changes_no_result(small_splits):
+    """Dropout draws from the seeded stream: the eager call on a zero image must not."""
+    def history():
+        cfg = trial_config(epochs=2)
+        cfg.model.dropout = 0.4
+        seen: list[tuple[float, float]] = []
+        train(cfg, small_splits, on_epoch_end=lambda m, _: seen.append((m.loss, m.val_accuracy)))
+        return seen
+
+    up_front = history()
+    with mock.patch("sweeper.trainer.create_training_variables", lambda model: None):
+        in_the_trace = history()
+    assert up_front == in_the_trace
 
 
 def test_continuing_from_initial_epoch_trains_only_the_remaining_epochs(small_splits):
