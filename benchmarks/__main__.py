@@ -196,11 +196,13 @@ def _throughput_section(result: dict) -> str:
 
 def _fixed_costs_table(fixed: dict) -> str:
     rows = []
-    measured = (("checkpoint write, every epoch", fixed["checkpoint_ms"]),
-                ("first step of a trial on a warm worker", fixed["first_step_after_handover_ms"]),
-                ("build and first step of a new model",
-                 fixed.get("new_model_first_step_ms")))  # absent from older results
-    for what, costs in ((what, costs) for what, costs in measured if costs):
+    for what, costs in (("checkpoint write, every epoch", fixed["checkpoint_ms"]),
+                        ("first step of a trial on a warm worker",
+                         fixed["first_step_after_handover_ms"]),
+                        ("build and first step of a new model",
+                         fixed.get("new_model_first_step_ms"))):
+        if costs is None:  # figures from before this cost was measured
+            continue
         before = next(value for name, value in costs.items() if name != "sweeper")
         rows.append([what, costs["sweeper"], before, before / costs["sweeper"]])
     return markdown_table(["fixed cost (1 thread)", "sweeper ms", "before ms",

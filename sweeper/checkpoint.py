@@ -56,7 +56,8 @@ def load_into(model, folder: Path) -> None:
     with np.load(Path(folder) / VARIABLES_FILE) as archive:
         saved = {name: archive[name] for name in archive.files}
     optimizer = model.optimizer
-    if not optimizer.built:  # Keras creates the slots at the first step; a restore needs them now
+    # build_model creates the slots; a model compiled elsewhere has none until its first step.
+    if not optimizer.built:
         optimizer.build(model.trainable_variables)
     for prefix, variables in ((_MODEL, model.weights), (_OPTIMIZER, optimizer.variables)):
         arrays = [saved[name] for name in sorted(saved) if name.startswith(f"{prefix}_")]
