@@ -111,6 +111,9 @@ class SchedulerConfig:
     name: str = "asha"
     grace_period: int = 1
     reduction_factor: int = 3
+    # Also stop a trial at a rung that is behind what the others reached in fewer epochs
+    # (sweeper.scheduler); false: Ray's ASHA as it is.
+    compare_earlier_epochs: bool = True
 
 
 @dataclass

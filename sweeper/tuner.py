@@ -28,6 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from sweeper.config import ClusterConfig, SweepConfig
 from sweeper.data import Splits
+from sweeper.scheduler import EarlierEpochsASHA
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.tensorboard import TensorBoardCallback
 from sweeper.trial import run_trial
@@ -87,6 +88,10 @@ def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
 def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
     if cfg.scheduler.name == "none":
         return FIFOScheduler()
+    if cfg.scheduler.compare_earlier_epochs:
+        return EarlierEpochsASHA(metric=cfg.search.metric, mode=cfg.search.mode,
+                                 max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
+                                 reduction_factor=cfg.scheduler.reduction_factor)
     return ASHAScheduler(
         time_attr="training_iteration",
         metric=cfg.search.metric,
