@@ -34,10 +34,13 @@ def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> l
     return milestones
 
 
-def best_within(curve: dict[int, float], epochs: int) -> float | None:
-    """The best (largest) value a trial reported at or before ``epochs`` (None: none yet)."""
-    values = [value for epoch, value in curve.items() if epoch <= epochs]
-    return max(values) if values else None
+def raise_bests(bests: dict[int, float], milestones: list[int], epoch: int,
+                value: float) -> None:
+    """Fold one epoch's value into a trial's best value within each rung's epochs (larger is
+    better): every rung at or after ``epoch`` can count it."""
+    for milestone in milestones:
+        if milestone >= epoch:
+            bests[milestone] = max(bests.get(milestone, -math.inf), value)
 
 
 def behind_earlier_results(own_best: float, others_best: list[float],
@@ -69,24 +72,29 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
         self._sign = 1.0 if mode == "max" else -1.0  # stored values: larger is better
         self._max_epochs, self._keep_one_in = max_t, reduction_factor
         self._milestones = rung_milestones(grace_period, max_t, reduction_factor)
-        # trial id -> {epoch: signed metric}. Stopped trials stay: they are evidence too.
-        self._curves: dict[str, dict[int, float]] = {}
+        # trial id -> {rung: best signed value within the rung's epochs}, kept per rung so a
+        # decision reads one number per trial. Stopped trials stay: they are evidence too.
+        self._bests: dict[str, dict[int, float]] = {}
+        self._last_epoch: dict[str, int] = {}
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         value, epoch = result.get(self.metric), result.get(TRAINING_ITERATION)
         if value is None or epoch is None or not math.isfinite(float(value)):
             return action
-        curve = self._curves.setdefault(trial.trial_id, {})
-        last_epoch = max(curve, default=0)
-        curve.setdefault(int(epoch), self._sign * float(value))  # a retried epoch keeps its first
+        last_epoch, epoch = self._last_epoch.get(trial.trial_id, 0), int(epoch)
+        if epoch <= last_epoch:
+            return action  # a retried epoch (restored from a checkpoint): its first value stands
+        self._last_epoch[trial.trial_id] = epoch
+        bests = self._bests.setdefault(trial.trial_id, {})
+        raise_bests(bests, self._milestones, epoch, self._sign * float(value))
         crossed = [m for m in self._milestones if last_epoch < m <= epoch]
         if action != TrialScheduler.CONTINUE or not crossed or epoch >= self._max_epochs:
             return action
         rung = crossed[-1]
-        others = [best for trial_id, other in self._curves.items()
-                  if trial_id != trial.trial_id and (best := best_within(other, rung)) is not None]
-        if behind_earlier_results(best_within(curve, rung), others, self._keep_one_in):
+        others = [other[rung] for trial_id, other in self._bests.items()
+                  if trial_id != trial.trial_id and rung in other]
+        if behind_earlier_results(bests[rung], others, self._keep_one_in):
             self._num_stopped += 1
             return TrialScheduler.STOP
         return action

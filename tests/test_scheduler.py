@@ -17,7 +17,7 @@ from sweeper.config import to_sweep_config
 from sweeper.scheduler import (
     EarlierEpochsASHA,
     behind_earlier_results,
-    best_within,
+    raise_bests,
     rung_milestones,
 )
 from sweeper.tuner import SchedulerStateCallback, make_scheduler
@@ -79,11 +79,11 @@ def test_behind_means_below_the_top_third_of_the_others(own, others, expected):
     assert behind_earlier_results(own, others, 3) is expected
 
 
-def test_best_within_looks_at_no_later_epoch():
-    curve = {1: 0.3, 2: 0.6, 3: 0.5, 4: 0.9}
-    assert best_within(curve, 3) == 0.6
-    assert best_within(curve, 9) == 0.9
-    assert best_within({4: 0.9}, 3) is None
+def test_a_rung_counts_the_best_value_of_its_epochs_and_no_later_one():
+    bests: dict[int, float] = {}
+    for epoch, value in [(1, 0.3), (2, 0.6), (3, 0.5), (4, 0.9)]:
+        raise_bests(bests, [1, 3, 9], epoch, value)
+    assert bests == {1: 0.3, 3: 0.6, 9: 0.9}
 
 
 def test_a_trial_at_chance_first_at_a_rung_is_stopped_where_rays_asha_promotes_it():
@@ -133,7 +133,7 @@ def test_a_retried_epoch_keeps_its_first_value_and_nan_is_no_evidence():
     retried, other = trials(2)
     feed([scheduler], [(retried, 1, 0.8), (other, 1, math.nan)])
     scheduler.on_trial_result(None, retried, {"training_iteration": 1, "val_accuracy": 0.2})
-    assert scheduler._curves == {retried.trial_id: {1: 0.8}}
+    assert scheduler._bests == {retried.trial_id: {1: 0.8, 3: 0.8, 9: 0.8}}
 
 
 def test_the_curves_are_saved_and_restored_with_the_experiment_state():
