@@ -70,7 +70,7 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
         super().__init__(time_attr=TRAINING_ITERATION, metric=metric, mode=mode, max_t=max_t,
                          grace_period=grace_period, reduction_factor=reduction_factor)
         self._sign = 1.0 if mode == "max" else -1.0  # stored values: larger is better
-        self._max_epochs, self._keep_one_in = max_t, reduction_factor
+        self._keep_one_in = reduction_factor
         self._milestones = rung_milestones(grace_period, max_t, reduction_factor)
         # trial id -> {rung: best signed value within the rung's epochs}, kept per rung so a
         # decision reads one number per trial. Stopped trials stay: they are evidence too.
@@ -89,7 +89,7 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
         bests = self._bests.setdefault(trial.trial_id, {})
         raise_bests(bests, self._milestones, epoch, self._sign * float(value))
         crossed = [m for m in self._milestones if last_epoch < m <= epoch]
-        if action != TrialScheduler.CONTINUE or not crossed or epoch >= self._max_epochs:
+        if action != TrialScheduler.CONTINUE or not crossed:  # at max_t ASHA has said STOP
             return action
         rung = crossed[-1]
         others = [other[rung] for trial_id, other in self._bests.items()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sweeper.config import SweepConfig
-from sweeper.data import Splits
+from sweeper.data import IMAGE_SHAPE, Splits
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +199,6 @@ def create_training_variables(model) -> None:
     each trial's of a search over dropout. Nothing here draws a random number, so the model
     trains exactly as it would have.
     """
-    from sweeper.data import IMAGE_SHAPE
-
     model.optimizer.build(model.trainable_variables)
     images, labels = np.zeros((1, *IMAGE_SHAPE), np.uint8), np.zeros((1,), np.uint8)
     predictions = model(images)  # inference mode: dropout draws nothing

@@ -88,18 +88,12 @@ def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
 def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
     if cfg.scheduler.name == "none":
         return FIFOScheduler()
+    settings = dict(metric=cfg.search.metric, mode=cfg.search.mode, max_t=cfg.train.epochs,
+                    grace_period=cfg.scheduler.grace_period,
+                    reduction_factor=cfg.scheduler.reduction_factor)
     if cfg.scheduler.compare_earlier_epochs:
-        return EarlierEpochsASHA(metric=cfg.search.metric, mode=cfg.search.mode,
-                                 max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
-                                 reduction_factor=cfg.scheduler.reduction_factor)
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        metric=cfg.search.metric,
-        mode=cfg.search.mode,
-        max_t=cfg.train.epochs,
-        grace_period=cfg.scheduler.grace_period,
-        reduction_factor=cfg.scheduler.reduction_factor,
-    )
+        return EarlierEpochsASHA(**settings)
+    return ASHAScheduler(time_attr="training_iteration", **settings)
 
 
 class SchedulerStateCallback(Callback):
