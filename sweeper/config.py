@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -41,26 +41,38 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
 
 
+# Field metadata: why a setting may not be sampled by search.space (absent: it may). The one
+# rule for which keys a search can change: each reason names what would really happen.
+NOT_SEARCHABLE = "not_searchable"
+_LOADED_ONCE = ("the driver loads and splits the dataset once per sweep, so every trial trains "
+                "on the same images; set it for the whole sweep instead")
+
+
+def per_sweep(default: Any, why: str = _LOADED_ONCE) -> Any:
+    """A dataclass field that stays the same for every trial of a sweep, and says why."""
+    return field(default=default, metadata={NOT_SEARCHABLE: why})
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how much of them a sweep uses."""
 
-    name: str = "mnist"
+    name: str = per_sweep("mnist")
     # A local file or folder; for mnist, None means Keras' downloader and cache.
-    path: str | None = None
+    path: str | None = per_sweep(None)
     # Download source and checksum for mnist through keras.utils.get_file.
-    url: str | None = MNIST_URL
-    sha256: str | None = MNIST_SHA256
+    url: str | None = per_sweep(MNIST_URL)
+    sha256: str | None = per_sweep(MNIST_SHA256)
     # Seeded random subsets, for smoke runs and tests; None keeps everything.
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
+    max_train_samples: int | None = per_sweep(None)
+    max_test_samples: int | None = per_sweep(None)
 
 
 @dataclass
 class ModelConfig:
     """The classic MNIST CNN: Conv(f)-Pool-Conv(2f)-Pool-Conv(2f)-Flatten-Dense-Dense(10)."""
 
-    name: str = "cnn"
+    name: str = per_sweep("cnn", "one model family per sweep")
     filters: int = 32
     kernel_size: int = 3
     dense_units: int = 64
@@ -70,11 +82,17 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    """How a trial trains; ``epochs`` is also the scheduler's full budget."""
+
+    epochs: int = per_sweep(10, "it is the sweep's epoch budget (ASHA's max_t, and the full "
+                                "budget every trial is measured against); set train.epochs=N "
+                                "and let the scheduler decide how far each trial goes")
     batch_size: int = 32
     optimizer: str = "adam"
     lr: float = 1e-3
-    validation_fraction: float = 0.1
+    validation_fraction: float = per_sweep(
+        0.1, "the driver splits train/validation once per sweep, so that every trial is "
+             "scored on the same images; set it for the whole sweep instead")
     seed: int = 0
     precision: str = "float32"
     jit_compile: str = "auto"
@@ -96,6 +114,9 @@ class SearchConfig:
     multivariate: bool = True
     # Optuna RDB storage URL; None keeps the study in <sweep_dir>/optuna.db (SQLite).
     storage: str | None = None
+    # Run one trial at a time, so that the scheduler's decisions and the sampler's history come
+    # in the same order on every run: the same command then gives the same trials and best.
+    reproducible: bool = False
     # Seed the sampler with an earlier sweep's trials: its folder or a storage URL.
     warm_start: str | None = None
     # The study to read from warm_start; None takes its only study.
@@ -205,6 +226,33 @@ def register_configs() -> None:
 
 # The config groups a search space may touch: what a trial trains with.
 SEARCHABLE_GROUPS = ("data", "model", "train")
+
+
+def setting_type(group: str, name: str) -> type | None:
+    """The declared Python type (int, float, bool or str) of ``<group>.<name>``; None if the
+    group cannot be searched or has no such setting. ``int | None`` counts as int."""
+    if group not in SEARCHABLE_GROUPS:
+        return None
+    schema = type(getattr(SweepConfig(), group))
+    declared = get_type_hints(schema).get(name)
+    if declared is None:
+        return None
+    options = [t for t in getattr(declared, "__args__", (declared,)) if t is not type(None)]
+    return options[0] if len(options) == 1 and options[0] in (int, float, bool, str) else None
+
+
+def not_searchable_reason(group: str, name: str) -> str | None:
+    """Why ``search.space.<group>.<name>`` cannot change a trial; None when it can."""
+    schema = type(getattr(SweepConfig(), group))
+    for item in fields(schema):
+        if item.name == name:
+            return item.metadata.get(NOT_SEARCHABLE)
+    return None
+
+
+def max_concurrent_trials(cfg: SweepConfig) -> int | None:
+    """Trials that may run at once: 1 for a reproducible sweep, else the resources' limit."""
+    return 1 if cfg.search.reproducible else cfg.resources.max_concurrent_trials
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -13,6 +13,10 @@ Here a trial at a rung is also stopped when its best value so far is below the t
 the same or a smaller budget, so a trial behind them is behind on equal terms or worse. ASHA's
 own comparison at the rung still applies, so nothing Ray's ASHA would stop goes on; once rungs
 fill up, its cutoff is mostly the higher one and decides alone.
+
+Every decision at a rung (and a trial's arrival at the full budget) is recorded in order in
+``decisions``, with the trial, epoch, value and who decided; the sweep's summary keeps them, so
+two runs of one sweep can be compared decision by decision.
 """
 
 from __future__ import annotations
@@ -43,19 +47,31 @@ def raise_bests(bests: dict[int, float], milestones: list[int], epoch: int,
             bests[milestone] = max(bests.get(milestone, -math.inf), value)
 
 
+def earlier_cutoff(others_best: list[float], reduction_factor: float) -> float | None:
+    """The value a trial must reach to be in the top 1/reduction_factor of ``others_best``,
+    the quantile ASHA uses for its rungs (larger is better; None without others)."""
+    if not others_best:
+        return None
+    return float(np.nanpercentile(others_best, (1 - 1 / reduction_factor) * 100))
+
+
 def behind_earlier_results(own_best: float, others_best: list[float],
                            reduction_factor: float) -> bool:
-    """True when ``own_best`` is below the top 1/reduction_factor of ``others_best``, the
-    quantile ASHA uses for its rungs (larger is better; no others: never behind)."""
-    if not others_best:
-        return False
-    cutoff = np.nanpercentile(others_best, (1 - 1 / reduction_factor) * 100)
-    return bool(own_best < cutoff)
+    """True when ``own_best`` is below :func:`earlier_cutoff` (no others: never behind)."""
+    cutoff = earlier_cutoff(others_best, reduction_factor)
+    return cutoff is not None and own_best < cutoff
+
+
+# Who took a recorded decision: Ray's ASHA at its rung, the comparison with earlier epochs,
+# or the budget (the trial trained all train.epochs).
+BY_ASHA, BY_EARLIER_EPOCHS, BY_BUDGET = "asha", "earlier_epochs", "budget"
+CONTINUE, STOP, FULL_BUDGET = "continue", "stop", "full_budget"
 
 
 class EarlierEpochsASHA(AsyncHyperBandScheduler):
     """ASHA (one bracket, budget in epochs) that also compares a trial reaching a rung with
-    the best results the other trials reached in no more epochs than the rung's.
+    the best results the other trials reached in no more epochs than the rung's, and records
+    every decision it takes.
 
     Args:
         metric: The result key to compare.
@@ -63,19 +79,31 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
         max_t: Epochs of a full trial.
         grace_period: Epochs before a trial can first be stopped.
         reduction_factor: A rung keeps the top 1/reduction_factor.
+        compare_earlier_epochs: False decides exactly as Ray's ASHA (the decisions are still
+            recorded).
+
+    Attributes:
+        decisions: One dict per decision, in the order taken: ``trial_id``, ``epoch``,
+            ``rung`` (1-based; None at a full budget off the rung grid), ``decision``
+            (``continue``, ``stop`` or ``full_budget``), ``by`` (``asha``,
+            ``earlier_epochs`` or ``budget``), ``value`` (the epoch's metric) and ``cutoff``
+            (the value the earlier-epochs comparison asked for, when it was made).
     """
 
     def __init__(self, *, metric: str, mode: str, max_t: int, grace_period: int,
-                 reduction_factor: float) -> None:
+                 reduction_factor: float, compare_earlier_epochs: bool = True) -> None:
         super().__init__(time_attr=TRAINING_ITERATION, metric=metric, mode=mode, max_t=max_t,
                          grace_period=grace_period, reduction_factor=reduction_factor)
         self._sign = 1.0 if mode == "max" else -1.0  # stored values: larger is better
         self._keep_one_in = reduction_factor
+        self._full_budget = max_t
+        self._compare_earlier_epochs = compare_earlier_epochs
         self._milestones = rung_milestones(grace_period, max_t, reduction_factor)
         # trial id -> {rung: best signed value within the rung's epochs}, kept per rung so a
         # decision reads one number per trial. Stopped trials stay: they are evidence too.
         self._bests: dict[str, dict[int, float]] = {}
         self._last_epoch: dict[str, int] = {}
+        self.decisions: list[dict] = []
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -89,12 +117,24 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
         bests = self._bests.setdefault(trial.trial_id, {})
         raise_bests(bests, self._milestones, epoch, self._sign * float(value))
         crossed = [m for m in self._milestones if last_epoch < m <= epoch]
-        if action != TrialScheduler.CONTINUE or not crossed:  # at max_t ASHA has said STOP
-            return action
-        rung = crossed[-1]
-        others = [other[rung] for trial_id, other in self._bests.items()
-                  if trial_id != trial.trial_id and rung in other]
-        if behind_earlier_results(bests[rung], others, self._keep_one_in):
-            self._num_stopped += 1
-            return TrialScheduler.STOP
+        if not crossed and epoch < self._full_budget:
+            return action  # between rungs ASHA decides nothing
+        by, cutoff = (BY_BUDGET if epoch >= self._full_budget else BY_ASHA), None
+        if action == TrialScheduler.CONTINUE and crossed and self._compare_earlier_epochs:
+            rung = crossed[-1]
+            others = [other[rung] for trial_id, other in self._bests.items()
+                      if trial_id != trial.trial_id and rung in other]
+            signed_cutoff = earlier_cutoff(others, self._keep_one_in)
+            if signed_cutoff is not None:
+                cutoff = self._sign * signed_cutoff
+                if bests[rung] < signed_cutoff:
+                    self._num_stopped += 1
+                    action, by = TrialScheduler.STOP, BY_EARLIER_EPOCHS
+        decision = (FULL_BUDGET if by == BY_BUDGET else
+                    CONTINUE if action == TrialScheduler.CONTINUE else STOP)
+        self.decisions.append({
+            "trial_id": trial.trial_id, "epoch": epoch,
+            "rung": self._milestones.index(crossed[-1]) + 1 if crossed else None,
+            "decision": decision, "by": by, "value": float(value), "cutoff": cutoff,
+        })
         return action

@@ -1,12 +1,18 @@
-"""The Optuna searcher, told the truth about trials that ASHA stopped early.
+"""The Optuna searcher, told the truth about every epoch and about trials ASHA stopped early.
 
-Ray's stock ``OptunaSearch`` reports each epoch to Optuna but then tells Optuna
-that an early-stopped trial is COMPLETE with its last value, as if that value
-were a full-budget result. TPE then ranks a trial stopped after one epoch among
-the finished ones, and ``study.best_trial`` can be a trial that never trained
-to the end. Here such a trial is told as PRUNED (Optuna keeps its per-epoch
-values, and TPE ranks pruned trials by how far they got, then by their last
-value), and a trial whose metric is missing or not finite is told as FAILED.
+Ray's stock ``OptunaSearch`` tells Optuna that an early-stopped trial is COMPLETE with its
+last value, as if that value were a full-budget result. TPE then ranks a trial stopped after
+one epoch among the finished ones, and ``study.best_trial`` can be a trial that never trained
+to the end. Here such a trial is told as PRUNED (Optuna keeps its per-epoch values, and TPE
+ranks pruned trials by how far they got, then by their last value), and a trial whose metric
+is missing or not finite is told as FAILED.
+
+Every epoch a trial trained reaches the study as an intermediate value, the last one too.
+Ray's controller does not call a searcher's ``on_trial_result`` for the result on which the
+scheduler says STOP (ASHA's stop at a rung, and its stop at max_t after a trial's last
+epoch), only ``on_trial_complete`` with that result (Ray 2.60,
+``TuneController._process_trial_result``); so the completion reports it before telling the
+trial's state. Without that, a trial stopped at the first rung reached Optuna with no value.
 
 The study is the source of truth across restores: each Optuna trial carries its
 Tune trial id, so a searcher restored from an old (or missing) checkpoint
@@ -103,23 +109,28 @@ class PruningOptunaSearch(OptunaSearch):
         return self._ot_study._storage.get_trial(ot_trial._trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(self.metric)
-        if value is None or not math.isfinite(float(value)):
-            return  # Optuna refuses NaN intermediate values; the trial will be told FAILED
         ot_trial = self._trial_for(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return
-        step = int(result[TRAINING_ITERATION])
+        self._report_epoch(ot_trial, result)
+
+    def _report_epoch(self, ot_trial: optuna.Trial, result: dict) -> None:
+        """Record one epoch's metric as the trial's intermediate value at that epoch."""
+        value, step = result.get(self.metric), result.get(TRAINING_ITERATION)
+        if value is None or step is None or not math.isfinite(float(value)):
+            return  # Optuna refuses NaN intermediate values; the trial will be told FAILED
         # A trial retried from its checkpoint reports some epochs again: keep the first value.
-        if step in self._stored(ot_trial).intermediate_values:
+        if int(step) in self._stored(ot_trial).intermediate_values:
             return
-        ot_trial.report(float(value), step)
+        ot_trial.report(float(value), int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         ot_trial = self._trial_for(trial_id)
         if trial_id in self._completed_trials or ot_trial is None:
             return
+        if result and self._stored(ot_trial).state == TrialState.RUNNING:
+            self._report_epoch(ot_trial, result)  # the result the scheduler stopped it on
         value = result.get(self.metric) if result else None
         epochs = int(result.get(TRAINING_ITERATION, 0)) if result else 0
         state = final_state(value, epochs, self._max_epochs, error or _diverged(result))

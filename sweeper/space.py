@@ -1,21 +1,24 @@
 """Hydra sweep grammar -> Optuna distributions.
 
-A search space is written the way the hydra-optuna-sweeper plugin reads it::
+A search space is written in Hydra's sweep grammar, keyed by the setting it samples::
 
     train.lr: tag(log, interval(1e-4, 1e-1))   -> FloatDistribution(log=True)
     train.batch_size: choice(32, 64, 128)      -> CategoricalDistribution
     model.filters: range(16, 65, step=16)      -> IntDistribution(16, 64, step=16)
-    model.dropout: interval(0.0, 0.5)          -> FloatDistribution
-    model.dense_units: interval(32, 128)       -> IntDistribution (integer bounds)
+    model.dropout: interval(0, 0.5)            -> FloatDistribution (dropout is a float)
+    model.dense_units: interval(32, 128)       -> IntDistribution (dense_units is an int)
 
-Unlike the plugin, ``range`` keeps Hydra's meaning (the stop is excluded), so
-``range(16, 65, step=16)`` samples 16, 32, 48 or 64 and never 65.
+Hydra's parser reads the expression (casts, keyword arguments, ``tag``, ``sort`` and
+``shuffle`` included), and the setting's declared type decides the distribution's type;
+an explicit ``int(...)`` or ``float(...)`` cast wins over it. (The hydra-optuna-sweeper
+plugin guesses the type from how the bounds are written instead, so ``interval(0, 1)`` for
+a float setting became an integer distribution there, and here until issue 19.) Unlike the
+plugin, ``range`` keeps Hydra's meaning (the stop is excluded), so ``range(16, 65,
+step=16)`` samples 16, 32, 48 or 64 and never 65.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,33 +37,38 @@ from sweeper.config import (
     ConfigError,
     SweepConfig,
     apply_params,
+    not_searchable_reason,
+    setting_type,
     validate_trial_settings,
 )
 
-# Hydra turns interval bounds into floats; integer bounds written as such mean an int setting.
-_INT_INTERVAL = re.compile(r"interval\(\s*(start\s*=\s*)?[+-]?\d+\s*,\s*(end\s*=\s*)?[+-]?\d+\s*\)")
-
 FORMS = ("choice(a, b, ...), range(start, stop[, step]), interval(low, high), "
-         "tag(log, interval(low, high))")
+         "tag(log, interval(low, high)), with int(...)/float(...) casts")
+MAX_RANGE_VALUES = 1_000_000  # Hydra's listing of a range is walked once, value by value
+_CASTS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _fail(key: str, expression: Any, why: str) -> ConfigError:
     return ConfigError(f"search.space.{key}", expression, f"{why}; allowed forms: {FORMS}")
 
 
-def parse_distribution(key: str, expression: Any) -> BaseDistribution:
-    """Turn one Hydra sweep expression into an Optuna distribution.
+def _parse_with_casts(key: str, expression: str) -> tuple[Any, type | None]:
+    """Hydra's reading of ``key=expression``: the sweep and the outermost cast (or None).
 
-    Args:
-        key: Dotted config path the expression samples, e.g. ``train.lr`` (for messages).
-        expression: The sweep expression as a string.
-
-    Raises:
-        ConfigError: The expression is not one of the supported forms or its bounds are empty.
+    Hydra applies a cast to the values and forgets it; wrapping its cast functions shows which
+    one was written, so that ``float(interval(0, 1))`` and ``interval(0, 1)`` (both floats to
+    Hydra) can be told apart where the setting is an integer.
     """
-    if not isinstance(expression, str):
-        raise _fail(key, expression, "must be a sweep expression string")
     parser = OverridesParser.create()
+    casts: list[type] = []
+    for name, kind in _CASTS.items():
+        hydra_cast = parser.functions.functions[name]
+
+        def recording(*args: Any, _cast=hydra_cast, _kind=kind, **kwargs: Any) -> Any:
+            casts.append(_kind)  # Hydra evaluates the innermost call first
+            return _cast(*args, **kwargs)
+
+        parser.functions.functions[name] = recording
     try:
         override = parser.parse_override(f"{key}={expression}")
     except HydraException as error:
@@ -68,26 +76,55 @@ def parse_distribution(key: str, expression: Any) -> BaseDistribution:
         raise _fail(key, expression, f"cannot parse ({first_line})") from None
     if not override.is_sweep_override():
         raise _fail(key, expression, "is a fixed value, not a search range")
-    sweep = override.value()
+    return override.value(), (casts[-1] if casts else None)
+
+
+def parse_distribution(key: str, expression: Any, declared: type | None = None) -> BaseDistribution:
+    """Turn one Hydra sweep expression into an Optuna distribution of the setting's type.
+
+    Args:
+        key: Dotted config path the expression samples, e.g. ``train.lr``.
+        expression: The sweep expression as a string.
+        declared: The setting's type (int, float, bool or str); None looks it up in the
+            config schema by ``key``.
+
+    Returns:
+        ``CategoricalDistribution`` for ``choice`` (values converted to the type: ``choice(0,
+        1)`` for a float setting samples 0.0 and 1.0); ``IntDistribution`` or
+        ``FloatDistribution`` for ``range`` and ``interval``, by the explicit cast if one is
+        written, else by the declared type; ``tag(log, ...)`` makes it log-uniform.
+
+    Raises:
+        ConfigError: The expression is not one of the supported forms, its bounds are empty,
+            or its values do not fit the setting's type.
+    """
+    if not isinstance(expression, str):
+        raise _fail(key, expression, "must be a sweep expression string")
+    if declared is None:
+        declared = setting_type(*key.partition(".")[::2])
+    sweep, cast = _parse_with_casts(key, expression)
     tags = set(getattr(sweep, "tags", set()) or set())
     unknown_tags = tags - {"log"}
     if unknown_tags:
         raise _fail(key, expression, f"unknown tag {sorted(unknown_tags)[0]!r} (only 'log')")
+    kind = cast or declared
 
     if isinstance(sweep, ChoiceSweep):
         if tags:
-            raise _fail(key, expression, "tag(log, ...) applies to interval only")
+            raise _fail(key, expression, "tag(log, ...) applies to interval and range only")
         choices = [_plain(choice) for choice in sweep.list]
         if not choices or any(isinstance(c, (list, dict)) for c in choices):
             raise _fail(key, expression, "choice needs one or more plain values")
+        choices = [_as_kind(key, expression, choice, kind) for choice in choices]
         if len(set(map(repr, choices))) != len(choices):
             raise _fail(key, expression, "choice has repeated values")
         return CategoricalDistribution(choices)
 
+    if isinstance(sweep, (RangeSweep, IntervalSweep)) and kind in (str, bool):
+        raise _fail(key, expression, f"{key} is {_TYPE_WORDS[kind]} setting; "
+                                     "sample it with choice(...)")
     if isinstance(sweep, RangeSweep):
-        if tags:
-            raise _fail(key, expression, "tag(log, ...) applies to interval only")
-        return _range_distribution(key, expression, sweep)
+        return _range_distribution(key, expression, sweep, kind, log="log" in tags)
 
     if isinstance(sweep, IntervalSweep):
         low, high = sweep.start, sweep.end
@@ -96,27 +133,64 @@ def parse_distribution(key: str, expression: Any) -> BaseDistribution:
         log = "log" in tags
         if log and low <= 0:
             raise _fail(key, expression, "tag(log, ...) needs low > 0")
-        if _INT_INTERVAL.search(expression):
+        if kind is int:
+            if not (float(low).is_integer() and float(high).is_integer()):
+                raise _fail(key, expression, f"{key} is an integer setting; give integer bounds "
+                                             "or cast with int(...)")
             return IntDistribution(int(low), int(high), log=log)
         return FloatDistribution(float(low), float(high), log=log)
 
     raise _fail(key, expression, f"{type(sweep).__name__} sweeps are not supported")
 
 
-def _range_distribution(key: str, expression: str, sweep: RangeSweep) -> BaseDistribution:
-    start, stop, step = sweep.start, sweep.stop, sweep.step
-    if step is None or step <= 0:
-        raise _fail(key, expression, "range needs a positive step")
-    if sweep.shuffle:
-        raise _fail(key, expression, "shuffle(range(...)) means nothing to a sampler")
-    count = math.ceil((stop - start) / step)
-    if count < 1:
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a text", bool: "a true/false"}
+
+
+def _as_kind(key: str, expression: str, value: Any, kind: type | None) -> Any:
+    """A choice's value as the setting's type; refuses a value of another kind."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float and is_number:
+        return float(value)
+    if kind is int and is_number and float(value).is_integer():
+        return int(value)
+    if kind is str and isinstance(value, bool):
+        return str(value).lower()  # Hydra reads `true` as a bool; the setting wants the word
+    if kind is str and isinstance(value, (int, float)):
+        return str(value)
+    if kind is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise _fail(key, expression, f"{key} is {_TYPE_WORDS[kind]} setting; {value!r} is not one"
+                + ("" if kind in (int, float) else "; sample it with choice(...)"))
+
+
+def _range_distribution(key: str, expression: str, sweep: RangeSweep, kind: type | None,
+                        log: bool) -> BaseDistribution:
+    if not sweep.step:
+        raise _fail(key, expression, "range needs a non-zero step")
+    if (sweep.stop - sweep.start) / sweep.step > MAX_RANGE_VALUES:
+        raise _fail(key, expression, f"range lists more than {MAX_RANGE_VALUES} values; "
+                                     "sample it with interval(low, high)")
+    # Hydra's own listing of the range (stop excluded; float steps in decimal arithmetic, as
+    # its basic sweeper runs them); sort(..., reverse=true) and shuffle only reorder it.
+    values = list(sweep.range())
+    if not values:
         raise _fail(key, expression, "range is empty (stop is excluded, as in Hydra)")
-    last = start + (count - 1) * step
-    if all(isinstance(v, int) for v in (start, stop, step)):
-        return IntDistribution(start, last, step=step)
-    # Float ranges: round away float noise so the last value is the one Hydra would list.
-    return FloatDistribution(float(start), round(float(last), 12), step=float(step))
+    low, high, step = min(values), max(values), abs(sweep.step)
+    if kind is None:
+        kind = int if all(isinstance(v, int) for v in (*values, step)) else float
+    if kind is int:
+        if not all(float(v).is_integer() for v in (low, step)):
+            raise _fail(key, expression, f"{key} is an integer setting; give integer start and "
+                                         "step or cast with int(...)")
+        if log and step != 1:
+            raise _fail(key, expression, "tag(log, range(...)) needs step 1 (Optuna samples "
+                                         "log-uniform integers only with step 1)")
+        return IntDistribution(int(low), int(high), step=int(step), log=log)
+    if log:
+        raise _fail(key, expression, "tag(log, ...) of a number setting applies to interval "
+                                     "only (Optuna has no log-uniform float steps)")
+    # Round away float noise so the last value is the one Hydra lists.
+    return FloatDistribution(float(low), round(float(high), 12), step=float(step))
 
 
 def _plain(value: Any) -> Any:
@@ -155,7 +229,10 @@ def build_search_space(cfg: SweepConfig) -> dict[str, BaseDistribution]:
         if not hasattr(getattr(cfg, group), name):
             raise ConfigError(f"search.space.{key}", expression,
                               f"{key} is not a setting of the {group} config")
-        distribution = parse_distribution(key, expression)
+        why_not = not_searchable_reason(group, name)
+        if why_not:
+            raise ConfigError(f"search.space.{key}", expression, f"cannot be searched: {why_not}")
+        distribution = parse_distribution(key, expression, setting_type(group, name))
         _check_bounds(cfg, key, expression, distribution)
         space[key] = distribution
     return space
@@ -167,19 +244,27 @@ def _extremes(distribution: BaseDistribution) -> list[Any]:
     return [distribution.low, distribution.high]  # type: ignore[attr-defined]
 
 
+def _fits_type(value: Any, declared: type | None) -> bool:
+    """Whether a sampled value can be the setting's value as it is (an int may be a float)."""
+    if declared is None:
+        return True
+    if declared is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, declared) and not (declared is int and isinstance(value, bool))
+
+
 def _check_bounds(cfg: SweepConfig, key: str, expression: Any,
                   distribution: BaseDistribution) -> None:
+    """Every extreme value of the distribution has the setting's type and passes the same
+    validation as a hand-written config."""
     group, _, name = key.partition(".")
-    declared = getattr(getattr(cfg, group), name)
+    declared = setting_type(group, name)
     for value in _extremes(distribution):
-        if isinstance(declared, int) and not isinstance(declared, bool) and not (
-            isinstance(value, int) and not isinstance(value, bool)
-        ):
+        if not _fits_type(value, declared):
+            # A cast chose another type than the setting's, e.g. float(interval(...)) for an
+            # integer setting: refuse rather than let a trial round the value.
             raise ConfigError(f"search.space.{key}", expression,
-                              f"{key} is an integer setting; sample it with integers")
-        if isinstance(declared, str) and not isinstance(value, str):
-            raise ConfigError(f"search.space.{key}", expression,
-                              f"{key} is a text setting; sample it with choice(...)")
+                              f"{key} is {_TYPE_WORDS[declared]} setting; {value!r} is not one")
         trial = apply_params(cfg, {key: value})
         try:
             validate_trial_settings(trial.data, trial.model, trial.train)

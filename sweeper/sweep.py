@@ -152,7 +152,13 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         cfg_t = fresh_variant(cfg_t)
     import ray
 
-    from sweeper.tuner import SweepPaths, build_tuner, connect, tune_settings
+    from sweeper.tuner import (
+        SweepPaths,
+        build_tuner,
+        connect,
+        read_scheduler_decisions,
+        tune_settings,
+    )
 
     paths = SweepPaths.for_config(cfg_t)
     state = sweep_state(paths.root)
@@ -191,6 +197,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
                             search_space=flatten_space(cfg_t.search.space), test=test)
     summary["state"] = COMPLETE if done else INTERRUPTED
     summary["study"] = {"storage": storage.url, "study_name": cfg_t.name}
+    summary["reproducible"] = cfg_t.search.reproducible
+    summary["scheduler_decisions"] = read_scheduler_decisions(paths.trials)
     publish(summary, records, paths.root)
     table = format_table(records, cfg_t.search.metric, cfg_t.search.mode)
     if not done:

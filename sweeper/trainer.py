@@ -60,9 +60,13 @@ class EpochMetrics:
 EpochCallback = Callable[[EpochMetrics, "object"], None]
 
 
-def configure_tensorflow(num_cpus: float, use_gpu: bool) -> int:
+def configure_tensorflow(num_cpus: float, use_gpu: bool, deterministic: bool = False) -> int:
     """Make TensorFlow use the trial's CPUs and share GPUs politely; returns how many GPUs
     TensorFlow can use (0 without ``use_gpu``).
+
+    ``deterministic`` turns on TensorFlow's op determinism (``search.reproducible``): ops that
+    could sum in a different order from run to run (multi-threaded or GPU reductions) use
+    deterministic kernels, at some cost in speed; it stays on for the rest of the process.
 
     Must run before TensorFlow builds its first op in this process; a reused
     worker that already did keeps its earlier (identical) settings.
@@ -76,6 +80,8 @@ def configure_tensorflow(num_cpus: float, use_gpu: bool) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     except RuntimeError:
         logger.debug("TensorFlow already initialized; keeping its thread settings")
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU") if use_gpu else []
     for gpu in gpus:
         try:

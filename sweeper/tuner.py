@@ -24,9 +24,9 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.execution import class_cache as tune_actor_classes
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from sweeper.config import ClusterConfig, SweepConfig
+from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
 from sweeper.scheduler import EarlierEpochsASHA
 from sweeper.searcher import PruningOptunaSearch, make_sampler
@@ -78,7 +78,7 @@ def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
         storage=storage,
         study_name=cfg.name,
         max_epochs=cfg.train.epochs,
-        max_concurrent=cfg.resources.max_concurrent_trials,
+        max_concurrent=max_concurrent_trials(cfg),
     )
     if warm_trials:
         searcher.add_warm_start(warm_trials)
@@ -86,14 +86,14 @@ def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
 
 
 def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
+    """ASHA over epochs (sweeper's, which records its decisions; with
+    ``scheduler.compare_earlier_epochs=false`` it decides as Ray's ASHA), or FIFO for none."""
     if cfg.scheduler.name == "none":
         return FIFOScheduler()
-    settings = dict(metric=cfg.search.metric, mode=cfg.search.mode, max_t=cfg.train.epochs,
-                    grace_period=cfg.scheduler.grace_period,
-                    reduction_factor=cfg.scheduler.reduction_factor)
-    if cfg.scheduler.compare_earlier_epochs:
-        return EarlierEpochsASHA(**settings)
-    return ASHAScheduler(time_attr="training_iteration", **settings)
+    return EarlierEpochsASHA(metric=cfg.search.metric, mode=cfg.search.mode,
+                             max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
+                             reduction_factor=cfg.scheduler.reduction_factor,
+                             compare_earlier_epochs=cfg.scheduler.compare_earlier_epochs)
 
 
 class SchedulerStateCallback(Callback):
@@ -112,6 +112,25 @@ class SchedulerStateCallback(Callback):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.scheduler.__dict__.update(state["scheduler"])
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Write the scheduler's decisions, in order, beside the experiment state."""
+        decisions = getattr(self.scheduler, "decisions", None)
+        if decisions is None or not trials or not _stored_locally(trials[0]):
+            return
+        try:
+            _replace_file(Path(trials[0].storage.experiment_fs_path) / DECISIONS_FILE, decisions)
+        except OSError as error:  # the results stand without it; only the record is missing
+            logger.warning("Could not write the scheduler's decisions: %s", error)
+
+
+DECISIONS_FILE = "scheduler_decisions.json"
+
+
+def read_scheduler_decisions(trials_dir: Path) -> list[dict] | None:
+    """The scheduler's decisions of a sweep in the order taken (None: no ASHA, or none saved)."""
+    record = trials_dir / DECISIONS_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 FAILED_TRIALS_FILE = "failed_trials.json"  # sweeper's own, beside Tune's experiment state
@@ -279,8 +298,9 @@ def pending_trials(cfg: SweepConfig, cpus: float, gpus: float) -> int:
     Without a limit: as many as the cluster holds now (at least one, so a cluster that has
     yet to scale up sees demand one trial at a time, as before).
     """
-    if cfg.resources.max_concurrent_trials:
-        return cfg.resources.max_concurrent_trials
+    limit = max_concurrent_trials(cfg)
+    if limit:
+        return limit
     fits = [cpus // cfg.resources.cpu_per_trial] if cfg.resources.cpu_per_trial else []
     if cfg.resources.gpu_per_trial:
         fits.append(gpus // cfg.resources.gpu_per_trial)

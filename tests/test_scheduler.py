@@ -150,9 +150,38 @@ def test_the_curves_are_saved_and_restored_with_the_experiment_state():
     assert action == STOP  # learning's epochs from before the restore still count
 
 
-def test_the_sweep_uses_it_unless_asked_for_rays_asha(compose):
+def test_the_sweep_uses_it_and_decides_as_rays_asha_when_asked(compose):
     chosen = make_scheduler(to_sweep_config(compose("+experiment=smoke")))
     assert isinstance(chosen, EarlierEpochsASHA)
     plain = make_scheduler(to_sweep_config(compose("+experiment=smoke",
                                                    "scheduler.compare_earlier_epochs=false")))
-    assert type(plain) is ASHAScheduler
+    assert isinstance(plain, EarlierEpochsASHA)
+    rays = ASHAScheduler(time_attr="training_iteration", metric="val_accuracy", mode="max",
+                         max_t=3, grace_period=1, reduction_factor=2)
+    chance, learning = trials(2)
+    # The story where sweeper's comparison stops `chance` and Ray's ASHA promotes it.
+    events = [(chance, 1, 0.09), (learning, 1, 0.5), (chance, 2, 0.1), (learning, 2, 0.6)]
+    assert feed([plain, rays, chosen], events) == [
+        (CONTINUE, CONTINUE, CONTINUE), (CONTINUE, CONTINUE, CONTINUE),
+        (CONTINUE, CONTINUE, STOP), (CONTINUE, CONTINUE, CONTINUE)]
+    assert all(d["by"] == "asha" for d in plain.decisions)
+
+
+def test_every_decision_is_recorded_in_order_with_who_took_it():
+    scheduler, _ = both_schedulers(max_t=9)
+    chance, learning, late = trials(3)
+    feed([scheduler], [(chance, 1, 0.09), (learning, 1, 0.5), (chance, 2, 0.1), (chance, 3, 0.1),
+                       *((learning, epoch, 0.5 + epoch / 100) for epoch in range(2, 10)),
+                       (late, 1, 0.05)])
+    assert [(d["trial_id"], d["epoch"], d["rung"], d["decision"], d["by"])
+            for d in scheduler.decisions] == [
+        (chance.trial_id, 1, 1, "continue", "asha"),
+        (learning.trial_id, 1, 1, "continue", "asha"),
+        (chance.trial_id, 3, 2, "stop", "earlier_epochs"),
+        (learning.trial_id, 3, 2, "continue", "asha"),
+        (learning.trial_id, 9, 3, "full_budget", "budget"),
+        (late.trial_id, 1, 1, "stop", "asha"),
+    ]
+    assert scheduler.decisions[0]["cutoff"] is None  # nobody to compare with yet
+    assert scheduler.decisions[2]["value"] == 0.1
+    assert scheduler.decisions[2]["cutoff"] == pytest.approx(0.5)

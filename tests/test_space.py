@@ -8,28 +8,167 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from sweeper.config import ConfigError, SweepConfig, apply_params
 from sweeper.space import build_search_space, flatten_space, parse_distribution
 
-GRAMMAR = [
-    ("choice(32, 64, 128)", CategoricalDistribution([32, 64, 128])),
-    ("choice(0.1, 0.25)", CategoricalDistribution([0.1, 0.25])),
-    ("choice(adam, sgd, rmsprop)", CategoricalDistribution(["adam", "sgd", "rmsprop"])),
-    # Hydra's range excludes its stop: 16, 32, 48, 64 and never 65.
-    ("range(16, 65, step=16)", IntDistribution(16, 64, step=16)),
-    ("range(1, 5)", IntDistribution(1, 4, step=1)),
-    ("range(16, 64, 16)", IntDistribution(16, 48, step=16)),
-    ("range(0.1, 0.5, 0.1)", FloatDistribution(0.1, 0.4, step=0.1)),
-    ("interval(16, 64)", IntDistribution(16, 64)),
-    ("interval(0.0, 0.5)", FloatDistribution(0.0, 0.5)),
-    ("interval(0, 0.5)", FloatDistribution(0.0, 0.5)),
-    ("tag(log, interval(1e-4, 1e-1))", FloatDistribution(1e-4, 1e-1, log=True)),
-    ("tag(log, interval(8, 256))", IntDistribution(8, 256, log=True)),
+# Every setting a search may sample, with two values it allows (low > 0, for log forms).
+SEARCHABLE = {
+    "model.filters": (8, 64), "model.kernel_size": (1, 4), "model.dense_units": (16, 128),
+    "model.dropout": (0.1, 0.5), "model.l2": (1e-6, 1e-3),
+    "train.batch_size": (16, 128), "train.lr": (1e-4, 1e-1), "train.seed": (1, 8),
+    "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_bfloat16"),
+    "train.jit_compile": ("true", "false"),
+}
+
+
+def searchable_settings() -> set[str]:
+    """Every model/train setting the config schema does not mark as fixed for a sweep."""
+    from dataclasses import fields
+
+    from sweeper.config import NOT_SEARCHABLE, ModelConfig, TrainConfig
+
+    return {f"{group}.{item.name}" for group, schema in (("model", ModelConfig),
+                                                          ("train", TrainConfig))
+            for item in fields(schema) if NOT_SEARCHABLE not in item.metadata}
+
+
+def test_the_table_covers_every_searchable_setting():
+    assert set(SEARCHABLE) == searchable_settings()
+
+
+def hydra_range(expression: str) -> FloatDistribution:
+    """The float grid Hydra's own sweeper lists for a range (the oracle for its last value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = list(OverridesParser.create().parse_override(f"k={expression}").sweep_iterator())
+    step = values[1] - values[0]
+    return FloatDistribution(min(values), round(max(values), 12), step=round(step, 12))
+
+
+def number_forms(key: str) -> list[tuple[str, object]]:
+    """(expression, expected distribution or the words of its refusal) for a number setting:
+    every form of Hydra's grammar, with casts and keyword arguments, as Hydra reads it."""
+    low, high = SEARCHABLE[key]
+    if isinstance(low, int):  # an integer setting: the declared type makes integers
+        step = max(1, (high - low) // 3)
+        last = low + ((high - low - 1) // step) * step
+        return [
+            (f"choice({low}, {high})", CategoricalDistribution([low, high])),
+            (f"choice({low}.0, {high})", CategoricalDistribution([low, high])),
+            (f"range({low}, {high})", IntDistribution(low, high - 1)),
+            (f"range(start={low}, stop={high}, step={step})",
+             IntDistribution(low, last, step=step)),
+            (f"sort(range({low}, {high}, {step}))", IntDistribution(low, last, step=step)),
+            (f"interval({low}, {high})", IntDistribution(low, high)),
+            (f"interval(start={low}, end={high})", IntDistribution(low, high)),
+            (f"int(interval({low}.4, {high}.6))", IntDistribution(low, high)),
+            (f"tag(log, interval({low}, {high}))", IntDistribution(low, high, log=True)),
+            (f"tag(log, int(interval({low}, {high})))", IntDistribution(low, high, log=True)),
+            (f"tag(log, range({low}, {high}))", IntDistribution(low, high - 1, log=True)),
+            (f"interval({low}.5, {high})", "integer setting"),
+            (f"float(interval({low}, {high}))", "integer setting"),
+            (f"range({low}, {high}, 0.5)", "integer setting"),
+            (f"choice({low}, {low}.5)", "integer setting"),
+            (f"choice({low}, {low}.0)", "repeated"),
+        ]
+    return [
+        (f"choice({low}, {high})", CategoricalDistribution([low, high])),
+        (f"interval({low}, {high})", FloatDistribution(low, high)),
+        (f"float(interval({low}, {high}))", FloatDistribution(low, high)),
+        (f"interval(start={low}, end={high})", FloatDistribution(low, high)),
+        (f"tag(log, interval({low}, {high}))", FloatDistribution(low, high, log=True)),
+        (f"tag(log, interval(start={low}, end={high}))", FloatDistribution(low, high, log=True)),
+        (f"tag(log, float(interval({low}, {high})))", FloatDistribution(low, high, log=True)),
+        (f"range({low}, {high}, {low})", hydra_range(f"range({low}, {high}, {low})")),
+        (f"tag(log, range({low}, {high}, {low}))", "applies to interval only"),
+        (f"choice({low}, adam)", "number setting"),
+    ]
+
+
+# A number setting written with integers still samples floats (issue 19: interval(0, 1) with
+# or without float(...) became an integer distribution, and every trial used 0 or 1).
+INTEGER_WRITTEN = [
+    ("model.l2", "interval(0, 1)", FloatDistribution(0.0, 1.0)),
+    ("model.l2", "float(interval(0, 1))", FloatDistribution(0.0, 1.0)),
+    ("model.l2", "choice(0, 1)", CategoricalDistribution([0.0, 1.0])),
+    ("model.l2", "range(0, 3)", FloatDistribution(0.0, 2.0, step=1.0)),
+    ("model.dropout", "choice(0, 0.5)", CategoricalDistribution([0.0, 0.5])),
+    ("train.lr", "tag(log, interval(1, 2))", FloatDistribution(1.0, 2.0, log=True)),
+    ("train.lr", "float(choice(1, 2))", CategoricalDistribution([1.0, 2.0])),
 ]
 
 
-@pytest.mark.parametrize(("expression", "expected"), GRAMMAR, ids=[e for e, _ in GRAMMAR])
-def test_each_grammar_form_becomes_its_optuna_distribution(expression, expected):
-    distribution = parse_distribution("model.filters", expression)
+def text_forms(key: str) -> list[tuple[str, object]]:
+    first, second = SEARCHABLE[key]
+    return [
+        (f"choice({first}, {second})", CategoricalDistribution([first, second])),
+        (f"sort(choice({second}, {first}))", CategoricalDistribution(sorted([first, second]))),
+        (f"str(choice({first}, {second}))", CategoricalDistribution([first, second])),
+        ("interval(1, 2)", "text setting"),
+        ("range(1, 3)", "text setting"),
+        ("choice(1, 2)", "includes '1', but must be one of"),
+        (f"tag(log, choice({first}, {second}))", "applies to interval and range only"),
+    ]
+
+
+FORMS_TABLE = [(key, expression, expected)
+               for key in SEARCHABLE
+               for expression, expected in (text_forms(key) if isinstance(SEARCHABLE[key][0], str)
+                                            else number_forms(key))] + INTEGER_WRITTEN
+
+
+@pytest.mark.parametrize(("key", "expression", "expected"), FORMS_TABLE,
+                         ids=[f"{key}={expression}" for key, expression, _ in FORMS_TABLE])
+def test_every_form_of_every_searchable_setting(key, expression, expected):
+    """The setting's declared type, or an explicit cast, decides the distribution's type."""
+    group, _, name = key.partition(".")
+    cfg = config_with_space(**{group: {name: expression}})
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as caught:
+            build_search_space(cfg)
+        assert caught.value.key == f"search.space.{key}"
+        assert expected in caught.value.allowed
+        assert "\n" not in str(caught.value)
+        return
+    distribution = build_search_space(cfg)[key]
     assert distribution == expected
     assert type(distribution) is type(expected)
+    if isinstance(distribution, CategoricalDistribution):
+        assert [type(c) for c in distribution.choices] == [type(c) for c in expected.choices]
+
+
+CLI_FORMS = [
+    # The command line reaches the same parser: casts and keyword arguments survive quoting.
+    ("search.space.model.l2=float(interval(0, 1))", "model.l2", FloatDistribution(0.0, 1.0)),
+    ("search.space.model.l2=interval(0, 1)", "model.l2", FloatDistribution(0.0, 1.0)),
+    ("search.space.model.dense_units=interval(start=32, end=128)", "model.dense_units",
+     IntDistribution(32, 128)),
+    ("search.space.train.lr=tag(log, interval(start=1e-5, end=1e-2))", "train.lr",
+     FloatDistribution(1e-5, 1e-2, log=True)),
+    ("search.space.train.batch_size=range(start=32, stop=129, step=32)", "train.batch_size",
+     IntDistribution(32, 128, step=32)),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "expected"), CLI_FORMS,
+                         ids=[o for o, _, _ in CLI_FORMS])
+def test_forms_typed_on_the_command_line(compose, override, key, expected):
+    from sweeper.config import to_sweep_config
+
+    space = build_search_space(to_sweep_config(compose("+experiment=smoke", override)))
+    assert space[key] == expected
+    assert type(space[key]) is type(expected)
+
+
+@pytest.mark.parametrize("key", ["data.max_train_samples", "data.max_test_samples", "data.name",
+                                 "data.path", "train.validation_fraction", "train.epochs",
+                                 "model.name"])
+def test_settings_fixed_for_the_whole_sweep_cannot_be_searched(key):
+    """Issue 19: searching them changed nothing the trials trained (the driver loads and splits
+    the data once; ASHA's budget is train.epochs), yet each trial recorded its own value."""
+    group, _, name = key.partition(".")
+    with pytest.raises(ConfigError) as caught:
+        build_search_space(config_with_space(**{group: {name: "choice(100, 3000)"}}))
+    assert caught.value.key == f"search.space.{key}"
+    assert caught.value.allowed.startswith("cannot be searched: ")
+    assert "\n" not in str(caught.value)
 
 
 BAD_FORMS = [
@@ -39,14 +178,15 @@ BAD_FORMS = [
     ("choice(1, 1)", "repeated"),
     ("range(5, 5)", "empty"),
     ("range(5, 1)", "empty"),
-    ("range(1, 4, step=-1)", "positive step"),
-    ("shuffle(range(1, 4))", "shuffle"),
+    ("range(1, 4, step=-1)", "empty"),
+    ("range(1, 4, step=0)", "non-zero step"),
     ("interval(0.5, 0.5)", "low < high"),
     ("interval(0.5, 0.1)", "low < high"),
     ("tag(log, interval(0, 1))", "low > 0"),
     ("tag(log, interval(-1, 1))", "low > 0"),
     ("tag(sqrt, interval(1, 2))", "unknown tag 'sqrt'"),
-    ("tag(log, choice(1, 2))", "interval only"),
+    ("tag(log, choice(1, 2))", "interval and range only"),
+    ("glob(*)", "Glob sweeps are not supported"),
     ("0.001", "fixed value"),
     (0.001, "expression string"),
     (None, "expression string"),
@@ -63,6 +203,13 @@ def test_bad_forms_name_the_key_and_the_allowed_forms(expression, why):
     assert why in error.allowed
     assert "tag(log, interval(low, high))" in error.allowed
     assert "\n" not in str(error)
+
+
+def test_sorted_and_shuffled_ranges_sample_the_same_values():
+    """sort(..., reverse=true) and shuffle(...) only reorder Hydra's list; a sampler has none."""
+    plain = parse_distribution("model.filters", "range(16, 64, 16)")
+    assert parse_distribution("model.filters", "shuffle(range(16, 64, 16))") == plain
+    assert parse_distribution("model.filters", "sort(range(16, 64, 16), reverse=true)") == plain
 
 
 def config_with_space(**space: dict) -> SweepConfig:
@@ -91,10 +238,10 @@ SPACE_MISTAKES = [
      "not a setting"),
     ({"search": {"num_trials": "range(1, 5)"}}, "search.space.search.num_trials", "group"),
     ({"lr": "interval(0.1, 0.2)"}, "search.space.lr", "<group>.<setting>"),
-    ({"model": {"filters": "interval(16.0, 64.0)"}}, "search.space.model.filters",
+    ({"model": {"filters": "interval(16.5, 64.0)"}}, "search.space.model.filters",
      "integer setting"),
     ({"model": {"filters": "choice(16, 32.5)"}}, "search.space.model.filters", "integer setting"),
-    ({"train": {"optimizer": "choice(1, 2)"}}, "search.space.train.optimizer", "text setting"),
+    ({"train": {"optimizer": "choice(1, 2)"}}, "search.space.train.optimizer", "must be one of"),
     ({"train": {"optimizer": "choice(adam, lbfgs)"}}, "search.space.train.optimizer",
      "includes 'lbfgs'"),
     ({"model": {"dropout": "choice(0.0, 0.5, 1.0)"}}, "search.space.model.dropout",

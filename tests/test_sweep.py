@@ -82,3 +82,51 @@ def test_the_sweep_directory_holds_trials_tensorboard_and_summary(finished):
         assert (sweep_dir / "trials" / trial_dir / "result.json").stat().st_size > 0
         assert (sweep_dir / "trials" / trial_dir / "progress.csv").stat().st_size > 0
     assert not list((sweep_dir / "trials").rglob("events.out.tfevents.*"))
+
+
+def test_the_study_holds_every_epoch_of_every_trial(finished):
+    """Issue 19: Optuna learns from what each trial really did. Ray calls the searcher's
+    on_trial_result for no result on which ASHA says STOP, so before the fix trials stopped
+    at the first rung reached the study with no value, and completed ones without their last.
+    The real optuna.db of the real sweep is compared with Tune's results, epoch by epoch."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name="smoke",
+                              storage=f"sqlite:///{finished.sweep_dir / 'optuna.db'}")
+    by_tune_id = {trial.user_attrs["ray_trial_id"]: trial for trial in study.trials}
+    rows = trial_rows(finished.sweep_dir)
+    assert set(by_tune_id) == set(rows)
+    statuses = {t["trial_id"]: t["status"] for t in finished.summary["trials"]}
+    for trial_id, results in rows.items():
+        told = by_tune_id[trial_id]
+        epochs = {int(row["training_iteration"]): row["val_accuracy"] for row in results}
+        assert told.intermediate_values == pytest.approx(epochs), trial_id
+        if statuses[trial_id] == "completed":
+            assert told.state == TrialState.COMPLETE
+            assert told.value == pytest.approx(epochs[finished.max_epochs])
+        else:
+            # Optuna gives a pruned trial the value of its last epoch: TPE ranks it by that.
+            assert told.state == TrialState.PRUNED
+            assert told.value == pytest.approx(epochs[max(epochs)])
+
+
+def test_the_summary_records_the_schedulers_decisions_in_order(finished):
+    decisions = finished.summary["scheduler_decisions"]
+    rows = trial_rows(finished.sweep_dir)
+    by_trial: dict[str, list[dict]] = {}
+    for decision in decisions:
+        by_trial.setdefault(decision["trial_id"], []).append(decision)
+        # Each decision names the epoch's own value, as Tune recorded it.
+        row = rows[decision["trial_id"]][decision["epoch"] - 1]
+        assert decision["value"] == pytest.approx(row["val_accuracy"])
+    for trial in finished.summary["trials"]:
+        last = by_trial[trial["trial_id"]][-1]
+        assert last["epoch"] == trial["epochs_trained"]
+        expected = "full_budget" if trial["status"] == "completed" else "stop"
+        assert last["decision"] == expected
+        # Every decision before the last let the trial go on.
+        assert all(d["decision"] == "continue" for d in by_trial[trial["trial_id"]][:-1])
+    # In the order taken: the reports' wall-clock order.
+    reported = [rows[d["trial_id"]][d["epoch"] - 1]["reported_at"] for d in decisions]
+    assert reported == sorted(reported)
