@@ -9,7 +9,11 @@ line on stderr and exit code 2, before Ray starts.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shlex
+import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -40,17 +44,52 @@ _HYDRA_ONLY_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-
 register_configs()
 logger = logging.getLogger("sweeper")
 
+LOCK_FILE, LOCK_OWNER_FILE = ".sweep.lock", ".sweep.lock.owner"
+# Held from before Hydra writes into the sweep folder until the process ends: one driver per
+# sweep folder. The kernel releases it when the process dies, SIGKILL included.
+_sweep_lock = None
+# The folder this run created for a new sweep: removed again if the run is refused or fails
+# before any trial ran, so a mistake leaves no half-made sweep behind.
+_created_dir: Path | None = None
+
+
+# Settings whose values are names, paths, URLs or addresses: Hydra's grammar reads unquoted
+# values as its own syntax and refuses `~` and non-ASCII letters, so `name=über-lauf` or
+# `sweep_dir=~/sweeps` failed with Hydra's "token recognition error" (issue 20). They reach
+# Hydra quoted, as the user meant them (`${...}` interpolations still work inside quotes).
+TEXT_KEYS = ("name", "sweep_dir", "data.path", "data.url", "data.sha256", "cluster.address",
+             "cluster.storage_path", "search.storage", "search.warm_start",
+             "search.warm_start_study")
+_TEXT_OVERRIDE = re.compile(
+    r"^(\+{0,2})(" + "|".join(re.escape(key) for key in TEXT_KEYS) + r")=(.*)$")
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as one single-quoted string of Hydra's override grammar.
+
+    Hydra unescapes a backslash only before a quote or at the end of a quoted string, so
+    those backslashes are doubled and the quotes escaped; all others stay as they are.
+    """
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
 
 def quote_space_overrides(argv: list[str]) -> list[str]:
-    """Quote search-space expressions for Hydra and let them add parameters without ``+``."""
+    """Quote search-space expressions and text settings (names, paths) for Hydra, and let
+    search-space expressions add parameters without ``+``."""
     quoted = []
     for arg in argv:
-        match = _SPACE_OVERRIDE.match(arg)
-        if match:
-            key, value = match.groups()
+        space, text = _SPACE_OVERRIDE.match(arg), _TEXT_OVERRIDE.match(arg)
+        if space:
+            key, value = space.groups()
             if not value.startswith(("'", '"')):
-                value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                value = hydra_quoted(value)
             arg = f"++{key}={value}"
+        elif text:
+            plus, key, value = text.groups()
+            if value and value != "null" and not value.startswith(("'", '"')):
+                arg = f"{plus}{key}={hydra_quoted(value)}"
         quoted.append(arg)
     return quoted
 
@@ -122,18 +161,64 @@ def preflight(argv: list[str]) -> list[str]:
         _exit_usage(describe_composition_error(error))
     finally:
         GlobalHydra.instance().clear()
-    from sweeper.sweep import fresh_variant, validate
+    from sweeper.sweep import check_sweep_dir, fresh_variant, validate
+    from sweeper.tuner import SweepPaths
 
     try:
         typed, _ = validate(cfg)
+        if typed.sweep_dir.startswith("~"):
+            # Hydra makes its run folder (.hydra/, sweep.log) from sweep_dir as written: a
+            # folder named "~" in the current one. Give it the path the sweep is written to.
+            typed.sweep_dir = str(Path(typed.sweep_dir).expanduser())
+            argv = [*argv, f"sweep_dir={hydra_quoted(typed.sweep_dir)}"]
+        if typed.fresh:
+            typed = fresh_variant(typed)
+            argv = [*argv, f"name={hydra_quoted(typed.name)}",
+                    f"sweep_dir={hydra_quoted(typed.sweep_dir)}", "fresh=false"]
+        check_sweep_dir(typed, SweepPaths.for_config(typed).root)
     except ConfigError as error:
         _exit_usage(str(error))
     except Exception as error:  # e.g. OmegaConf type errors surfacing on conversion
         _exit_usage(describe_composition_error(error))
-    if typed.fresh:
-        variant = fresh_variant(typed)
-        argv = [*argv, f"name={variant.name}", f"sweep_dir={variant.sweep_dir}", "fresh=false"]
+    _claim(typed)
     return argv
+
+
+def _claim(cfg) -> None:
+    """Take the sweep folder's lock before Hydra writes into it; exit 2 if another driver holds
+    it (the same sweep started twice would otherwise resume it as interrupted and train the
+    same trials twice)."""
+    global _sweep_lock, _created_dir
+    from filelock import FileLock, Timeout
+
+    from sweeper.tuner import SweepPaths
+
+    folder = SweepPaths.for_config(cfg).root
+    created = None if folder.exists() else folder
+    while created is not None and not created.parent.exists():
+        created = created.parent  # the topmost folder this run makes
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / LOCK_FILE)
+        lock.acquire(timeout=0)
+    except Timeout:
+        owner = folder / LOCK_OWNER_FILE
+        who = owner.read_text().strip() if owner.is_file() else "another process"
+        _exit_usage(f"name={cfg.name!r} is invalid: a sweep is running in {folder} ({who}); "
+                    "wait for it to end, or choose another name=...")
+    except OSError as error:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        _exit_usage(f"sweep_dir={str(folder)!r} is invalid: cannot create or lock it "
+                    f"({error.strerror or error})")
+    (folder / LOCK_OWNER_FILE).write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+    _sweep_lock, _created_dir = lock, created
+
+
+def _remove_created_dir() -> None:
+    """Remove the folder this run made for a new sweep that was refused before training."""
+    if _created_dir is not None and _created_dir.is_dir():
+        shutil.rmtree(_created_dir, ignore_errors=True)
 
 
 def _exit_usage(message: str) -> None:
@@ -141,8 +226,13 @@ def _exit_usage(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
+_user_argv: list[str] = []  # the arguments as the user gave them, for the resume command
+
+
 def resume_command() -> str:
-    return " ".join(["python -m sweeper", *sys.argv[1:]])
+    """The command that resumes this sweep, quoted so that pasting it into a shell works
+    whatever the name, paths or search-space expressions hold."""
+    return "python -m sweeper " + shlex.join(_user_argv)
 
 
 def print_results(summary: dict) -> None:
@@ -165,7 +255,7 @@ def print_results(summary: dict) -> None:
                        ("Report", "report"), ("Trials table", "trials_csv")):
         if paths.get(key) and Path(paths[key]).exists():
             print(f"{label + ':':<17}{paths[key]}")
-    print(f"TensorBoard:     tensorboard --logdir {paths['tensorboard']}")
+    print(f"TensorBoard:     tensorboard --logdir {shlex.quote(paths['tensorboard'])}")
 
 
 def report_command(args: list[str]) -> None:
@@ -202,6 +292,8 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         outcome = run_sweep(cfg)
     except ConfigError as error:
+        # Raised before Ray starts (e.g. the data cannot train, or a download failed).
+        _remove_created_dir()
         _exit_usage(str(error))
     except SweepFailed as error:
         print(f"error: {error}", file=sys.stderr)
@@ -222,9 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["report"]:
         report_command(argv[1:])
         return
-    argv = quote_space_overrides(argv)
-    argv = preflight(argv)
-    sys.argv = [sys.argv[0], *argv]
+    quoted = quote_space_overrides(argv)
+    ready = preflight(quoted)
+    # fresh=true has become an explicit name and folder: resuming continues that sweep.
+    _user_argv[:] = [*argv, *ready[len(quoted):]]
+    sys.argv = [sys.argv[0], *ready]
     hydra_main()
 
 

@@ -296,8 +296,8 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
 
 def validate_sweep_settings(cfg: SweepConfig) -> None:
     """Check the searcher, scheduler, cluster and resources settings."""
-    _require(bool(cfg.name) and "/" not in cfg.name, "name", cfg.name,
-             "must be a non-empty name without '/'")
+    _require(bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
+             "name", cfg.name, "must be a non-empty name without '/' (and not '.' or '..')")
     search = cfg.search
     _one_of("search.sampler", search.sampler, SAMPLERS)
     _one_of("search.metric", search.metric, METRICS)

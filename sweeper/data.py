@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,14 +86,24 @@ def idx_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+# What reading a file the user named can raise besides our own ConfigError: a missing or
+# unreadable file, a file of another kind (numpy's and zipfile's own errors), a cut-off one.
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+def _unreadable(path: Path, what: str, error: BaseException) -> ConfigError:
+    """One line for a file that cannot be read as ``what``, naming the file's own problem."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConfigError("data.path", str(path), f"cannot read it as {what} ({detail})")
+
+
 def load_idx_folder(folder: Path) -> dict[str, np.ndarray]:
     arrays = {}
     for key, found in idx_files(folder).items():
         try:
             arrays[key] = read_idx(found)
-        except (OSError, ValueError) as error:
-            raise ConfigError("data.path", str(folder),
-                              f"cannot read {found.name}: {error}") from None
+        except READ_ERRORS as error:
+            raise _unreadable(folder, f"MNIST IDX files: {found.name}", error) from None
     return arrays
 
 
@@ -104,8 +115,10 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
                 raise ConfigError("data.path", str(path), f"npz lacks {', '.join(missing)}; "
                                   f"expected keys {', '.join(NPZ_KEYS)}")
             return {key: archive[key] for key in NPZ_KEYS}
-    except (OSError, ValueError) as error:
-        raise ConfigError("data.path", str(path), f"not a readable .npz file ({error})") from None
+    except ConfigError:
+        raise
+    except READ_ERRORS as error:
+        raise _unreadable(path, "an .npz file of x_train, y_train, x_test, y_test", error) from None
 
 
 def download_mnist(url: str, sha256: str | None) -> Path:
@@ -120,8 +133,42 @@ def download_mnist(url: str, sha256: str | None) -> Path:
                           ) from None
 
 
+def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
+    """Images as uint8 pixels 0-255, converted only where the meaning is clear.
+
+    uint8 is kept; other integers in 0-255 are cast; floats in [0, 1] (images already scaled,
+    as many pipelines keep them) are multiplied by 255 and rounded; floats in [0, 255] are
+    rounded. Anything else is refused: a plain cast of [0, 1] floats made nearly every pixel 0
+    and trained to chance with exit 0 (issue 20). Each conversion is logged.
+
+    Raises:
+        ConfigError: booleans or other types, values outside 0-255, or NaN/infinite values.
+    """
+    if images.dtype == np.uint8:
+        return images
+    kind = images.dtype.kind
+    if kind not in "iuf":
+        raise ConfigError("data.path", source, f"{name} holds {images.dtype} values; expected "
+                          "pixels: uint8 0-255, or floats in [0, 1] or [0, 255]")
+    if kind == "f" and images.size and not np.isfinite(images).all():
+        raise ConfigError("data.path", source, f"{name} holds NaN or infinite values")
+    low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+    if low < 0 or high > 255:
+        raise ConfigError("data.path", source,
+                          f"{name} values lie in [{low:g}, {high:g}]; expected pixels: uint8 "
+                          "0-255, or floats in [0, 1] or [0, 255] (not standardized values)")
+    if kind == "f" and high <= 1.0:
+        logger.warning("%s holds floats in [0, 1]: scaled by 255 to uint8 pixels", name)
+        return np.rint(images * 255.0).astype(np.uint8)
+    if kind == "f":
+        logger.info("%s holds floats in [0, 255]: rounded to uint8 pixels", name)
+        return np.rint(images).astype(np.uint8)
+    return images.astype(np.uint8)
+
+
 def check_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Refuse anything that is not MNIST-shaped: 28x28 images, labels 0-9, matching lengths."""
+    """Refuse anything that is not MNIST-shaped: 28x28 images, labels 0-9, matching lengths;
+    images become uint8 pixels (:func:`to_pixels`)."""
     for split in ("train", "test"):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
@@ -130,13 +177,13 @@ def check_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.nda
         if labels.shape != (images.shape[0],):
             raise ConfigError("data.path", source,
                               f"y_{split} has shape {labels.shape}; expected ({images.shape[0]},)")
+        if labels.dtype.kind not in "iu" and not (
+                labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+            raise ConfigError("data.path", source, f"y_{split} holds {labels.dtype} values; "
+                              "expected integer class labels")
         if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
             raise ConfigError("data.path", source, f"y_{split} has labels outside 0-9")
-        if images.dtype != np.uint8:
-            if images.min() < 0 or images.max() > 255:
-                raise ConfigError("data.path", source,
-                                  f"x_{split} values lie outside 0-255; expected raw pixels")
-            arrays[f"x_{split}"] = images.astype(np.uint8)
+        arrays[f"x_{split}"] = to_pixels(images, f"x_{split}", source)
         arrays[f"y_{split}"] = labels.astype(np.uint8)
     return arrays
 
@@ -187,8 +234,10 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_source(cfg: DataConfig) -> None:
-    """Cheaply check that ``data.path`` holds MNIST-shaped data, reading headers only.
+def check_source(cfg: DataConfig, validation_fraction: float | None = None,
+                 batch_size: int | None = None) -> None:
+    """Cheaply check that ``data.path`` holds MNIST-shaped data, reading headers only, and
+    (given ``validation_fraction``) that no split of it would be empty.
 
     Runs before anything starts, so a wrong path fails in a second, not after Ray is up.
     The full check (labels, values) happens when the arrays are loaded.
@@ -204,8 +253,11 @@ def check_source(cfg: DataConfig) -> None:
         else:
             raise ConfigError("data.path", str(path),
                               "no such file or folder; give an .npz or a folder of IDX files")
-    except (OSError, ValueError, EOFError) as error:
-        raise ConfigError("data.path", str(path), f"cannot read it as MNIST ({error})") from None
+    except ConfigError:
+        raise  # already one line naming the key
+    except READ_ERRORS as error:
+        kind = "MNIST IDX files" if path.is_dir() else "an .npz file"
+        raise _unreadable(path, kind, error) from None
     for split in ("train", "test"):
         images, labels = shapes[f"x_{split}"], shapes[f"y_{split}"]
         if len(images) != 3 or images[1:] != IMAGE_SHAPE:
@@ -214,6 +266,10 @@ def check_source(cfg: DataConfig) -> None:
         if labels != images[:1]:
             raise ConfigError("data.path", str(path),
                               f"y_{split} has shape {labels}; expected ({images[0]},)")
+    if validation_fraction is not None:
+        sizes = split_sizes(shapes["x_train"][0], shapes["x_test"][0], validation_fraction,
+                            cfg.max_train_samples, cfg.max_test_samples)
+        check_split_sizes(sizes, validation_fraction, batch_size, source=str(path))
 
 
 def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator):
@@ -223,16 +279,60 @@ def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Gene
     return x[keep], y[keep]
 
 
+def split_sizes(num_train: int, num_test: int, validation_fraction: float,
+                max_train_samples: int | None = None,
+                max_test_samples: int | None = None) -> dict[str, int]:
+    """Images in each split made from ``num_train`` training and ``num_test`` test images."""
+    pool = num_train if max_train_samples is None else min(num_train, max_train_samples)
+    num_val = max(1, round(pool * validation_fraction)) if pool else 0
+    test = num_test if max_test_samples is None else min(num_test, max_test_samples)
+    return {"train": pool - num_val, "val": num_val, "test": test}
+
+
+def check_split_sizes(sizes: dict[str, int], validation_fraction: float,
+                      batch_size: int | None = None, source: str | None = None) -> None:
+    """Refuse splits a sweep cannot train or score on; warn where a batch exceeds the training
+    split (each epoch is then one smaller batch).
+
+    Raises:
+        ConfigError: no training, validation or test image.
+    """
+    if sizes["train"] < 1 or sizes["val"] < 1:
+        empty = "training" if sizes["train"] < 1 else "validation"
+        pool = sizes["train"] + sizes["val"]
+        raise ConfigError("train.validation_fraction", validation_fraction,
+                          f"{pool} training images split into {sizes['train']} for training "
+                          f"and {sizes['val']} for validation; the {empty} split is empty "
+                          "(lower train.validation_fraction or raise data.max_train_samples)")
+    if sizes["test"] < 1:
+        raise ConfigError("data.path", source, "the test split is empty; the dataset needs test "
+                          "images (x_test, y_test)")
+    if batch_size is not None and batch_size > sizes["train"]:
+        logger.warning("train.batch_size=%d is larger than the training split (%d images): "
+                       "every epoch is one batch of %d", batch_size, sizes["train"],
+                       sizes["train"])
+
+
 def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed: int,
                 max_train_samples: int | None = None,
-                max_test_samples: int | None = None) -> Splits:
-    """Split training data into train/validation with a fixed seed; the test split stays apart."""
+                max_test_samples: int | None = None, source: str | None = None) -> Splits:
+    """Split training data into train/validation with a fixed seed; the test split stays apart.
+
+    Raises:
+        ConfigError: a split would be empty, or the training split holds fewer than two
+            classes (nothing to classify).
+    """
     rng = np.random.default_rng(seed)
     x, y = _subset(arrays["x_train"], arrays["y_train"], max_train_samples, rng)
     x_test, y_test = _subset(arrays["x_test"], arrays["y_test"], max_test_samples, rng)
+    sizes = split_sizes(len(y), len(y_test), validation_fraction)
+    check_split_sizes(sizes, validation_fraction, source=source)
     order = rng.permutation(len(y))
-    num_val = max(1, round(len(y) * validation_fraction))
-    val_idx, train_idx = np.sort(order[:num_val]), np.sort(order[num_val:])
+    val_idx, train_idx = np.sort(order[:sizes["val"]]), np.sort(order[sizes["val"]:])
+    classes = np.unique(y[train_idx])
+    if len(classes) < 2:
+        raise ConfigError("data.path", source, f"the training split holds {len(classes)} class "
+                          f"({classes.tolist()}); a classifier needs two or more")
     return Splits(
         x_train=np.ascontiguousarray(x[train_idx]), y_train=np.ascontiguousarray(y[train_idx]),
         x_val=np.ascontiguousarray(x[val_idx]), y_val=np.ascontiguousarray(y[val_idx]),
@@ -243,7 +343,7 @@ def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed:
 def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Splits:
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
-    splits = make_splits(arrays, validation_fraction, seed,
-                         cfg.max_train_samples, cfg.max_test_samples)
+    splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
+                         cfg.max_test_samples, source=cfg.path or cfg.url)
     logger.info("Loaded %s: %s", cfg.name, splits.sizes())
     return splits

@@ -43,9 +43,13 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
                            num_classes: int = NUM_CLASSES) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1, per-class figures and the confusion matrix.
 
-    A class that is never predicted (or never present) scores 0 precision (or recall)
-    rather than NaN, as scikit-learn does with ``zero_division=0``, so the macro
-    averages stay in [0, 1].
+    The macro averages are taken over the classes that occur in ``y_true`` or ``y_pred``
+    (scikit-learn's ``precision_recall_fscore_support(average="macro")`` with its default
+    labels): a class absent from both says nothing about the model, and averaging its zeros
+    in made two-class test data with accuracy 0.98 score a macro F1 of 0.20 (issue 20). A
+    scored class never predicted (or never present) counts 0 precision (or recall) rather
+    than NaN, as scikit-learn does with ``zero_division=0``. ``per_class["scored"]`` says
+    which classes the averages include.
 
     Args:
         y_true: True labels, shape (N,).
@@ -66,17 +70,23 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
     recall = np.divide(hits, support, out=np.zeros(num_classes), where=support > 0)
     both = precision + recall
     f1 = np.divide(2 * precision * recall, both, out=np.zeros(num_classes), where=both > 0)
+    scored = (support > 0) | (predicted > 0)
+
+    def macro(values: np.ndarray) -> float:
+        return float(values[scored].mean()) if scored.any() else 0.0
+
     return {
         "num_samples": int(len(y_true)),
         "accuracy": float(hits.sum() / max(len(y_true), 1)),
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "precision_macro": macro(precision),
+        "recall_macro": macro(recall),
+        "f1_macro": macro(f1),
         "per_class": {
             "precision": precision.tolist(),
             "recall": recall.tolist(),
             "f1": f1.tolist(),
             "support": support.astype(int).tolist(),
+            "scored": scored.tolist(),
         },
         "confusion_matrix": matrix.tolist(),
     }

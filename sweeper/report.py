@@ -299,9 +299,12 @@ def report_markdown(summary: dict[str, Any], drawn: list[str]) -> str:
         lines += [f"## {PLOTS[name][0]}", "", f"![{PLOTS[name][0]}]({name}.png)", ""]
     if test:
         per_class = test["per_class"]
+        scored = per_class.get("scored") or [True] * len(per_class["f1"])
         rows = [{"class": i, "precision": per_class["precision"][i],
                  "recall": per_class["recall"][i], "f1": per_class["f1"][i],
-                 "support": per_class["support"][i]} for i in range(len(per_class["f1"]))]
+                 "support": per_class["support"][i],
+                 "in macro averages": "yes" if scored[i] else "no (no samples, never predicted)"}
+                for i in range(len(per_class["f1"]))]
         lines += ["## Test figures per class", "", *_markdown_table(rows), ""]
     lines += [f"## Trials ({TRIALS_CSV})", "", *_markdown_table(trials_table(summary)), ""]
     return "\n".join(lines)

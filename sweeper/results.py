@@ -83,7 +83,8 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
                    "time_total_s", "timestamp"]
         history: list[dict[str, float]] = []
         if frame is not None and "epoch" in frame:
-            rows = frame[[c for c in columns if c in frame]].drop_duplicates("epoch", keep="last")
+            # An epoch retrained after a restore keeps its first value, as everywhere else.
+            rows = frame[[c for c in columns if c in frame]].drop_duplicates("epoch", keep="first")
             history = [{k: float(v) for k, v in row.items()} for row in rows.to_dict("records")]
         error = None if result.error is None else _one_line(result.error)
         if result.metrics.get("diverged"):

@@ -101,30 +101,41 @@ def sweep_state(root: Path) -> str:
     return NEW
 
 
+def check_sweep_dir(cfg: SweepConfig, root: Path) -> None:
+    """Refuse a config that differs from the sweep already in ``root``; reads, writes nothing.
+
+    Run before anything is written (Hydra's own files included), so that a refused re-run
+    leaves the existing sweep as it was.
+    """
+    saved_file = root / SWEEP_CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    differences = config_differences(yaml.safe_load(saved_file.read_text()),
+                                     config_fingerprint(cfg))
+    if differences:
+        shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+        raise ConfigError("name", cfg.name,
+                          f"{root} holds a sweep with a different config ({shown}); "
+                          "choose another name=..., or fresh=true for a new sweep")
+
+
 def claim_sweep_dir(cfg: SweepConfig, root: Path, state: str) -> None:
     """Record the config of a new sweep, or check that an earlier one in ``root`` matches it.
 
     ``state`` is :func:`sweep_state` of ``root``.
     """
     saved_file = root / SWEEP_CONFIG_FILE
-    current = config_fingerprint(cfg)
-    if saved_file.is_file():
-        differences = config_differences(yaml.safe_load(saved_file.read_text()), current)
-        if differences:
-            shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
-            raise ConfigError("name", cfg.name,
-                              f"{root} holds a sweep with a different config ({shown}); "
-                              "choose another name=..., or fresh=true for a new sweep")
-    elif state == NEW:
+    check_sweep_dir(cfg, root)
+    if not saved_file.is_file() and state == NEW:
         root.mkdir(parents=True, exist_ok=True)
-        saved_file.write_text(yaml.safe_dump(current, sort_keys=False))
+        saved_file.write_text(yaml.safe_dump(config_fingerprint(cfg), sort_keys=False))
 
 
 def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, BaseDistribution]]:
     """Type-check, range-check and parse the search space; raises ConfigError."""
     typed = cfg if isinstance(cfg, SweepConfig) else to_sweep_config(cfg)
     validate_trial_settings(typed.data, typed.model, typed.train)
-    check_source(typed.data)
+    check_source(typed.data, typed.train.validation_fraction, typed.train.batch_size)
     validate_sweep_settings(typed)
     if typed.search.warm_start:
         resolve_warm_start(typed.search.warm_start, typed.search.warm_start_study)

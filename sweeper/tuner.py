@@ -7,6 +7,8 @@ call into (trainer, space, results) takes and returns plain values.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.execution import class_cache as tune_actor_classes
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
@@ -230,6 +233,71 @@ def _replace_file(path: Path, content: Any) -> None:
     os.replace(staged, path)
 
 
+def last_recorded_epoch(path: Path) -> int:
+    """The largest ``training_iteration`` in a trial's result.json or progress.csv (0 if none)."""
+    if not path.is_file():
+        return 0
+    text = path.read_text(errors="replace")
+    if path.suffix == ".json":
+        rows = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):  # a line cut off by a killed driver
+                rows.append(json.loads(line))
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    epochs = [int(float(row[TRAINING_ITERATION])) for row in rows
+              if isinstance(row, dict) and row.get(TRAINING_ITERATION) not in (None, "")]
+    return max(epochs, default=0)
+
+
+class _EachEpochOnce:
+    """Tune's result-file writers, writing each epoch of a trial once: its first result.
+
+    Tune logs a result before the save of the checkpoint that came with it has returned, so a
+    trial whose node dies in between is restored from the checkpoint before, trains that epoch
+    again and reports it again (a 6-epoch trial logged 7 results on a loaded CI machine, issue
+    20); a resume after a killed driver restores running trials from the last experiment
+    snapshot the same way. The searcher, ASHA and TensorBoard already keep an epoch's first
+    value; these files now do too, so every record of a sweep shows one value per epoch. What
+    a file already holds (from before a resume) counts as written.
+    """
+
+    RECORD_FILE = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written_epochs: dict[str, int] = {}  # trial id -> last epoch in its file
+
+    def log_trial_start(self, trial) -> None:
+        super().log_trial_start(trial)  # type: ignore[misc]
+        written = self._written_epochs
+        written[trial.trial_id] = max(written.get(trial.trial_id, 0), last_recorded_epoch(
+            Path(trial.local_path) / self.RECORD_FILE))
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        written = self._written_epochs
+        epoch = result.get(TRAINING_ITERATION)
+        if epoch is not None and trial.trial_id in written and epoch <= written[trial.trial_id]:
+            logger.debug("Trial %s reported epoch %s again; its first result stands",
+                          trial.trial_id, epoch)
+            return
+        if epoch is not None:
+            written[trial.trial_id] = epoch
+        super().log_trial_result(iteration, trial, result)  # type: ignore[misc]
+
+
+class ResultJsonOnce(_EachEpochOnce, JsonLoggerCallback):
+    """Tune's result.json writer, each epoch once."""
+
+    RECORD_FILE = EXPR_RESULT_FILE
+
+
+class ProgressCsvOnce(_EachEpochOnce, CSVLoggerCallback):
+    """Tune's progress.csv writer, each epoch once."""
+
+    RECORD_FILE = EXPR_PROGRESS_FILE
+
+
 def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], metric: str,
                     scheduler: TrialScheduler) -> list[Callback]:
     """What the driver does with every result besides searching and scheduling.
@@ -240,7 +308,7 @@ def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], m
     the sweep folder, beside sweeper's own runs with their hyperparameters.
     """
     return [TensorBoardCallback(tensorboard_dir, space, metric), SchedulerStateCallback(scheduler),
-            FailedTrialsSaved(), JsonLoggerCallback(), CSVLoggerCallback()]
+            FailedTrialsSaved(), ResultJsonOnce(), ProgressCsvOnce()]
 
 
 def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:

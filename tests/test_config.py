@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,21 @@ MISTAKES = [
     (["search.space.train.epochs=choice(1, 5)"], "search.space.train.epochs"),
     (["search.space.model.dense_units=float(interval(32, 128))"],
      "search.space.model.dense_units"),
+    # Issue 20: data that cannot train, and files of every wrong kind a loader may meet; each
+    # one line naming data.path or the setting, nothing started, nothing left behind.
+    (["data=fashion_mnist", "data.path={fashion}", "data.max_train_samples=20",
+      "train.validation_fraction=0.99"], "train.validation_fraction"),
+    (["data.path={text_file}"], "data.path"),
+    (["data.path={empty_file}"], "data.path"),
+    (["data.path={truncated_npz}"], "data.path"),
+    (["data.path={gzip_file}"], "data.path"),
+    (["data.path={zip_of_text}"], "data.path"),
+    (["data.path={truncated_idx_folder}"], "data.path"),
+    (["data.path={one_class_npz}"], "data.path"),
+    (["data.path={standardized_npz}"], "data.path"),
+    (["data.path=/etc"], "data.path"),
+    (["name=" + "n" * 300], "sweep_dir"),
+    (["name=.."], "name"),
     (["+experiment=no_such_experiment"], "experiment=no_such_experiment"),
     (["+experiment=smoke", "model.dropout=1.5"], "model.dropout"),
     (["search.sampler=grid"], "search.sampler"),
@@ -76,7 +93,37 @@ def bad_data(tmp_path_factory) -> dict[str, str]:
     empty = folder / "pictures"
     empty.mkdir()
     (empty / "cat.png").write_bytes(b"\x89PNG")
-    return {"not_mnist_npz": str(npz), "folder_without_idx": str(empty)}
+    files = {"not_mnist_npz": str(npz), "folder_without_idx": str(empty)}
+    # Wrong files of every kind, made here from real Fashion-MNIST where they need content.
+    fashion = Path("/usr/share/datasets/fashion-mnist")
+    text, blank = folder / "hostname", folder / "empty.npz"
+    text.write_text("a-host-name\n")
+    blank.write_bytes(b"")
+    real = folder / "real.npz"
+    x, y = np.zeros((40, 28, 28), np.uint8), np.arange(40, dtype=np.uint8) % 10
+    np.savez(real, x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    truncated = folder / "truncated.npz"
+    truncated.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    gz = folder / "data.npz.gz"
+    gz.write_bytes(gzip.compress(real.read_bytes()))
+    zipped = folder / "notes.npz"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("readme.txt", "no arrays here")
+    idx = folder / "idx"
+    idx.mkdir()
+    for source in fashion.glob("*-ubyte.gz"):
+        content = source.read_bytes()
+        if source.name.startswith("train-images"):  # header intact, pixels cut short
+            content = gzip.compress(gzip.decompress(content)[:100_000])
+        (idx / source.name).write_bytes(content)
+    one_class, standardized = folder / "one_class.npz", folder / "standardized.npz"
+    np.savez(one_class, x_train=x, y_train=np.full(40, 3, np.uint8), x_test=x[:10],
+             y_test=y[:10])
+    np.savez(standardized, x_train=(x - 127.5) / 73.0, y_train=y, x_test=x[:10], y_test=y[:10])
+    return {**files, "fashion": str(fashion), "text_file": str(text), "empty_file": str(blank),
+            "truncated_npz": str(truncated), "gzip_file": str(gz), "zip_of_text": str(zipped),
+            "truncated_idx_folder": str(idx), "one_class_npz": str(one_class),
+            "standardized_npz": str(standardized)}
 
 
 @pytest.mark.parametrize(("overrides", "key"), MISTAKES, ids=[" ".join(o) for o, _ in MISTAKES])
@@ -229,7 +276,7 @@ def test_configs_work_from_an_installed_wheel(tmp_path):
     assert result.stderr.strip() == "error: train.lr=-1.0 is invalid: must be a positive number"
 
 
-def test_fresh_true_runs_a_new_sweep_beside_the_old_one(compose):
+def test_fresh_true_runs_a_new_sweep_beside_the_old_one(compose, tmp_path, monkeypatch):
     from sweeper.__main__ import preflight
     from sweeper.sweep import fresh_variant
 
@@ -238,7 +285,10 @@ def test_fresh_true_runs_a_new_sweep_beside_the_old_one(compose):
     assert (variant.name, variant.sweep_dir) == ("smoke-20261129-060000",
                                                  "sweeps/smoke-20261129-060000")
     assert not variant.fresh and cfg.name == "smoke"  # the composed config is left as it was
+    monkeypatch.chdir(tmp_path)  # preflight claims (creates and locks) the new sweep's folder
     argv = preflight(["+experiment=smoke", "data=fashion_mnist", "fresh=true"])
     new_name = next(arg for arg in argv if arg.startswith("name=")).removeprefix("name=")
-    assert new_name.startswith("smoke-") and f"sweep_dir=sweeps/{new_name}" in argv
+    new_name = new_name.strip("'")  # quoted for Hydra's grammar
+    assert new_name.startswith("smoke-") and f"sweep_dir='sweeps/{new_name}'" in argv
     assert argv[-1] == "fresh=false"
+    assert (tmp_path / "sweeps" / new_name / ".sweep.lock").is_file()

@@ -111,6 +111,47 @@ def test_npz_of_float_pixels_is_taken_as_uint8(tmp_path):
     assert np.array_equal(loaded["x_train"], arrays["x_train"])
 
 
+def test_npz_of_images_scaled_to_0_1_gets_its_pixels_back(tmp_path):
+    """Issue 20: images already scaled to [0, 1] were cast to uint8 (nearly all 0): trained to
+    chance with exit 0. They are scaled back, to the very pixels they came from."""
+    arrays = numbered(40)
+    scaled = {**arrays, "x_train": arrays["x_train"] / 255.0,
+              "x_test": (arrays["x_test"] / 255.0).astype(np.float32)}
+    loaded = load_arrays(DataConfig(path=str(save_npz(tmp_path / "s.npz", **scaled))))
+    assert loaded["x_train"].dtype == np.uint8
+    assert np.array_equal(loaded["x_train"], arrays["x_train"])
+    assert np.array_equal(loaded["x_test"], arrays["x_test"])
+
+
+SPLIT_MISTAKES = [
+    # (validation_fraction, max_train_samples, labels, key, words): issue 20's 0.99 of 20.
+    (0.99, 20, None, "train.validation_fraction", "the training split is empty"),
+    (0.001, 20, None, "train.validation_fraction", None),
+    (0.2, None, "one class", "data.path", "a classifier needs two or more"),
+]
+
+
+@pytest.mark.parametrize(("fraction", "limit", "labels", "key", "words"), SPLIT_MISTAKES)
+def test_splits_that_cannot_train_are_refused(fraction, limit, labels, key, words):
+    arrays = numbered(40)
+    if labels == "one class":
+        arrays["y_train"] = np.full_like(arrays["y_train"], 3)
+    if words is None:  # a tiny fraction still leaves one validation image: no error
+        splits = make_splits(arrays, fraction, seed=0, max_train_samples=limit)
+        assert splits.sizes()["val"] == 1
+        return
+    with pytest.raises(ConfigError) as caught:
+        make_splits(arrays, fraction, seed=0, max_train_samples=limit)
+    assert caught.value.key == key and words in caught.value.allowed
+
+
+def test_an_empty_test_split_is_refused():
+    arrays = numbered(40)
+    arrays["x_test"], arrays["y_test"] = arrays["x_test"][:0], arrays["y_test"][:0]
+    with pytest.raises(ConfigError, match="test split is empty"):
+        make_splits(arrays, 0.2, seed=0)
+
+
 def bad(arrays: dict[str, np.ndarray], **changes: np.ndarray) -> dict[str, np.ndarray]:
     return {**arrays, **changes}
 
@@ -120,7 +161,13 @@ BAD_NPZ = [
     ("wrong size", lambda a: bad(a, x_test=np.zeros((10, 32, 32), np.uint8)), "(N, 28, 28)"),
     ("labels out of range", lambda a: bad(a, y_train=a["y_train"] + 1), "outside 0-9"),
     ("lengths differ", lambda a: bad(a, y_test=a["y_test"][:-1]), "y_test has shape"),
-    ("pixels out of range", lambda a: bad(a, x_train=a["x_train"] * 300.0), "outside 0-255"),
+    ("pixels out of range", lambda a: bad(a, x_train=a["x_train"] * 300.0),
+     "expected pixels: uint8 0-255"),
+    # Issue 20: standardized images (mean 0, std 1) were cast to uint8 and trained to chance.
+    ("standardized", lambda a: bad(a, x_train=(a["x_train"] - 127.5) / 73.0), "not standardized"),
+    ("NaN pixels", lambda a: bad(a, x_train=np.full((40, 28, 28), np.nan, np.float32)), "NaN"),
+    ("boolean images", lambda a: bad(a, x_train=a["x_train"] > 100), "holds bool"),
+    ("fractional labels", lambda a: bad(a, y_train=a["y_train"] + 0.5), "integer class labels"),
     ("missing keys", lambda a: {"x_train": a["x_train"], "y_train": a["y_train"]},
      "lacks x_test, y_test"),
 ]
@@ -143,7 +190,7 @@ def test_missing_files_give_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="folder has no t10k-labels-idx1-ubyte"):
         load_arrays(DataConfig(path=str(folder)))
     (tmp_path / "text.npz").write_text("not a zip")
-    with pytest.raises(ConfigError, match="not a readable .npz"):
+    with pytest.raises(ConfigError, match="cannot read it as an .npz file"):
         load_arrays(DataConfig(path=str(tmp_path / "text.npz")))
     with pytest.raises(ConfigError, match="needs a local folder"):
         load_arrays(DataConfig(name="fashion_mnist", path=None))

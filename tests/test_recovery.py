@@ -72,6 +72,48 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path):
     assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2, 3]
 
 
+def test_an_epoch_trained_again_after_a_restore_is_recorded_once(tmp_path):
+    """Issue 20: a trial restored from a checkpoint older than its last reported epoch trains
+    that epoch again (on a loaded machine Tune logged a result whose checkpoint's save had not
+    come back when the node died: 7 results for 6 epochs). Here checkpoints come every 2
+    epochs and the worker dies in epoch 4, so the retry starts from epoch 2's checkpoint and
+    reports epoch 3 again: every record keeps one value per epoch, the first."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=1", "scheduler=none",
+            "train.epochs=5", "data.max_train_samples=12000", "recovery.checkpoint_every=2"]
+    process = start_cli(args, cwd=tmp_path, log=tmp_path / "run.log")
+    try:
+        def third_epoch_reported():
+            for trial_id, rows in trial_rows(sweep_dir).items():
+                if rows and rows[-1]["epoch"] == 3:
+                    return trial_id, rows[-1]["pid"], rows[-1]["val_accuracy"]
+            return None
+
+        trial_id, worker_pid, third = wait_for(third_epoch_reported, 600, "epoch 3", every=0.1)
+        os.kill(worker_pid, signal.SIGKILL)  # in epoch 4: its checkpoint is epoch 2's
+        assert process.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(process)
+
+    rows = trial_rows(sweep_dir)[trial_id]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    # Epochs 1-3 from the killed worker, 4-5 from its retry: the retry began at epoch 2's
+    # checkpoint (there is none of epoch 3), so it trained epoch 3 again, unrecorded.
+    assert [row["pid"] == worker_pid for row in rows] == [True, True, True, False, False]
+    assert rows[2]["val_accuracy"] == third
+    progress = (sweep_dir / "trials" / f"trial_{trial_id}" / "progress.csv").read_text()
+    assert len(progress.strip().splitlines()) == 1 + 5  # header and one row per epoch
+    run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
+    run.Reload()
+    assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2, 3, 4, 5]
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert study.trials[0].intermediate_values[3] == pytest.approx(third)
+    assert sorted(study.trials[0].intermediate_values) == [1, 2, 3, 4, 5]
+    summary = _summary(sweep_dir)
+    assert summary["trials"][0]["epochs_trained"] == 5
+    assert summary["epochs_trained"] == 5
+
+
 def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=5", "train.epochs=3",

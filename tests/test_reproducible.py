@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def run_twice(tmp_path, fashion_mnist_dir) -> list[dict]:
     args = ["+experiment=smoke", "data=fashion_mnist", f"data.path={fashion_mnist_dir}",
             "search.reproducible=true", "search.num_trials=4", "search.n_startup_trials=2",
-            "data.max_train_samples=1000", "data.max_test_samples=300"]
+            "data.max_train_samples=800", "data.max_test_samples=200"]
     runs = []
     for attempt in ("first", "second"):
         sweep_dir = tmp_path / attempt

@@ -56,6 +56,34 @@ def test_classification_metrics_match_hand_counts():
     json.dumps(scores)  # plain Python types only, ready for summary.json
 
 
+CLASS_SETS = [
+    # (classes in the test labels, classes the model predicts): two-class data scored among
+    # ten classes (issue 20: accuracy 0.98, macro F1 0.20), a class only ever predicted, all.
+    ((3, 7), (3, 7)),
+    ((0, 1), (0, 1, 5)),
+    ((2, 4, 9), (2, 4)),
+    (tuple(range(10)), tuple(range(10))),
+]
+
+
+@pytest.mark.parametrize(("true_classes", "predicted_classes"), CLASS_SETS)
+def test_macro_averages_cover_the_classes_present_as_scikit_learn_does(true_classes,
+                                                                       predicted_classes):
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(len(true_classes))
+    y_true = rng.choice(true_classes, size=400)
+    # Right most of the time, else any predicted class: a realistic, imperfect model.
+    y_pred = np.where(rng.random(400) < 0.9, y_true, rng.choice(predicted_classes, size=400))
+    y_pred = np.where(np.isin(y_pred, predicted_classes), y_pred, predicted_classes[0])
+    scores = classification_metrics(y_true, y_pred, num_classes=10)
+    expected = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    assert (scores["precision_macro"], scores["recall_macro"], scores["f1_macro"]) == (
+        pytest.approx(expected[0]), pytest.approx(expected[1]), pytest.approx(expected[2]))
+    present = set(true_classes) | set(np.unique(y_pred).tolist())
+    assert scores["per_class"]["scored"] == [c in present for c in range(10)]
+
+
 def test_summary_states_compute_saved_and_the_best_trial(tmp_path):
     records = [record("a", 1e-3, [0.5, 0.7, 0.8]), record("b", 1e-2, [0.4], EARLY_STOPPED),
                record("c", 1e-1, [0.3, math.nan], FAILED, "training loss became nan")]

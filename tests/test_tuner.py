@@ -21,6 +21,8 @@ from sweeper.config import to_sweep_config
 from sweeper.space import build_search_space
 from sweeper.tuner import (
     TUNE_SIGNALS,
+    ProgressCsvOnce,
+    ResultJsonOnce,
     make_scheduler,
     make_searcher,
     pending_trials,
@@ -80,9 +82,10 @@ def test_tune_writes_result_files_but_no_tensorboard_files_of_its_own(compose, r
         return sorted((type(callback) for callback in _create_default_callbacks(callbacks)
                        if isinstance(callback, kinds)), key=lambda kind: kind.__name__)
 
+    # sweeper's own writers of Tune's files (each epoch once) count as Tune's for Tune.
     with tune_settings(cfg):
-        assert loggers() == [CSVLoggerCallback, JsonLoggerCallback]
-    assert loggers() == [CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback]
+        assert loggers() == [ProgressCsvOnce, ResultJsonOnce]
+    assert loggers() == [ProgressCsvOnce, ResultJsonOnce, TBXLoggerCallback]
 
 
 def test_trials_get_no_runtime_env_of_tunes(compose, ray_local, tmp_path, monkeypatch):
