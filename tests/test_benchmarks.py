@@ -139,3 +139,13 @@ def test_gpu_checks_count_the_failed_attempts_of_retried_trials(ray_local, tmp_p
         "1 trial attempts failed in the packed sweep (RuntimeError: cudaSetDevice() on GPU:0 "
         "failed. Status: out of memory)"]
     assert checks({}, gpu=True) == []  # nothing measured yet, nothing failed
+
+
+def test_worker_memory_growth_is_the_slope_after_the_first_quarter():
+    from benchmarks.worker_memory import growth_per_trial
+
+    warm_up = [700.0, 760.0, 770.0, 771.0]  # the allocator's and TensorFlow's first trials
+    steady = [800.0 + 3.9 * trial for trial in range(12)]
+    assert growth_per_trial(warm_up + steady) == pytest.approx(3.9, rel=0.05)
+    assert growth_per_trial([900.0] * 20) == 0.0
+    assert growth_per_trial([900.0]) == 0.0
