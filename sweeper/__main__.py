@@ -125,25 +125,62 @@ def compose_config(overrides: list[str], config_dirs: list[str] | None = None) -
         return compose(config_name=CONFIG_NAME, overrides=overrides)
 
 
-def describe_composition_error(error: BaseException) -> str:
-    """Hydra's and OmegaConf's multi-line composition errors as one readable line."""
+def describe_composition_error(error: BaseException, overrides: list[str] | None = None) -> str:
+    """Hydra's and OmegaConf's multi-line composition errors as one line, ``KEY=VALUE is
+    invalid: WHAT IS ALLOWED`` wherever the error names its key: a value of the wrong type
+    (OmegaConf's ValidationError), a key the schema does not have (with the closest
+    setting, when one is close), a config group option that does not exist."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
     if isinstance(error, MissingConfigException) and error.options:
         group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
-        return (f"{group}={error.missing_cfg_file.rsplit('/', 1)[-1]} is not a config option; "
-                f"allowed: {', '.join(sorted(error.options))}")
-    parts: list[str] = []
+        return (f"{group}={error.missing_cfg_file.rsplit('/', 1)[-1]} is invalid: not a config "
+                f"option; allowed: {', '.join(sorted(error.options))}")
     seen: BaseException | None = error
+    while seen is not None:
+        key = getattr(seen, "full_key", None)
+        first = str(getattr(seen, "msg", "") or "").strip().splitlines()[:1]
+        if key and first and isinstance(seen, ValidationError):
+            return f"{key}={getattr(seen, 'value', None)!r} is invalid: {first[0].rstrip('.')}"
+        if key and isinstance(seen, (ConfigAttributeError, ConfigKeyError)):
+            return f"{_as_typed(key, overrides)} is invalid: no such setting{_closest(key)}"
+        seen = seen.__cause__ or seen.__context__
+    parts: list[str] = []
+    seen = error
     while seen is not None and len(parts) < 2:
         lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
         # OmegaConf repeats its message as a template ('$VALUE'); the filled-in one came first.
         if lines and "$" not in lines[0]:
-            text = lines[0].rstrip(".")
-            key = getattr(seen, "full_key", None)
-            if key and key not in text:
-                text += f" (key: {key})"
-            parts.append(text)
+            parts.append(lines[0].rstrip("."))
         seen = seen.__cause__ or seen.__context__
     return ": ".join(dict.fromkeys(parts)) or type(error).__name__
+
+
+def _as_typed(key: str, overrides: list[str] | None) -> str:
+    """``KEY=VALUE`` as the user wrote it on the command line, or the key alone."""
+    for override in overrides or []:
+        name, _, value = override.lstrip("+~").partition("=")
+        if name == key or name.startswith(f"{key}."):
+            return f"{name}={value}"
+    return key
+
+
+def _closest(key: str) -> str:
+    """A hint naming the setting closest to a mistyped ``key`` (e.g. train.lr for train.lrr),
+    or an empty string when none is close."""
+    import difflib
+    from dataclasses import fields
+
+    from sweeper.config import SweepConfig
+
+    group, _, name = key.rpartition(".")
+    section = SweepConfig()
+    for part in group.split(".") if group else []:
+        section = getattr(section, part, None)
+    if section is None or not hasattr(section, "__dataclass_fields__"):
+        return ""
+    match = difflib.get_close_matches(name, [item.name for item in fields(section)], n=1)
+    return f"; did you mean {group + '.' if group else ''}{match[0]}?" if match else ""
 
 
 def preflight(argv: list[str]) -> list[str]:
@@ -158,7 +195,7 @@ def preflight(argv: list[str]) -> list[str]:
     try:
         cfg = compose_config(overrides, config_dirs)
     except Exception as error:  # Hydra and OmegaConf raise many types for a user's mistake
-        _exit_usage(describe_composition_error(error))
+        _exit_usage(describe_composition_error(error, overrides))
     finally:
         GlobalHydra.instance().clear()
     from sweeper.sweep import check_sweep_dir, fresh_variant, validate
