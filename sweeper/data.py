@@ -139,7 +139,7 @@ def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
     uint8 is kept; other integers in 0-255 are cast; floats in [0, 1] (images already scaled,
     as many pipelines keep them) are multiplied by 255 and rounded; floats in [0, 255] are
     rounded. Anything else is refused: a plain cast of [0, 1] floats made nearly every pixel 0
-    and trained to chance with exit 0 (issue 20). Each conversion is logged.
+    and trained to chance with exit 0 (issue 20). Each float conversion is logged.
 
     Raises:
         ConfigError: booleans or other types, values outside 0-255, or NaN/infinite values.
