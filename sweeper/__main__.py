@@ -8,6 +8,7 @@ line on stderr and exit code 2, before Ray starts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.config import ConfigError, register_configs
+from sweeper.config import ConfigError, closest_setting, register_configs
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -143,7 +144,7 @@ def describe_composition_error(error: BaseException, overrides: list[str] | None
         if key and first and isinstance(seen, ValidationError):
             return f"{key}={getattr(seen, 'value', None)!r} is invalid: {first[0].rstrip('.')}"
         if key and isinstance(seen, (ConfigAttributeError, ConfigKeyError)):
-            return f"{_as_typed(key, overrides)} is invalid: no such setting{_closest(key)}"
+            return f"{_as_typed(key, overrides)} is invalid: no such setting{closest_setting(key)}"
         seen = seen.__cause__ or seen.__context__
     parts: list[str] = []
     seen = error
@@ -165,24 +166,6 @@ def _as_typed(key: str, overrides: list[str] | None) -> str:
     return key
 
 
-def _closest(key: str) -> str:
-    """A hint naming the setting closest to a mistyped ``key`` (e.g. train.lr for train.lrr),
-    or an empty string when none is close."""
-    import difflib
-    from dataclasses import fields
-
-    from sweeper.config import SweepConfig
-
-    group, _, name = key.rpartition(".")
-    section = SweepConfig()
-    for part in group.split(".") if group else []:
-        section = getattr(section, part, None)
-    if section is None or not hasattr(section, "__dataclass_fields__"):
-        return ""
-    match = difflib.get_close_matches(name, [item.name for item in fields(section)], n=1)
-    return f"; did you mean {group + '.' if group else ''}{match[0]}?" if match else ""
-
-
 def preflight(argv: list[str]) -> list[str]:
     """Compose and validate before Hydra runs anything; exits 2 with one line on a mistake.
 
@@ -198,7 +181,14 @@ def preflight(argv: list[str]) -> list[str]:
         _exit_usage(describe_composition_error(error, overrides))
     finally:
         GlobalHydra.instance().clear()
-    from sweeper.sweep import check_sweep_dir, fresh_variant, validate
+    from sweeper.sweep import (
+        COMPLETE,
+        SweepOutcome,
+        check_sweep_dir,
+        fresh_variant,
+        sweep_state,
+        validate,
+    )
     from sweeper.tuner import SweepPaths
 
     try:
@@ -212,11 +202,18 @@ def preflight(argv: list[str]) -> list[str]:
             typed = fresh_variant(typed)
             argv = [*argv, f"name={hydra_quoted(typed.name)}",
                     f"sweep_dir={hydra_quoted(typed.sweep_dir)}", "fresh=false"]
-        check_sweep_dir(typed, SweepPaths.for_config(typed).root)
+        root = SweepPaths.for_config(typed).root
+        check_sweep_dir(typed, root)
     except ConfigError as error:
         _exit_usage(str(error))
     except Exception as error:  # e.g. OmegaConf type errors surfacing on conversion
         _exit_usage(describe_composition_error(error))
+    if sweep_state(root) == COMPLETE:
+        # Nothing to run: report it without Hydra, which would rewrite the sweep's .hydra/
+        # and append to its sweep.log.
+        report_outcome(SweepOutcome(summary=json.loads((root / "summary.json").read_text()),
+                                    table="", sweep_dir=root, state="already_complete"))
+        sys.exit(0)
     _claim(typed)
     return argv
 

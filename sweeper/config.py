@@ -354,11 +354,55 @@ def check_resources_fit(resources: ResourcesConfig, cpus: float, gpus: float,
 
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:
-    """Turn Hydra's composed DictConfig into the typed dataclass tree."""
+    """Turn Hydra's composed DictConfig into the typed dataclass tree.
+
+    Raises:
+        ConfigError: A setting the schema does not have, added with ``+`` (Hydra lifts the
+            struct check for ``+key=value``, and OmegaConf would set it as a stray attribute
+            that nothing reads: ``+train.lrr=0.1`` trained with the default learning rate).
+    """
     # Imported here: trial workers import this module for the dataclasses alone.
     from omegaconf import OmegaConf
 
+    stray = unknown_settings(OmegaConf.to_container(cfg, resolve=False), SweepConfig)
+    if stray:
+        key, value = stray[0]
+        raise ConfigError(key, value, f"no such setting{closest_setting(key)}")
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def unknown_settings(node: Mapping[str, Any], schema: type,
+                     prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every key in ``node`` (a plain mapping) that the dataclass
+    ``schema`` and its nested dataclasses do not declare; free-form dict fields (the search
+    space) are not looked into."""
+    hints = get_type_hints(schema)
+    stray = []
+    for key, value in node.items():
+        if key not in hints:
+            stray.append((f"{prefix}{key}", value))
+        elif _is_dataclass_type(hints[key]) and isinstance(value, Mapping):
+            stray += unknown_settings(value, hints[key], f"{prefix}{key}.")
+    return stray
+
+
+def _is_dataclass_type(annotation: Any) -> bool:
+    return isinstance(annotation, type) and hasattr(annotation, "__dataclass_fields__")
+
+
+def closest_setting(key: str) -> str:
+    """A hint naming the setting closest to a mistyped dotted ``key`` (``; did you mean
+    train.lr?`` for train.lrr), or an empty string when none is close."""
+    import difflib
+
+    group, _, name = key.rpartition(".")
+    section: Any = SweepConfig
+    for part in group.split(".") if group else []:
+        section = get_type_hints(section).get(part)
+        if not _is_dataclass_type(section):
+            return ""
+    match = difflib.get_close_matches(name, [item.name for item in fields(section)], n=1)
+    return f"; did you mean {group + '.' if group else ''}{match[0]}?" if match else ""
 
 
 def apply_params(cfg: SweepConfig, params: Mapping[str, Any]) -> SweepConfig:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sweeper.compat import custom_gradient_names, forget_custom_gradients
 from sweeper.config import SweepConfig
 from sweeper.data import IMAGE_SHAPE, Splits
 
@@ -230,6 +231,7 @@ class WarmModel:
         self._key: tuple | None = None
         self._model = None
         self._initial_weights: list[np.ndarray] = []
+        self._gradients_before: frozenset[str] | None = None
 
     def get(self, cfg: SweepConfig):
         import keras
@@ -241,6 +243,11 @@ class WarmModel:
         if key != self._key or cfg.model.dropout > 0:
             self._model = None
             keras.backend.clear_session()
+            # The previous model's graphs are gone now; TensorFlow's gradient registry would
+            # keep them in memory for good (tensorflow/tensorflow#97697).
+            if self._gradients_before is not None:
+                forget_custom_gradients(self._gradients_before)
+            self._gradients_before = custom_gradient_names()
             self._model = build_model(cfg)
             self._initial_weights = self._model.get_weights()
             self._key = key

@@ -38,6 +38,10 @@ MISTAKES = [
     (["data.path={folder_without_idx}"], "data.path"),
     (["train.learning_rate=0.1"], "train.learning_rate=0.1 is invalid: no such setting"),
     (["train.lrr=0.1"], "did you mean train.lr?"),
+    # `+` lifts Hydra's struct check: the stray key was set and never read.
+    (["+train.lrr=0.1"], "train.lrr=0.1 is invalid: no such setting; did you mean train.lr?"),
+    (["+model.filter=3"], "model.filter=3 is invalid: no such setting; did you mean model.filters"),
+    (["+epochs=3"], "epochs=3 is invalid: no such setting"),
     (["trian.lr=0.1"], "trian.lr=0.1 is invalid: no such setting; did you mean train?"),
     (["train.batch_size=abc"], "train.batch_size='abc' is invalid: "),
     (["train.epochs=ten"], "train.epochs"),

@@ -55,6 +55,14 @@ def test_one_driver_per_sweep_folder_and_a_refused_rerun_writes_nothing(tmp_path
     assert "holds a sweep with a different config (search.num_trials)" in refused.stderr
     assert folder_contents(sweep_dir) == before
 
+    # The same command again: the sweep is complete, so it reports and writes nothing (Hydra
+    # had rewritten .hydra/ and appended to sweep.log before the sweep said so).
+    again = run_cli(args, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("Sweep 'smoke' is already complete")
+    assert f"Best: trial {summary['best']['trial_id']}" in again.stdout
+    assert folder_contents(sweep_dir) == before
+
 
 def test_names_and_paths_as_users_type_them(tmp_path, fashion_mnist_dir):
     """Issue 20: `~`, spaces and non-ASCII letters in name, sweep_dir and data.path work

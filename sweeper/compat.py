@@ -1,0 +1,63 @@
+"""Workarounds of other libraries' internals, in one place.
+
+Each names the upstream issue it works around and the versions it was checked with, and says
+what happens when a new version no longer has what it relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+# tensorflow/tensorflow#97697 (also #27492, keras-team/tf-keras#286 and its proposed fix
+# keras-team/tf-keras#898): tf.custom_gradient, traced in a graph, registers its gradient
+# function under a new name "CustomGradient-<uid>" in TensorFlow's global gradient registry
+# and never removes it. The function's closure holds the traced graph, so every model that
+# is trained (Keras' train step all-reduces its gradients through a custom gradient) stays in
+# memory after keras.backend.clear_session(): about 4 MiB a rebuilt trial in a reused worker
+# (benchmarks/worker_memory.py). Checked with TensorFlow 2.21.0, Keras 3.15.1.
+_CUSTOM_GRADIENT_PREFIX = "CustomGradient-"
+_warned_registry_changed = False
+
+
+def _gradient_registry() -> dict | None:
+    """TensorFlow's gradient registry (name -> registration), or None where it has moved."""
+    global _warned_registry_changed
+    from tensorflow.python.framework import ops
+
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    if not isinstance(registry, dict):
+        if not _warned_registry_changed:
+            logger.warning("TensorFlow's gradient registry has moved (checked with 2.21); a "
+                           "reused worker's memory grows with every rebuilt model "
+                           "(tensorflow/tensorflow#97697)")
+            _warned_registry_changed = True
+        return None
+    return registry
+
+
+def custom_gradient_names() -> frozenset[str]:
+    """The names of the custom gradients registered in this process so far."""
+    registry = _gradient_registry()
+    if registry is None:
+        return frozenset()
+    return frozenset(name for name in registry if name.startswith(_CUSTOM_GRADIENT_PREFIX))
+
+
+def forget_custom_gradients(keep: frozenset[str]) -> int:
+    """Unregister the custom gradients registered since ``keep`` was taken; returns how many.
+
+    Only for gradients of graphs that are gone: call it after the models and tf.functions
+    traced since ``keep`` have been dropped (after ``keras.backend.clear_session()``). A
+    gradient still needed would fail loudly (LookupError: no gradient defined), never
+    silently wrong.
+    """
+    registry = _gradient_registry()
+    if registry is None:
+        return 0
+    stale = [name for name in registry
+             if name.startswith(_CUSTOM_GRADIENT_PREFIX) and name not in keep]
+    for name in stale:
+        del registry[name]
+    return len(stale)
