@@ -1,6 +1,6 @@
 """Run sweeper's benchmarks side by side and write benchmarks/RESULTS.md.
 
-    python -m benchmarks              # all five (about 45 minutes on 2 cores)
+    python -m benchmarks              # all (about an hour on 2 cores)
     python -m benchmarks utilization throughput scaling   # a subset
 
 Every comparison is measured in this one invocation, on this machine, as ratios or medians;
@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import plots, scaling, search_efficiency, throughput, utilization
+from benchmarks import plots, scaling, search_efficiency, throughput, utilization, worker_memory
 from benchmarks.common import markdown_table, ray_session
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-ALL = ("utilization", "throughput", "search", "scaling")
+ALL = ("utilization", "throughput", "search", "scaling", "memory")
 
 
 def main() -> None:
@@ -57,6 +57,8 @@ def main() -> None:
             figures["search"] = search_efficiency.measure(workdir, args.search_trials)
         if "scaling" in chosen:
             figures["scaling"] = _scaling(workdir, figures.get("utilization"))
+        if "memory" in chosen:
+            figures["worker_memory"] = worker_memory.measure()
     ran.update({name: stamp for name in chosen})
     _draw(figures, args.out.parent)
     text = _render(figures)
@@ -100,7 +102,26 @@ def _render(figures: dict) -> str:
         sections.append(_search_section(figures["search"]))
     if "scaling" in figures:
         sections.append(_scaling_section(figures["scaling"]))
+    if "worker_memory" in figures:
+        sections.append(_worker_memory_section(figures["worker_memory"]))
     return "\n".join(sections)
+
+
+def _worker_memory_section(result: dict) -> str:
+    table = markdown_table(
+        ["trials rebuild their model for", "trials", "RSS after first MiB", "RSS after last MiB",
+         "growth MiB/trial"],
+        [[label, row["trials"], row["first_mb"], row["last_mb"], row["growth_mb_per_trial"]]
+         for label, row in result.items()])
+    return ("## 6. Memory of a reused worker that rebuilds its model every trial\n\n"
+            "`python -m benchmarks.worker_memory`: the trial path of a reused worker "
+            "(`WarmModel.get`, then `train`: one epoch on 800 Fashion-MNIST images) run N "
+            "times in one fresh process per row; growth = least-squares slope of the resident "
+            "set size after each trial, from the first quarter on. Without the workaround, "
+            "TensorFlow's gradient registry keeps every trained model's traced graphs "
+            "(tensorflow/tensorflow#97697); `sweeper.compat.forget_custom_gradients` drops "
+            "them when the worker rebuilds. Target: at most 0.5 MB (0.48 MiB) a trial."
+            f"\n\n{table}\n")
 
 
 def _utilization_section(rows: list[dict], driver_rss: float) -> str:

@@ -8,6 +8,10 @@ fresh process per variant and reports the resident set size after each trial, an
 per trial after the first quarter (allocator warm-up and TensorFlow's one-time caches).
 
     python -m benchmarks.worker_memory --trials 100 --rebuild dropout
+    python -m benchmarks memory   # both kinds, with and without the workaround: RESULTS.md
+
+The workaround (sweeper.compat.forget_custom_gradients, tensorflow/tensorflow#97697) is
+measured against the same trials without it (``--without-workaround``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def run_trials(trials: int, rebuild: str) -> list[float]:
-    """Resident MiB after each of ``trials`` trials run the way a reused worker runs them."""
+def run_trials(trials: int, rebuild: str, workaround: bool = True) -> list[float]:
+    """Resident MiB after each of ``trials`` trials run the way a reused worker runs them;
+    ``workaround=False`` leaves TensorFlow's gradient registry as TensorFlow does."""
+    import sweeper.trainer
     from sweeper.config import DataConfig, SweepConfig, apply_params
     from sweeper.data import load_splits
     from sweeper.trainer import WarmModel, configure_tensorflow, train
+
+    if not workaround:
+        sweeper.trainer.forget_custom_gradients = lambda keep: 0
 
     configure_tensorflow(1, use_gpu=False)
     data = DataConfig(name="fashion_mnist", path=FASHION_MNIST, max_train_samples=1000,
@@ -68,16 +77,21 @@ def growth_per_trial(sizes: list[float]) -> float:
 
 
 def measure(trials: int = 100) -> dict:
-    """Each rebuild kind in a fresh process, side by side: RSS per trial and its growth."""
+    """Each rebuild kind, with and without the workaround, each in a fresh process, side by
+    side: RSS after each trial and its growth per trial."""
     figures = {}
     for rebuild in REBUILDS:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.worker_memory", "--trials",
-                               str(trials), "--rebuild", rebuild, "--json"],
-                              check=True, capture_output=True, text=True)
-        sizes = json.loads(done.stdout.strip().splitlines()[-1])
-        figures[rebuild] = {"trials": trials, "rss_mb": [round(s, 1) for s in sizes],
-                            "growth_mb_per_trial": round(growth_per_trial(sizes), 3),
-                            "first_mb": round(sizes[0], 1), "last_mb": round(sizes[-1], 1)}
+        for workaround in (True, False):
+            command = [sys.executable, "-m", "benchmarks.worker_memory", "--trials",
+                       str(trials), "--rebuild", rebuild, "--json"]
+            if not workaround:
+                command.append("--without-workaround")
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            sizes = json.loads(done.stdout.strip().splitlines()[-1])
+            label = rebuild if workaround else f"{rebuild}, without workaround"
+            figures[label] = {"trials": trials, "rss_mb": [round(s, 1) for s in sizes],
+                              "growth_mb_per_trial": round(growth_per_trial(sizes), 3),
+                              "first_mb": round(sizes[0], 1), "last_mb": round(sizes[-1], 1)}
     return figures
 
 
@@ -87,12 +101,14 @@ def main() -> None:
     parser.add_argument("--rebuild", choices=REBUILDS, default=None,
                         help="one kind in this process (default: each in a fresh process)")
     parser.add_argument("--json", action="store_true", help="print the sizes as JSON only")
+    parser.add_argument("--without-workaround", action="store_true",
+                        help="leave TensorFlow's gradient registry as it is (the leak)")
     args = parser.parse_args()
     if args.rebuild is None:
         print(json.dumps({k: {key: v for key, v in f.items() if key != "rss_mb"}
                           for k, f in measure(args.trials).items()}, indent=2))
         return
-    sizes = run_trials(args.trials, args.rebuild)
+    sizes = run_trials(args.trials, args.rebuild, workaround=not args.without_workaround)
     if args.json:
         print(json.dumps(sizes))
     else:
