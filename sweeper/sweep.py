@@ -8,6 +8,7 @@ runs the trials and writes the results.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -17,12 +18,13 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from sweeper.cluster import joins_cluster, log_cluster, validate_cluster
 from sweeper.config import (
     ConfigError,
     SweepConfig,
+    check_input_fits,
     check_resources_fit,
     to_sweep_config,
     validate_sweep_settings,
@@ -135,7 +137,8 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
     """Type-check, range-check and parse the search space; raises ConfigError."""
     typed = cfg if isinstance(cfg, SweepConfig) else to_sweep_config(cfg)
     validate_trial_settings(typed.data, typed.model, typed.train)
-    check_source(typed.data, typed.train.validation_fraction, typed.train.batch_size)
+    image_size = check_source(typed.data, typed.train.validation_fraction,
+                              typed.train.batch_size)
     validate_sweep_settings(typed)
     if typed.search.warm_start:
         resolve_warm_start(typed.search.warm_start, typed.search.warm_start_study)
@@ -145,7 +148,29 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
         cpus, gpus = local_capacity(typed.cluster)
         check_resources_fit(typed.resources, cpus, gpus, where="this machine")
     validate_cluster(typed.cluster)
-    return typed, build_search_space(typed)
+    space = build_search_space(typed)
+    if image_size is not None:
+        check_model_fits(typed, space, image_size)
+    return typed, space
+
+
+def check_model_fits(cfg: SweepConfig, space: dict[str, BaseDistribution],
+                     image_size: tuple[int, ...]) -> None:
+    """Refuse images the CNN would shrink below one pixel with the configured padding and
+    kernel, or with any padding or (largest) kernel the search may sample."""
+    paddings, kernels = {cfg.model.padding}, {cfg.model.kernel_size}
+    searched_padding = space.get("model.padding")
+    if isinstance(searched_padding, CategoricalDistribution):
+        paddings |= set(searched_padding.choices)
+    searched_kernel = space.get("model.kernel_size")
+    if isinstance(searched_kernel, CategoricalDistribution):
+        kernels |= {int(choice) for choice in searched_kernel.choices}
+    elif searched_kernel is not None:
+        kernels.add(int(searched_kernel.high))
+    for padding in sorted(paddings, reverse=True):  # valid first: it shrinks the most
+        for kernel in sorted(kernels, reverse=True):
+            check_input_fits(dataclasses.replace(cfg.model, padding=padding, kernel_size=kernel),
+                             int(image_size[0]), int(image_size[1]))
 
 
 def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
@@ -179,6 +204,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
                             state="already_complete")
     splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
+    check_model_fits(cfg_t, space, splits.input_shape)
     claim_sweep_dir(cfg_t, paths.root, state)
     storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
     warm_trials = None
@@ -207,6 +233,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
                             cfg_t.train.epochs, records, paths.root,
                             search_space=flatten_space(cfg_t.search.space), test=test)
     summary["state"] = COMPLETE if done else INTERRUPTED
+    summary["data"] = splits.describe()
     summary["study"] = {"storage": storage.url, "study_name": cfg_t.name}
     summary["reproducible"] = cfg_t.search.reproducible
     summary["scheduler_decisions"] = read_scheduler_decisions(paths.trials)

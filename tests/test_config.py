@@ -30,7 +30,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
 MISTAKES = [
     (["train.lr=-1"], "train.lr"),
     (["scheduler=foo"], "scheduler=foo is invalid: not a config option"),
-    (["data=cifar10"], "data=cifar10"),
+    (["data=cifar11"], "data=cifar11 is invalid: not a config option"),
     (["train.epochs=2", "scheduler.grace_period=3"], "train.epochs"),
     (["data.path=/no/such/mnist.npz"], "data.path"),
     (["data=fashion_mnist", "data.path=/no/such/folder"], "data.path"),
