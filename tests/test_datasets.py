@@ -271,3 +271,25 @@ def test_an_unreadable_cifar_archive_is_one_config_error(tmp_path):
         load_arrays(DataConfig(name="cifar10", path=str(broken)))
     assert caught.value.key == "data.path"
     assert "cannot read it as Keras' cifar10 archive" in str(caught.value)
+
+
+def test_class_names_label_the_confusion_matrix_and_the_report():
+    """Labels {3, 7} of a test split, scored and reported: the names, not 0 and 1, appear."""
+    from sweeper.evaluate import classification_metrics
+    from sweeper.report import plot_confusion_matrix, report_markdown
+
+    y_true, y_pred = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 1])
+    test = classification_metrics(y_true, y_pred, 2, ("3", "7"))
+    test.update(source="checkpoint")
+    assert test["per_class"]["class_names"] == ["3", "7"]
+    summary = {"experiment": "labels", "metric": "val_accuracy", "mode": "max", "best": None,
+               "error": "none", "test": test, "num_trials": 0, "trial_counts": {}, "trials": [],
+               "data": {"name": "npz", "input_shape": [28, 28], "num_classes": 2,
+                        "class_names": ["3", "7"], "sizes": {"train": 8, "val": 2, "test": 5}}}
+    axes = plot_confusion_matrix(summary, []).axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["3", "7"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["3", "7"]
+    report = report_markdown(summary, [])
+    assert "| 7 | 0.75 | 1 | 0.8571 | 3 |" in report
+    assert "- Data: npz, images of shape 28x28, 2 classes, 8 training / 2 validation / 5 test" \
+        in report
