@@ -81,6 +81,14 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [prefix.rstrip(".")]
 
 
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """``saved`` with the settings it lacks taken from ``defaults`` (plain config trees)."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**{key: value for key, value in defaults.items() if key not in saved},
+            **{key: with_defaults(value, defaults.get(key)) for key, value in saved.items()}}
+
+
 def fresh_variant(cfg: SweepConfig, stamp: str | None = None) -> SweepConfig:
     """The config of a new sweep beside an earlier one: name and folder get a timestamp."""
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
@@ -112,8 +120,11 @@ def check_sweep_dir(cfg: SweepConfig, root: Path) -> None:
     saved_file = root / SWEEP_CONFIG_FILE
     if not saved_file.is_file():
         return
-    differences = config_differences(yaml.safe_load(saved_file.read_text()),
-                                     config_fingerprint(cfg))
+    # Settings added since that sweep was made count with their defaults (data.image_size,
+    # model.padding of issue 22), so a sweep of an earlier version still resumes.
+    saved = with_defaults(yaml.safe_load(saved_file.read_text()),
+                          config_fingerprint(SweepConfig()))
+    differences = config_differences(saved, config_fingerprint(cfg))
     if differences:
         shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
         raise ConfigError("name", cfg.name,

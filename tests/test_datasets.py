@@ -293,3 +293,22 @@ def test_class_names_label_the_confusion_matrix_and_the_report():
     assert "| 7 | 0.75 | 1 | 0.8571 | 3 |" in report
     assert "- Data: npz, images of shape 28x28, 2 classes, 8 training / 2 validation / 5 test" \
         in report
+
+
+def test_a_sweep_made_before_the_new_data_settings_still_resumes(tmp_path, compose):
+    """Its saved config lacks data.image_size, data.seed, model.padding...: they count with
+    their defaults; a real difference is still refused."""
+    import yaml
+
+    from sweeper.sweep import SWEEP_CONFIG_FILE, check_sweep_dir, config_fingerprint, validate
+
+    cfg, _ = validate(compose("+experiment=smoke", "data=fashion_mnist"))
+    old = config_fingerprint(cfg)
+    for key in ("image_size", "color_mode", "test_fraction", "seed"):
+        del old["data"][key]
+    del old["model"]["padding"]
+    (tmp_path / SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(old))
+    check_sweep_dir(cfg, tmp_path)
+    cfg.model.padding = "same"
+    with pytest.raises(ConfigError, match=r"different config \(model.padding\)"):
+        check_sweep_dir(cfg, tmp_path)
