@@ -82,18 +82,25 @@ def child(kind: str, path: str) -> dict:
     from sweeper.image_folder import load_image_folder
 
     baseline = rss_mb()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     if kind == "folder-1-thread":
         cfg = DataConfig(name="image_folder", path=path)
         splits = make_splits(load_image_folder(cfg, workers=1), 0.1, 0, name="image_folder")
     else:
         name = "npz" if kind == "arrays" else "image_folder"
         splits = load_splits(DataConfig(name=name, path=path), 0.1, 0)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_started
     data_mb = sum(a.nbytes for a in (splits.x_train, splits.x_val, splits.x_test)) / 2**20
-    return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "baseline_mb": baseline, "data_mb": data_mb,
-            "shape": list(splits.input_shape), "images": sum(splits.sizes().values())}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": peak_mb,
+            "baseline_mb": baseline, "data_mb": data_mb, "shape": list(splits.input_shape),
+            "images": sum(splits.sizes().values())}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the children it waited for (user + system)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def measure(kind: str, path: Path) -> dict:
@@ -103,12 +110,14 @@ def measure(kind: str, path: Path) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| data | images | shape | load s | peak RSS MiB | after imports MiB | "
-             "loading's share MiB | arrays MiB | share / arrays |", "|---" * 9 + "|"]
+    lines = ["| data | images | shape | load s | CPU s / load s | peak RSS MiB | "
+             "after imports MiB | loading's share MiB | arrays MiB | share / arrays |",
+             "|---" * 10 + "|"]
     for name, row in rows.items():
         share = row["peak_mb"] - row["baseline_mb"]
         lines.append(f"| {name} | {row['images']} | {'x'.join(map(str, row['shape']))} | "
-                     f"{row['seconds']:.2f} | {row['peak_mb']:.0f} | {row['baseline_mb']:.0f} | "
+                     f"{row['seconds']:.2f} | {row['cpu_seconds'] / row['seconds']:.2f} | "
+                     f"{row['peak_mb']:.0f} | {row['baseline_mb']:.0f} | "
                      f"{share:.0f} | {row['data_mb']:.0f} | {share / row['data_mb']:.2f} |")
     return "\n".join(lines)
 
@@ -150,7 +159,8 @@ def main() -> None:
     text = (f"{SECTION}\n\n`{command.strip()}` on {cores} cores, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; each load in a fresh "
             "process through `sweeper.data.load_splits` (the driver's path). Loading's share = "
-            "peak RSS minus RSS after the imports; arrays = the loaded splits' images.\n\n"
+            "peak RSS minus RSS after the imports; arrays = the loaded splits' images; "
+            "CPU s / load s = cores kept busy while loading.\n\n"
             f"{table(rows)}\n")
     print(text)
     if args.write:
