@@ -75,7 +75,7 @@ def measure() -> dict:
     def handover_ms(reset_global_seed: bool) -> float:
         first_steps.clear()
         for _ in range(HANDOVER_REPEATS):
-            model = warm.get(cfg)
+            model = warm.get(cfg, splits.input_shape, splits.num_classes)
             if reset_global_seed:
                 keras.utils.set_random_seed(cfg.train.seed)
             model.fit(make_dataset(splits.x_train, splits.y_train, 32, 0), epochs=1,
@@ -91,7 +91,7 @@ def measure() -> dict:
         began = time.perf_counter()
         with mock.patch("sweeper.trainer.create_training_variables",
                         create_training_variables if variables_up_front else lambda model: None):
-            model = build_model(cfg)
+            model = build_model(cfg, splits.input_shape, splits.num_classes)
         built = time.perf_counter() - began
         model.fit(make_dataset(splits.x_train, splits.y_train, 32, 0), epochs=1, verbose=0,
                   callbacks=[FirstStep()])
@@ -101,7 +101,7 @@ def measure() -> dict:
     for _ in range(NEW_MODEL_REPEATS):  # alternating, so both see the same machine
         for name, up_front in zip(new_model, (True, False), strict=True):
             new_model[name].append(new_model_s(up_front))
-    model = warm.get(cfg)
+    model = warm.get(cfg, splits.input_shape, splits.num_classes)
     checkpoints = {"sweeper": _checkpoint_ms(lambda folder: checkpoint.save(model, folder, 1)),
                    "Keras archive (before)": _checkpoint_ms(
                        lambda folder: model.save(folder / "model.keras"))}

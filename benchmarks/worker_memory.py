@@ -59,7 +59,7 @@ def run_trials(trials: int, rebuild: str, workaround: bool = True) -> list[float
         params = ({"model.dropout": 0.1 + 0.1 * (index % 3)} if rebuild == "dropout"
                   else {"model.filters": 8 + 4 * (index % 4), "model.dense_units": 32 + index})
         cfg = apply_params(base, params)
-        train(cfg, splits, model=warm.get(cfg))
+        train(cfg, splits, model=warm.get(cfg, splits.input_shape, splits.num_classes))
         sizes.append(rss_mb())
     return sizes
 

@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = ("mnist", "fashion_mnist", "image_folder", "npz", "cifar10", "cifar100")
+# Datasets read from a file or folder the user names; the others have a download or a default.
+LOCAL_DATASETS = ("fashion_mnist", "image_folder", "npz")
+COLOR_MODES = ("rgb", "grayscale")
+PADDINGS = ("valid", "same")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # Keras dtype policies: float16 compute suits GPUs with tensor cores, bfloat16 newer GPUs/CPUs.
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -66,11 +70,20 @@ class DataConfig:
     # Seeded random subsets, for smoke runs and tests; None keeps everything.
     max_train_samples: int | None = per_sweep(None)
     max_test_samples: int | None = per_sweep(None)
+    # Image folders only: [height, width] every image is resized to (None: the images' own
+    # size, when they all share one), and rgb | grayscale (None: rgb if any image has colour).
+    image_size: list[int] | None = per_sweep(None)
+    color_mode: str | None = per_sweep(None)
+    # Image folders of one level of class folders: the share of each class held out as the
+    # test split, chosen with this seed (always the same images for the same folder).
+    test_fraction: float = per_sweep(0.2)
+    seed: int = per_sweep(0)
 
 
 @dataclass
 class ModelConfig:
-    """The classic MNIST CNN: Conv(f)-Pool-Conv(2f)-Pool-Conv(2f)-Flatten-Dense-Dense(10)."""
+    """The classic MNIST CNN: Conv(f)-Pool-Conv(2f)-Pool-Conv(2f)-Flatten-Dense-Dense(K),
+    built for the data's input shape and its K classes."""
 
     name: str = per_sweep("cnn", "one model family per sweep")
     filters: int = 32
@@ -78,6 +91,9 @@ class ModelConfig:
     dense_units: int = 64
     dropout: float = 0.0
     l2: float = 0.0
+    # Convolutions and poolings: valid (the classic network; each layer shrinks the image)
+    # or same (zero-padded: small images keep their size through the convolutions).
+    padding: str = "valid"
 
 
 @dataclass
@@ -270,11 +286,24 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
     for key in ("max_train_samples", "max_test_samples"):
         value = getattr(data, key)
         _require(value is None or value >= 20, f"data.{key}", value, "must be >= 20 or null")
-    if data.name == "mnist" and data.path is None:
+    if data.name in ("mnist", "cifar10", "cifar100") and data.path is None:
         _require(bool(data.url), "data.url", data.url, "a URL is needed when data.path is null")
-    if data.name == "fashion_mnist":
-        _require(bool(data.path), "data.path", data.path,
-                 "fashion_mnist reads IDX files from a folder")
+    if data.name in LOCAL_DATASETS:
+        reads = {"fashion_mnist": "IDX files from a folder", "npz": "an .npz file",
+                 "image_folder": "a folder of class folders of images"}[data.name]
+        _require(bool(data.path), "data.path", data.path, f"data={data.name} reads {reads}")
+    folder = data.name == "image_folder"
+    if data.image_size is not None:
+        _require(folder, "data.image_size", data.image_size,
+                 "only data=image_folder resizes images; leave it null")
+        _require(len(data.image_size) == 2 and all(side >= 1 for side in data.image_size),
+                 "data.image_size", data.image_size, "must be [height, width] in pixels, or null")
+    if data.color_mode is not None:
+        _require(folder, "data.color_mode", data.color_mode,
+                 "only data=image_folder converts images; leave it null")
+        _one_of("data.color_mode", data.color_mode, COLOR_MODES)
+    _require(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction,
+             "must be in (0, 1)")
 
     _require(model.filters >= 1, "model.filters", model.filters, "must be >= 1")
     _require(1 <= model.kernel_size <= 4, "model.kernel_size", model.kernel_size,
@@ -282,6 +311,7 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
     _require(model.dense_units >= 1, "model.dense_units", model.dense_units, "must be >= 1")
     _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
     _require(model.l2 >= 0.0, "model.l2", model.l2, "must be >= 0")
+    _one_of("model.padding", model.padding, PADDINGS)
 
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
@@ -292,6 +322,40 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
              "must be a positive number")
     _require(0.0 < train.validation_fraction < 1.0, "train.validation_fraction",
              train.validation_fraction, "must be in (0, 1)")
+
+
+def feature_map_size(model: ModelConfig, height: int, width: int) -> tuple[int, int, str]:
+    """The smallest feature map of the CNN for ``height`` x ``width`` images, and the layer
+    where it is reached: plain arithmetic of the layers :func:`sweeper.model.build_cnn`
+    stacks (three convolutions with two 2x2 poolings between them)."""
+    size = (height, width)
+    stages = ("first convolution", "first pooling", "second convolution", "second pooling",
+              "third convolution")
+    for stage in stages:
+        if stage.endswith("convolution"):
+            if model.padding == "valid":
+                size = (size[0] - model.kernel_size + 1, size[1] - model.kernel_size + 1)
+        elif model.padding == "valid":
+            size = (size[0] // 2, size[1] // 2)
+        else:  # same-padded pooling rounds up: a 1-pixel map stays one pixel
+            size = (-(-size[0] // 2), -(-size[1] // 2))
+        if min(size) < 1:
+            return max(size[0], 0), max(size[1], 0), stage
+    return size[0], size[1], stages[-1]
+
+
+def check_input_fits(model: ModelConfig, height: int, width: int) -> None:
+    """Refuse images the CNN would shrink below one pixel, before any trial builds it.
+
+    Raises:
+        ConfigError: naming model.padding, the image size and the size it reached.
+    """
+    rows, cols, stage = feature_map_size(model, height, width)
+    if rows < 1 or cols < 1:
+        raise ConfigError("model.padding", model.padding,
+                          f"{height}x{width} images shrink to {rows}x{cols} pixels at the CNN's "
+                          f"{stage} (kernel {model.kernel_size}); use model.padding=same, or "
+                          "larger images with data.image_size=[height,width]")
 
 
 def validate_sweep_settings(cfg: SweepConfig) -> None:

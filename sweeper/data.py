@@ -1,18 +1,26 @@
-"""Datasets -> uint8 image arrays and seeded train/validation/test splits.
+"""Datasets -> uint8 image arrays, class names and seeded train/validation/test splits.
 
 Nothing here needs TensorFlow: the driver loads the data once per sweep and
 puts the arrays in Ray's object store, and trials read them zero-copy.
-MNIST goes through Keras' downloader and cache (``keras.utils.get_file``), the
-path users get; that is the one place Keras is imported, lazily.
+MNIST and CIFAR go through Keras' downloader and cache (``keras.utils.get_file``),
+the path users get; that is the one place Keras is imported, lazily. Image
+folders are decoded with Pillow (:mod:`sweeper.image_folder`).
+
+The input shape and the classes come from the data: :class:`Splits` carries
+them to the model, the trainer, the evaluation and the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
+import pickle
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -20,9 +28,11 @@ from sweeper.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# Optional in an .npz: one name per class, in sorted label order.
+NPZ_CLASS_NAMES = "class_names"
+# Channels an image may have: grayscale, RGB, RGBA.
+CHANNELS = (1, 3, 4)
 # Base names of the four IDX files; each may also end in .gz.
 IDX_FILES = {
     "x_train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -35,7 +45,12 @@ IDX_DTYPES = {0x08: np.uint8}
 
 @dataclass(frozen=True)
 class Splits:
-    """Images (N, 28, 28) uint8 and labels (N,) uint8 for each split."""
+    """uint8 images (N, H, W) or (N, H, W, C) and integer labels 0..K-1 (N,) for each split,
+    with the names of the K classes (label i is ``class_names[i]``) and the dataset's name.
+
+    The image shape and class count travel with the arrays: everything downstream (model,
+    trainer, evaluation, report, export) reads them from here.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -43,9 +58,26 @@ class Splits:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    class_names: tuple[str, ...]
+    name: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One image's shape: (H, W) for images without a channel axis, else (H, W, C)."""
+        return tuple(int(side) for side in self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def describe(self) -> dict[str, Any]:
+        """The data block of summary.json."""
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "class_names": list(self.class_names),
+                "sizes": self.sizes()}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -114,7 +146,10 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 raise ConfigError("data.path", str(path), f"npz lacks {', '.join(missing)}; "
                                   f"expected keys {', '.join(NPZ_KEYS)}")
-            return {key: archive[key] for key in NPZ_KEYS}
+            arrays = {key: archive[key] for key in NPZ_KEYS}
+            if NPZ_CLASS_NAMES in archive.files:
+                arrays[NPZ_CLASS_NAMES] = archive[NPZ_CLASS_NAMES]
+            return arrays
     except ConfigError:
         raise
     except READ_ERRORS as error:
@@ -166,30 +201,94 @@ def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
     return images.astype(np.uint8)
 
 
+def image_shape_problem(shape: tuple[int, ...]) -> str | None:
+    """What is wrong with an image array's ``shape`` (N, H, W) or (N, H, W, C); None if fine."""
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in CHANNELS):
+        return "expected (N, height, width) or (N, height, width, channels) with 1, 3 or 4 channels"
+    if min(shape[1:3]) < 1:
+        return "images need at least one pixel"
+    return None
+
+
 def check_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Refuse anything that is not MNIST-shaped: 28x28 images, labels 0-9, matching lengths;
-    images become uint8 pixels (:func:`to_pixels`)."""
+    """Refuse arrays that cannot be images and labels: shapes (N, H, W) or (N, H, W, C) with
+    C in 1, 3, 4, the same image shape in train and test, one integer label per image
+    ((N,) or Keras' (N, 1)); images become uint8 pixels (:func:`to_pixels`)."""
     for split in ("train", "test"):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        problem = image_shape_problem(images.shape)
+        if problem:
             raise ConfigError("data.path", source,
-                              f"x_{split} has shape {images.shape}; expected (N, 28, 28)")
+                              f"x_{split} has shape {images.shape}; {problem}")
+        if labels.ndim == 2 and labels.shape[1:] == (1,):
+            labels = labels[:, 0]
         if labels.shape != (images.shape[0],):
             raise ConfigError("data.path", source,
-                              f"y_{split} has shape {labels.shape}; expected ({images.shape[0]},)")
+                              f"y_{split} has shape {labels.shape}; expected ({images.shape[0]},)"
+                              f": one label for each of the {images.shape[0]} images of x_{split}")
         if labels.dtype.kind not in "iu" and not (
                 labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
             raise ConfigError("data.path", source, f"y_{split} holds {labels.dtype} values; "
                               "expected integer class labels")
-        if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-            raise ConfigError("data.path", source, f"y_{split} has labels outside 0-9")
         arrays[f"x_{split}"] = to_pixels(images, f"x_{split}", source)
-        arrays[f"y_{split}"] = labels.astype(np.uint8)
+        arrays[f"y_{split}"] = labels.astype(np.int64)
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ConfigError("data.path", source,
+                          f"x_train holds images of shape {arrays['x_train'].shape[1:]} and x_test "
+                          f"of {arrays['x_test'].shape[1:]}; both splits need the same shape")
     return arrays
 
 
+def label_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds labels 0..num_classes-1 (uint8 for 256)."""
+    return np.min_scalar_type(max(num_classes - 1, 0))
+
+
+def encode_labels(arrays: dict[str, np.ndarray], source: str,
+                  names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Labels mapped to 0..K-1 and the K class names, kept as ``arrays["class_names"]``.
+
+    The distinct labels of both splits, sorted, become 0..K-1; their original values are the
+    class names, unless ``names`` (or an npz's ``class_names`` array) names them: one name per
+    distinct label in sorted order, or one per label value 0..len(names)-1 (labels then stay
+    as they are, and a class absent from the data keeps its place).
+
+    Raises:
+        ConfigError: names that match neither way.
+    """
+    if names is None and NPZ_CLASS_NAMES in arrays:
+        given = arrays[NPZ_CLASS_NAMES]
+        if given.ndim != 1:
+            raise ConfigError("data.path", source, f"{NPZ_CLASS_NAMES} has shape {given.shape}; "
+                              "expected one name per class")
+        names = [str(name) for name in given.tolist()]
+    values = np.unique(np.concatenate([arrays["y_train"], arrays["y_test"]]))
+    if names is not None and values.size and values.min() >= 0 and values.max() < len(names):
+        mapped = {split: arrays[split] for split in ("y_train", "y_test")}
+    elif names is None or len(names) == len(values):
+        mapped = {split: np.searchsorted(values, arrays[split]) for split in ("y_train", "y_test")}
+        names = names if names is not None else [str(value) for value in values.tolist()]
+    else:
+        raise ConfigError("data.path", source,
+                          f"{len(names)} class names for {len(values)} distinct labels "
+                          f"({values.min()}..{values.max()}); give one name per distinct label "
+                          "(sorted) or one per label value 0..K-1")
+    dtype = label_dtype(len(names))
+    return {**arrays, **{key: value.astype(dtype) for key, value in mapped.items()},
+            NPZ_CLASS_NAMES: np.array(names, dtype=str)}
+
+
 def load_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
-    """The raw train and test arrays named by ``cfg`` (a file, a folder or a download)."""
+    """The train and test arrays named by ``cfg`` (a file, a folder or a download), labels
+    0..K-1, and their class names as ``class_names``."""
+    if cfg.name == "image_folder":
+        from sweeper.image_folder import load_image_folder
+
+        return load_image_folder(cfg)
+    if cfg.name in CIFAR:
+        source = Path(cfg.path).expanduser() if cfg.path else download_cifar(cfg)
+        arrays = check_arrays(load_cifar(source, cfg.name), str(source))
+        return encode_labels(arrays, str(source), arrays.pop("names", None))
     if cfg.path is None:
         if cfg.name != "mnist":
             raise ConfigError("data.path", None, f"{cfg.name} needs a local folder of IDX files")
@@ -203,7 +302,119 @@ def load_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     else:
         raise ConfigError("data.path", str(path),
                           "no such file or folder; give an .npz or a folder of IDX files")
-    return check_arrays(arrays, str(path))
+    return encode_labels(check_arrays(arrays, str(path)), str(path))
+
+
+# Keras' names for CIFAR (keras.datasets.cifar10/cifar100.load_data): its cache folder, the
+# folder inside the archive, the batch files, the label key and the file of class names.
+CIFAR = {
+    "cifar10": {"cache": "cifar-10-batches-py-target", "folder": "cifar-10-batches-py",
+                "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
+                "labels": "labels", "meta": "batches.meta", "names": "label_names"},
+    "cifar100": {"cache": "cifar-100-python-target", "folder": "cifar-100-python",
+                 "train": ["train"], "test": ["test"], "labels": "fine_labels",
+                 "meta": "meta", "names": "fine_label_names"},
+}
+# The globals a CIFAR batch pickle needs (numpy arrays); any other is refused, so a tampered
+# file cannot run code (Keras' RestrictedUnpickler allows the same set).
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def read_cifar_batch(stream: BinaryIO) -> dict[str, Any]:
+    """One CIFAR python batch (a pickled dict with bytes keys), keys decoded."""
+    batch = _CifarUnpickler(stream, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError("not a CIFAR batch (no dict inside)")
+    return {key.decode() if isinstance(key, bytes) else key: value
+            for key, value in batch.items()}
+
+
+def _cifar_reader(source: Path, folder: str, stack: contextlib.ExitStack):
+    """A function opening one file of the CIFAR folder inside ``source`` (None if absent): the
+    archive Keras downloads (read without extracting), the extracted folder, or the folder
+    above it. An archive stays open until ``stack`` closes."""
+    if source.is_file():
+        archive = stack.enter_context(tarfile.open(source, "r:*"))  # noqa: SIM115 (the stack closes it)
+        members = {Path(member.name).name: member for member in archive.getmembers()
+                   if member.isfile() and Path(member.name).parent.name == folder}
+
+        def open_member(name: str) -> BinaryIO | None:
+            member = members.get(name)
+            return archive.extractfile(member) if member is not None else None
+
+        return open_member
+    inner = source / folder if (source / folder).is_dir() else source
+
+    def open_file(name: str) -> BinaryIO | None:
+        path = inner / name
+        return path.open("rb") if path.is_file() else None
+
+    return open_file
+
+
+def load_cifar(source: Path, name: str) -> dict[str, Any]:
+    """CIFAR-10 or CIFAR-100 (fine labels) as keras.datasets' load_data returns it: uint8
+    images (N, 32, 32, 3) and labels, plus the class names of its meta file (``names``,
+    None without one)."""
+    layout = CIFAR[name]
+    if not source.exists():
+        raise ConfigError("data.path", str(source), f"no such file or folder; give the {name} "
+                          f"archive Keras downloads or its extracted {layout['folder']}/ folder")
+    arrays: dict[str, Any] = {"names": None}
+    try:
+        with contextlib.ExitStack() as stack:
+            open_file = _cifar_reader(source, layout["folder"], stack)
+            for split in ("train", "test"):
+                images, labels = [], []
+                for part in layout[split]:
+                    stream = open_file(part)
+                    if stream is None:
+                        raise ConfigError("data.path", str(source),
+                                          f"no {layout['folder']}/{part} inside; expected "
+                                          f"Keras' {name} archive or its extracted folder")
+                    with stream:
+                        batch = read_cifar_batch(stream)
+                    data = np.asarray(batch["data"], dtype=np.uint8)
+                    images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                    labels.append(np.asarray(batch[layout["labels"]]))
+                arrays[f"x_{split}"] = np.ascontiguousarray(np.concatenate(images))
+                arrays[f"y_{split}"] = np.concatenate(labels)
+            meta = open_file(layout["meta"])
+            if meta is not None:
+                with meta:
+                    names = read_cifar_batch(meta).get(layout["names"])
+                if names:
+                    arrays["names"] = [n.decode() if isinstance(n, bytes) else str(n)
+                                       for n in names]
+    except ConfigError:
+        raise
+    except (*READ_ERRORS, tarfile.TarError, pickle.UnpicklingError, KeyError) as error:
+        raise _unreadable(source, f"Keras' {name} archive or folder", error) from None
+    return arrays
+
+
+def download_cifar(cfg: DataConfig) -> Path:
+    """The extracted CIFAR folder in Keras' cache, fetched by Keras' downloader exactly as
+    ``keras.datasets.cifar10.load_data()`` fetches it (so either one reuses the other's copy)."""
+    from keras.utils import get_file
+
+    try:
+        return Path(get_file(fname=CIFAR[cfg.name]["cache"], origin=cfg.url, extract=True,
+                             file_hash=cfg.sha256))
+    except Exception as error:  # Keras wraps network errors in plain Exception
+        raise ConfigError("data.url", cfg.url,
+                          f"download failed ({error}); set data.path to a local copy of the "
+                          f"{cfg.name} archive or its extracted folder") from None
 
 
 def _idx_header(path: Path) -> tuple[int, ...]:
@@ -235,15 +446,28 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_source(cfg: DataConfig, validation_fraction: float | None = None,
-                 batch_size: int | None = None) -> None:
-    """Cheaply check that ``data.path`` holds MNIST-shaped data, reading headers only, and
+                 batch_size: int | None = None) -> tuple[int, int] | None:
+    """Cheaply check that ``data.path`` holds images and labels, reading headers only, and
     (given ``validation_fraction``) that no split of it would be empty.
 
     Runs before anything starts, so a wrong path fails in a second, not after Ray is up.
-    The full check (labels, values) happens when the arrays are loaded.
+    The full check (labels, values, decoding) happens when the data is loaded.
+
+    Returns:
+        The images' (height, width) where the headers tell it, else None.
     """
+    if cfg.name == "image_folder":
+        from sweeper.image_folder import find_layout
+
+        find_layout(Path(cfg.path or "").expanduser())
+        return tuple(cfg.image_size) if cfg.image_size else None
+    if cfg.name in CIFAR:
+        if cfg.path is not None and not Path(cfg.path).expanduser().exists():
+            raise ConfigError("data.path", cfg.path, f"no such file or folder; give the "
+                              f"{cfg.name} archive Keras downloads or its extracted folder")
+        return (32, 32)
     if cfg.path is None:
-        return
+        return None
     path = Path(cfg.path).expanduser()
     try:
         if path.is_dir():
@@ -260,16 +484,18 @@ def check_source(cfg: DataConfig, validation_fraction: float | None = None,
         raise _unreadable(path, kind, error) from None
     for split in ("train", "test"):
         images, labels = shapes[f"x_{split}"], shapes[f"y_{split}"]
-        if len(images) != 3 or images[1:] != IMAGE_SHAPE:
+        problem = image_shape_problem(images)
+        if problem:
+            raise ConfigError("data.path", str(path), f"x_{split} has shape {images}; {problem}")
+        if labels not in (images[:1], (images[0], 1)):
             raise ConfigError("data.path", str(path),
-                              f"x_{split} has shape {images}; expected (N, 28, 28)")
-        if labels != images[:1]:
-            raise ConfigError("data.path", str(path),
-                              f"y_{split} has shape {labels}; expected ({images[0]},)")
+                              f"y_{split} has shape {labels}; expected ({images[0]},): one "
+                              f"label for each of the {images[0]} images of x_{split}")
     if validation_fraction is not None:
         sizes = split_sizes(shapes["x_train"][0], shapes["x_test"][0], validation_fraction,
                             cfg.max_train_samples, cfg.max_test_samples)
         check_split_sizes(sizes, validation_fraction, batch_size, source=str(path))
+    return shapes["x_train"][1], shapes["x_train"][2]
 
 
 def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator):
@@ -315,8 +541,12 @@ def check_split_sizes(sizes: dict[str, int], validation_fraction: float,
 
 def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed: int,
                 max_train_samples: int | None = None,
-                max_test_samples: int | None = None, source: str | None = None) -> Splits:
+                max_test_samples: int | None = None, source: str | None = None,
+                name: str = "") -> Splits:
     """Split training data into train/validation with a fixed seed; the test split stays apart.
+
+    Class names come from ``arrays["class_names"]`` (:func:`encode_labels`); without it the
+    labels are taken as 0..K-1 and named by their values.
 
     Raises:
         ConfigError: a split would be empty, or the training split holds fewer than two
@@ -333,10 +563,15 @@ def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed:
     if len(classes) < 2:
         raise ConfigError("data.path", source, f"the training split holds {len(classes)} class "
                           f"({classes.tolist()}); a classifier needs two or more")
+    names = arrays.get(NPZ_CLASS_NAMES)
+    if names is None:  # labels already 0..K-1: named by their values
+        top = max(int(arrays["y_train"].max(initial=0)), int(arrays["y_test"].max(initial=0)))
+        names = [str(label) for label in range(top + 1)]
     return Splits(
         x_train=np.ascontiguousarray(x[train_idx]), y_train=np.ascontiguousarray(y[train_idx]),
         x_val=np.ascontiguousarray(x[val_idx]), y_val=np.ascontiguousarray(y[val_idx]),
         x_test=np.ascontiguousarray(x_test), y_test=np.ascontiguousarray(y_test),
+        class_names=tuple(str(name) for name in names), name=name,
     )
 
 
@@ -344,6 +579,7 @@ def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Split
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
     splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
-                         cfg.max_test_samples, source=cfg.path or cfg.url)
-    logger.info("Loaded %s: %s", cfg.name, splits.sizes())
+                         cfg.max_test_samples, source=cfg.path or cfg.url, name=cfg.name)
+    logger.info("Loaded %s: %s images of shape %s, %d classes", cfg.name, splits.sizes(),
+                splits.input_shape, splits.num_classes)
     return splits

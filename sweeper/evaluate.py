@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from sweeper.config import SweepConfig, apply_params
-from sweeper.data import NUM_CLASSES, Splits
+from sweeper.data import Splits
 from sweeper.results import TrialRecord
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ SOURCE_CHECKPOINT = "checkpoint"
 SOURCE_RETRAIN = "retrain"
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
-                           num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
+                           class_names: list[str] | tuple[str, ...] | None = None
+                           ) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1, per-class figures and the confusion matrix.
 
     The macro averages are taken over the classes that occur in ``y_true`` or ``y_pred``
@@ -55,6 +56,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
         y_true: True labels, shape (N,).
         y_pred: Predicted labels, shape (N,).
         num_classes: Rows and columns of the confusion matrix.
+        class_names: The name of each class, as ``per_class["class_names"]``; None names
+            them by their labels 0..num_classes-1.
 
     Returns:
         JSON-ready dict; ``confusion_matrix[i][j]`` counts true class i predicted as j.
@@ -87,6 +90,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
             "f1": f1.tolist(),
             "support": support.astype(int).tolist(),
             "scored": scored.tolist(),
+            "class_names": [str(name) for name in (class_names or range(num_classes))],
         },
         "confusion_matrix": matrix.tolist(),
     }
@@ -196,8 +200,10 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
                 retrainer: Retrainer = retrain_here) -> dict[str, Any] | None:
     """Save the best model and its config; score the saved model on the test split.
 
-    Writes ``best_model.keras``, ``best_config.yaml`` and ``best_model.json`` (where the
-    model came from and its test scores, which re-reporting reads back). ``retrainer``
+    Writes ``best_model.keras`` (raw uint8 images of the data's shape in, one probability
+    per class out), ``best_config.yaml`` and ``best_model.json`` (where the model came from,
+    its input shape, its class names in output order, and its test scores, which
+    re-reporting reads back). ``retrainer``
     trains the model when ``final.retrain`` asks for it or the trial kept no checkpoint.
 
     Returns:
@@ -220,20 +226,26 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
         retrained = retrainer(cfg, best, splits)
         path.write_bytes(retrained.archive)
     else:
-        model, _ = trial_checkpoint.restore(checkpoint,
-                                            lambda: build_model(best_config(cfg, best)))
+        model, _ = trial_checkpoint.restore(
+            checkpoint,
+            lambda: build_model(best_config(cfg, best), splits.input_shape, splits.num_classes))
         model.save(path)
     write_best_config(cfg, best, sweep_dir)
 
     test = None
     if cfg.final.evaluate:
         model = keras.models.load_model(path)  # score the file users get, not an in-memory twin
-        test = classification_metrics(splits.y_test, predict_labels(model, splits.x_test))
+        test = classification_metrics(splits.y_test, predict_labels(model, splits.x_test),
+                                      splits.num_classes, splits.class_names)
         test.update(trial_id=best.trial_id, epoch=best.best_epoch,
                     source=SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT)
     info = {"trial_id": best.trial_id, "epoch": best.best_epoch,
             "source": SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT,
-            "checkpoint": None if retrain else str(checkpoint), "test": test}
+            "checkpoint": None if retrain else str(checkpoint),
+            # What the model takes and gives: raw uint8 images of this shape, and one
+            # probability per class in this order.
+            "input_shape": list(splits.input_shape), "input_dtype": "uint8",
+            "class_names": list(splits.class_names), "test": test}
     if retrained is not None and retrained.node_id is not None:
         info["retrained_on"] = {"node_id": retrained.node_id, "gpu_ids": retrained.gpu_ids}
     (sweep_dir / BEST_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -1,9 +1,10 @@
-"""Build the classic MNIST CNN from its config.
+"""Build the classic MNIST CNN from its config, for the data's input shape and classes.
 
-Conv(f)-MaxPool-Conv(2f)-MaxPool-Conv(2f)-Flatten-Dense(units)-Dense(10, softmax);
-with f=32 and units=64 this is the network of the Keras/TensorFlow CNN tutorial.
-The model takes raw uint8 images (N, 28, 28) and rescales them itself, so an
-exported model needs no preprocessing code beside it.
+Conv(f)-MaxPool-Conv(2f)-MaxPool-Conv(2f)-Flatten-Dense(units)-Dense(K, softmax);
+with f=32, units=64, 28x28 grayscale images and K=10 this is the network of the
+Keras/TensorFlow CNN tutorial. The model takes raw uint8 images of the data's
+shape ((N, H, W) or (N, H, W, C)) and rescales them itself, so an exported model
+needs no preprocessing code beside it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import keras
 from keras import layers, regularizers
 
 from sweeper.config import ModelConfig, TrainConfig
-from sweeper.data import IMAGE_SHAPE, NUM_CLASSES
 
 OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -21,29 +21,40 @@ OPTIMIZERS = {
 }
 
 
-def build_cnn(model_cfg: ModelConfig) -> keras.Model:
-    """The uncompiled CNN described by ``model_cfg``."""
+def build_cnn(model_cfg: ModelConfig, input_shape: tuple[int, ...],
+              num_classes: int) -> keras.Model:
+    """The uncompiled CNN described by ``model_cfg``.
+
+    Args:
+        model_cfg: Filters, kernel, dense units, dropout, L2 and padding.
+        input_shape: One image's shape, (H, W) for grayscale or (H, W, C); the data's.
+        num_classes: Outputs of the softmax, one per class of the data.
+    """
     regularizer = regularizers.l2(model_cfg.l2) if model_cfg.l2 > 0 else None
     kernel = (model_cfg.kernel_size, model_cfg.kernel_size)
+    padding = model_cfg.padding
 
     def conv(filters: int) -> layers.Layer:
-        return layers.Conv2D(filters, kernel, activation="relu", kernel_regularizer=regularizer)
+        return layers.Conv2D(filters, kernel, activation="relu", padding=padding,
+                             kernel_regularizer=regularizer)
 
+    # Images without a channel axis (MNIST's (28, 28)) get one inside the model.
+    channels = [layers.Reshape((*input_shape, 1))] if len(input_shape) == 2 else []
     model = keras.Sequential(
         [
-            keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image"),
+            keras.Input(shape=tuple(input_shape), dtype="uint8", name="image"),
             layers.Rescaling(1.0 / 255),
-            layers.Reshape((*IMAGE_SHAPE, 1)),
+            *channels,
             conv(model_cfg.filters),
-            layers.MaxPooling2D((2, 2)),
+            layers.MaxPooling2D((2, 2), padding=padding),
             conv(2 * model_cfg.filters),
-            layers.MaxPooling2D((2, 2)),
+            layers.MaxPooling2D((2, 2), padding=padding),
             conv(2 * model_cfg.filters),
             layers.Flatten(),
             layers.Dense(model_cfg.dense_units, activation="relu", kernel_regularizer=regularizer),
             layers.Dropout(model_cfg.dropout),
             # float32 softmax under mixed precision: float16 probabilities underflow.
-            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),
         ],
         name=model_cfg.name,
     )

@@ -208,19 +208,33 @@ def plot_confusion_matrix(summary: dict[str, Any], records: list[TrialRecord]):
         raise SkipPlot("the best model was not evaluated on the test split")
     matrix = test["confusion_matrix"]
     size = len(matrix)
-    figure, (axes,) = _figure(width=6.0, height=5.5)
+    names = class_names(summary, size)
+    # Past ~20 classes (CIFAR-100) the counts and names no longer fit their cells.
+    figure, (axes,) = _figure(width=max(6.0, 0.3 * size), height=max(5.5, 0.3 * size))
     image = axes.imshow(matrix, cmap="Blues")
     peak = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            axes.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                      color="white" if count > peak / 2 else "black")
-    axes.set_xticks(range(size))
-    axes.set_yticks(range(size))
+    if size <= 20:
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                axes.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                          color="white" if count > peak / 2 else "black")
+    axes.set_xticks(range(size), names, rotation=90 if size > 10 else 45, ha="right",
+                    fontsize=7 if size > 20 else None)
+    axes.set_yticks(range(size), names, fontsize=7 if size > 20 else None)
     axes.set(xlabel="predicted class", ylabel="true class",
              title=f"Test confusion matrix (accuracy {test['accuracy']:.4f})")
     figure.colorbar(image, ax=axes)
     return figure
+
+
+def class_names(summary: dict[str, Any], num_classes: int) -> list[str]:
+    """The names of the classes 0..num_classes-1: the summary's data block, the test block's,
+    or the labels themselves for a summary written before either had them."""
+    for names in ((summary.get("data") or {}).get("class_names"),
+                  ((summary.get("test") or {}).get("per_class") or {}).get("class_names")):
+        if names and len(names) == num_classes:
+            return [str(name) for name in names]
+    return [str(label) for label in range(num_classes)]
 
 
 PLOTS: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -294,13 +308,22 @@ def report_markdown(summary: dict[str, Any], drawn: list[str]) -> str:
             f"{summary['num_trials']} trials ({summary['epochs_ratio']:.0%}; "
             f"{summary['epochs_saved']} epochs saved by early stopping)")
     counts = ", ".join(f"{n} {status}" for status, n in summary["trial_counts"].items() if n)
-    lines += [f"- Trials: {summary['num_trials']} ({counts})", ""]
+    lines.append(f"- Trials: {summary['num_trials']} ({counts})")
+    data = summary.get("data")
+    if data:
+        sizes = data["sizes"]
+        shape = "x".join(str(side) for side in data["input_shape"])
+        lines.append(f"- Data: {data['name']}, images of shape {shape}, "
+                     f"{data['num_classes']} classes, {sizes['train']} training / "
+                     f"{sizes['val']} validation / {sizes['test']} test images")
+    lines.append("")
     for name in drawn:
         lines += [f"## {PLOTS[name][0]}", "", f"![{PLOTS[name][0]}]({name}.png)", ""]
     if test:
         per_class = test["per_class"]
         scored = per_class.get("scored") or [True] * len(per_class["f1"])
-        rows = [{"class": i, "precision": per_class["precision"][i],
+        names = class_names(summary, len(per_class["f1"]))
+        rows = [{"class": names[i], "precision": per_class["precision"][i],
                  "recall": per_class["recall"][i], "f1": per_class["f1"][i],
                  "support": per_class["support"][i],
                  "in macro averages": "yes" if scored[i] else "no (no samples, never predicted)"}

@@ -8,6 +8,7 @@ runs the trials and writes the results.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -17,12 +18,13 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from sweeper.cluster import joins_cluster, log_cluster, validate_cluster
 from sweeper.config import (
     ConfigError,
     SweepConfig,
+    check_input_fits,
     check_resources_fit,
     to_sweep_config,
     validate_sweep_settings,
@@ -79,6 +81,14 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [prefix.rstrip(".")]
 
 
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """``saved`` with the settings it lacks taken from ``defaults`` (plain config trees)."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**{key: value for key, value in defaults.items() if key not in saved},
+            **{key: with_defaults(value, defaults.get(key)) for key, value in saved.items()}}
+
+
 def fresh_variant(cfg: SweepConfig, stamp: str | None = None) -> SweepConfig:
     """The config of a new sweep beside an earlier one: name and folder get a timestamp."""
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
@@ -110,8 +120,11 @@ def check_sweep_dir(cfg: SweepConfig, root: Path) -> None:
     saved_file = root / SWEEP_CONFIG_FILE
     if not saved_file.is_file():
         return
-    differences = config_differences(yaml.safe_load(saved_file.read_text()),
-                                     config_fingerprint(cfg))
+    # Settings added since that sweep was made count with their defaults (data.image_size,
+    # model.padding of issue 22), so a sweep of an earlier version still resumes.
+    saved = with_defaults(yaml.safe_load(saved_file.read_text()),
+                          config_fingerprint(SweepConfig()))
+    differences = config_differences(saved, config_fingerprint(cfg))
     if differences:
         shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
         raise ConfigError("name", cfg.name,
@@ -135,7 +148,8 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
     """Type-check, range-check and parse the search space; raises ConfigError."""
     typed = cfg if isinstance(cfg, SweepConfig) else to_sweep_config(cfg)
     validate_trial_settings(typed.data, typed.model, typed.train)
-    check_source(typed.data, typed.train.validation_fraction, typed.train.batch_size)
+    image_size = check_source(typed.data, typed.train.validation_fraction,
+                              typed.train.batch_size)
     validate_sweep_settings(typed)
     if typed.search.warm_start:
         resolve_warm_start(typed.search.warm_start, typed.search.warm_start_study)
@@ -145,7 +159,29 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
         cpus, gpus = local_capacity(typed.cluster)
         check_resources_fit(typed.resources, cpus, gpus, where="this machine")
     validate_cluster(typed.cluster)
-    return typed, build_search_space(typed)
+    space = build_search_space(typed)
+    if image_size is not None:
+        check_model_fits(typed, space, image_size)
+    return typed, space
+
+
+def check_model_fits(cfg: SweepConfig, space: dict[str, BaseDistribution],
+                     image_size: tuple[int, ...]) -> None:
+    """Refuse images the CNN would shrink below one pixel with the configured padding and
+    kernel, or with any padding or (largest) kernel the search may sample."""
+    paddings, kernels = {cfg.model.padding}, {cfg.model.kernel_size}
+    searched_padding = space.get("model.padding")
+    if isinstance(searched_padding, CategoricalDistribution):
+        paddings |= set(searched_padding.choices)
+    searched_kernel = space.get("model.kernel_size")
+    if isinstance(searched_kernel, CategoricalDistribution):
+        kernels |= {int(choice) for choice in searched_kernel.choices}
+    elif searched_kernel is not None:
+        kernels.add(int(searched_kernel.high))
+    for padding in sorted(paddings, reverse=True):  # valid first: it shrinks the most
+        for kernel in sorted(kernels, reverse=True):
+            check_input_fits(dataclasses.replace(cfg.model, padding=padding, kernel_size=kernel),
+                             int(image_size[0]), int(image_size[1]))
 
 
 def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
@@ -179,6 +215,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
                             state="already_complete")
     splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
+    check_model_fits(cfg_t, space, splits.input_shape)
     claim_sweep_dir(cfg_t, paths.root, state)
     storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
     warm_trials = None
@@ -207,6 +244,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
                             cfg_t.train.epochs, records, paths.root,
                             search_space=flatten_space(cfg_t.search.space), test=test)
     summary["state"] = COMPLETE if done else INTERRUPTED
+    summary["data"] = splits.describe()
     summary["study"] = {"storage": storage.url, "study_name": cfg_t.name}
     summary["reproducible"] = cfg_t.search.reproducible
     summary["scheduler_decisions"] = read_scheduler_decisions(paths.trials)

@@ -20,7 +20,7 @@ import numpy as np
 
 from sweeper.compat import custom_gradient_names, forget_custom_gradients
 from sweeper.config import SweepConfig
-from sweeper.data import IMAGE_SHAPE, Splits
+from sweeper.data import Splits
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,9 @@ def _epoch_callback(on_epoch_end: EpochCallback | None):
     return ReportEpoch()
 
 
-def build_model(cfg: SweepConfig):
-    """A freshly initialized, compiled model for ``cfg`` (seeded by train.seed)."""
+def build_model(cfg: SweepConfig, input_shape: tuple[int, ...], num_classes: int):
+    """A freshly initialized, compiled model for ``cfg`` (seeded by train.seed), taking images
+    of ``input_shape`` (the data's, e.g. ``splits.input_shape``) into ``num_classes`` classes."""
     import keras
 
     from sweeper.model import build_cnn, compile_model
@@ -192,7 +193,7 @@ def build_model(cfg: SweepConfig):
     keras.utils.set_random_seed(cfg.train.seed)
     # The policy is global to the process: set it for every build, a reused worker included.
     keras.mixed_precision.set_dtype_policy(cfg.train.precision)
-    model = compile_model(build_cnn(cfg.model), cfg.train)
+    model = compile_model(build_cnn(cfg.model, input_shape, num_classes), cfg.train)
     create_training_variables(model)
     return model
 
@@ -207,7 +208,8 @@ def create_training_variables(model) -> None:
     trains exactly as it would have.
     """
     model.optimizer.build(model.trainable_variables)
-    images, labels = np.zeros((1, *IMAGE_SHAPE), np.uint8), np.zeros((1,), np.uint8)
+    images = np.zeros((1, *model.input_shape[1:]), np.uint8)
+    labels = np.zeros((1,), np.uint8)
     predictions = model(images)  # inference mode: dropout draws nothing
     model.compute_loss(images, labels, predictions)
     model.compute_metrics(images, labels, predictions)
@@ -233,13 +235,14 @@ class WarmModel:
         self._initial_weights: list[np.ndarray] = []
         self._gradients_before: frozenset[str] | None = None
 
-    def get(self, cfg: SweepConfig):
+    def get(self, cfg: SweepConfig, input_shape: tuple[int, ...], num_classes: int):
+        """A model as :func:`build_model` would build it for these arguments."""
         import keras
 
         from sweeper.model import jit_compile_setting
 
-        key = (repr(cfg.model), cfg.train.optimizer, cfg.train.seed, cfg.train.precision,
-               jit_compile_setting(cfg.train))
+        key = (repr(cfg.model), tuple(input_shape), num_classes, cfg.train.optimizer,
+               cfg.train.seed, cfg.train.precision, jit_compile_setting(cfg.train))
         if key != self._key or cfg.model.dropout > 0:
             self._model = None
             keras.backend.clear_session()
@@ -248,7 +251,7 @@ class WarmModel:
             if self._gradients_before is not None:
                 forget_custom_gradients(self._gradients_before)
             self._gradients_before = custom_gradient_names()
-            self._model = build_model(cfg)
+            self._model = build_model(cfg, input_shape, num_classes)
             self._initial_weights = self._model.get_weights()
             self._key = key
             return self._model
@@ -284,7 +287,7 @@ def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None =
         TrialDiverged: The training loss became NaN or infinite.
     """
     if model is None:
-        model = build_model(cfg)
+        model = build_model(cfg, splits.input_shape, splits.num_classes)
     train_data = make_dataset(splits.x_train, splits.y_train, cfg.train.batch_size,
                               shuffle_seed=cfg.train.seed + initial_epoch)
     val_data = make_dataset(splits.x_val, splits.y_val, max(cfg.train.batch_size, 256))

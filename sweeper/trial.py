@@ -53,11 +53,11 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        model = _WARM_MODEL.get(cfg)
+        model = _WARM_MODEL.get(cfg, splits.input_shape, splits.num_classes)
     else:
         with checkpoint.as_directory() as folder:
-            model, initial_epoch = trial_checkpoint.restore(Path(folder),
-                                                            lambda: _WARM_MODEL.get(cfg))
+            model, initial_epoch = trial_checkpoint.restore(
+                Path(folder), lambda: _WARM_MODEL.get(cfg, splits.input_shape, splits.num_classes))
         logger.info("Trial continues from its checkpoint after epoch %d", initial_epoch)
     every = base.recovery.checkpoint_every
 

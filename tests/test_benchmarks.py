@@ -149,3 +149,20 @@ def test_worker_memory_growth_is_the_slope_after_the_first_quarter():
     assert growth_per_trial(warm_up + steady) == pytest.approx(3.9, rel=0.05)
     assert growth_per_trial([900.0] * 20) == 0.0
     assert growth_per_trial([900.0]) == 0.0
+
+
+def test_the_data_loading_table_shows_loadings_share_against_the_arrays(tmp_path, monkeypatch):
+    from benchmarks import data_loading
+
+    row = {"seconds": 2.5, "cpu_seconds": 4.0, "peak_mb": 900.0, "baseline_mb": 300.0,
+           "data_mb": 200.0, "shape": [28, 28, 1], "images": 20000}
+    table = data_loading.table({"PNG folder": row})
+    assert "| PNG folder | 20000 | 28x28x1 | 2.50 | 1.60 | 900 | 300 | 600 | 200 | 3.00 |" in table
+    # Recording replaces the section of an earlier run and keeps the sections around it.
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(data_loading, "RESULTS", results)
+    section = data_loading.SECTION
+    results.write_text(f"# Benchmark results\n\n{section}\n\nold\n\n## Later\n\nkept\n")
+    data_loading.record(f"{data_loading.SECTION}\n\nnew\n")
+    assert results.read_text() == (f"# Benchmark results\n\n{data_loading.SECTION}\n\nnew\n"
+                                   "\n## Later\n\nkept\n")

@@ -33,7 +33,8 @@ def test_restored_model_continues_like_the_saved_one(small_splits, tmp_path):
     checkpoint.save(trained, tmp_path, epoch=1)
 
     # Built from another seed, so every value must come from the checkpoint.
-    restored, epoch = checkpoint.restore(tmp_path, lambda: build_model(config(seed=7)))
+    restored, epoch = checkpoint.restore(tmp_path,
+                                         lambda: build_model(config(seed=7), (28, 28), 10))
     assert epoch == 1
     saved, loaded = variables(trained), variables(restored)
     assert len(saved) == len(loaded)
@@ -47,9 +48,9 @@ def test_restored_model_continues_like_the_saved_one(small_splits, tmp_path):
 
 
 def test_a_checkpoint_does_not_load_into_another_architecture(small_splits, tmp_path):
-    checkpoint.save(build_model(config()), tmp_path, epoch=0)
+    checkpoint.save(build_model(config(), (28, 28), 10), tmp_path, epoch=0)
     with pytest.raises(checkpoint.CheckpointMismatch, match="shape"):
-        checkpoint.restore(tmp_path, lambda: build_model(config(filters=16)))
+        checkpoint.restore(tmp_path, lambda: build_model(config(filters=16), (28, 28), 10))
 
 
 def test_keras_archive_checkpoints_of_earlier_versions_still_restore(small_splits, tmp_path):

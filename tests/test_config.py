@@ -11,7 +11,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from data_helpers import write_image_folder
 
 from sweeper.__main__ import CONFIG_PATH
 from sweeper.config import ConfigError
@@ -30,7 +32,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
 MISTAKES = [
     (["train.lr=-1"], "train.lr"),
     (["scheduler=foo"], "scheduler=foo is invalid: not a config option"),
-    (["data=cifar10"], "data=cifar10"),
+    (["data=cifar11"], "data=cifar11 is invalid: not a config option"),
     (["train.epochs=2", "scheduler.grace_period=3"], "train.epochs"),
     (["data.path=/no/such/mnist.npz"], "data.path"),
     (["data=fashion_mnist", "data.path=/no/such/folder"], "data.path"),
@@ -71,6 +73,21 @@ MISTAKES = [
     (["data.path={one_class_npz}"], "data.path"),
     (["data.path={standardized_npz}"], "data.path"),
     (["data.path=/etc"], "data.path"),
+    # Issue 22: bad data of the new kinds, each refused in one line before Ray.
+    (["data=image_folder", "data.path={empty_folder}"], "class folder"),
+    (["data=image_folder", "data.path={class_without_images}"],
+     "holds no images (.png, .jpg, .jpeg, .bmp, .gif, .webp)"),
+    (["data=image_folder", "data.path={one_class_folder}"], "a classifier needs two or more"),
+    (["data=image_folder", "data.path={mixed_sizes_folder}"], "data.image_size=None is invalid"),
+    (["data=image_folder"], "data.path=None is invalid: data=image_folder reads"),
+    (["data=image_folder", "data.path={fashion}", "data.image_size=[28]"], "data.image_size"),
+    (["data=image_folder", "data.path={fashion}", "data.color_mode=cmyk"], "data.color_mode"),
+    (["data=npz", "data.path={lengths_differ_npz}"], "y_train has shape (39,)"),
+    (["data=npz", "data.path={wrong_keys_npz}"], "npz lacks x_train"),
+    (["data=npz", "data.path={small_npz}"], "model.padding='valid' is invalid: 8x8 images"),
+    (["data=cifar10", "data.path={broken_archive}"], "cannot read it as Keras' cifar10"),
+    (["data=cifar100", "data.path={fashion}"], "no cifar-100-python/train inside"),
+    (["model.padding=full"], "model.padding"),
     (["name=" + "n" * 300], "sweep_dir"),
     (["name=.."], "name"),
     (["+experiment=no_such_experiment"], "experiment=no_such_experiment"),
@@ -89,13 +106,12 @@ MISTAKES = [
 
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory) -> dict[str, str]:
-    """Data paths that exist but hold no MNIST: CIFAR-shaped images, a folder of other files."""
-    import numpy as np
-
+    """Data paths that exist but cannot train: CIFAR-shaped images of one class (any image
+    shape is data since issue 22), a folder of other files."""
     folder = tmp_path_factory.mktemp("bad_data")
     npz = folder / "cifar_like.npz"
-    images = np.zeros((20, 32, 32, 3), dtype=np.uint8)
-    labels = np.zeros(20, dtype=np.uint8)
+    images = np.zeros((40, 32, 32, 3), dtype=np.uint8)
+    labels = np.zeros(40, dtype=np.uint8)
     np.savez(npz, x_train=images, y_train=labels, x_test=images, y_test=labels)
     empty = folder / "pictures"
     empty.mkdir()
@@ -127,6 +143,28 @@ def bad_data(tmp_path_factory) -> dict[str, str]:
     np.savez(one_class, x_train=x, y_train=np.full(40, 3, np.uint8), x_test=x[:10],
              y_test=y[:10])
     np.savez(standardized, x_train=(x - 127.5) / 73.0, y_train=y, x_test=x[:10], y_test=y[:10])
+    # Issue 22: image folders and arrays that cannot train.
+    empty_folder, no_images, one_class = (folder / "empty", folder / "no_images",
+                                          folder / "one_class")
+    empty_folder.mkdir()
+    (no_images / "sneaker").mkdir(parents=True)
+    (no_images / "trouser").mkdir()
+    (no_images / "sneaker" / "notes.txt").write_text("not an image")
+    write_image_folder(one_class, per_class=3, broken=False)
+    for extra in ("trouser", "tshirt"):
+        shutil.rmtree(one_class / extra)
+    mixed = write_image_folder(folder / "mixed", per_class=5, broken=False)
+    np.savez(folder / "lengths.npz", x_train=x, y_train=y[:39], x_test=x[:10], y_test=y[:10])
+    np.savez(folder / "keys.npz", images=x, labels=y)
+    small = np.zeros((40, 8, 8, 3), np.uint8)
+    np.savez(folder / "small.npz", x_train=small, y_train=y, x_test=small[:10], y_test=y[:10])
+    broken_archive = folder / "cifar-10-python.tar.gz"
+    broken_archive.write_bytes(gzip.compress(b"not a tar archive" * 100))
+    files.update(empty_folder=str(empty_folder), class_without_images=str(no_images),
+                 one_class_folder=str(one_class), mixed_sizes_folder=str(mixed),
+                 lengths_differ_npz=str(folder / "lengths.npz"),
+                 wrong_keys_npz=str(folder / "keys.npz"), small_npz=str(folder / "small.npz"),
+                 broken_archive=str(broken_archive))
     return {**files, "fashion": str(fashion), "text_file": str(text), "empty_file": str(blank),
             "truncated_npz": str(truncated), "gzip_file": str(gz), "zip_of_text": str(zipped),
             "truncated_idx_folder": str(idx), "one_class_npz": str(one_class),
@@ -161,13 +199,23 @@ GROUP_OPTIONS = sorted(
 )
 
 
-# What an option needs from the user before it validates (a cluster's shared folder).
-NEEDS = {"cluster=remote": ["cluster.storage_path=/mnt/shared/sweeps"]}
+# What an option needs from the user before it validates (a cluster's shared folder, data).
+NEEDS = {"cluster=remote": ["cluster.storage_path=/mnt/shared/sweeps"],
+         "data=image_folder": ["data.path={image_folder}", "data.image_size=[28,28]"],
+         "data=npz": ["data.path={npz}"]}
 
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS)
-def test_every_option_of_every_config_group_composes_and_validates(compose, option):
-    _, space = validate(compose(option, *NEEDS.get(option, [])))
+def test_every_option_of_every_config_group_composes_and_validates(compose, option,
+                                                                     tmp_path_factory):
+    """Data options that read a user's files get small real ones (Fashion-MNIST images)."""
+    folder = tmp_path_factory.mktemp("own_data")
+    paths = {"image_folder": str(write_image_folder(folder / "images", per_class=3)),
+             "npz": str(folder / "data.npz")}
+    x, y = np.zeros((40, 28, 28), np.uint8), np.arange(40) % 10
+    np.savez(paths["npz"], x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    _, space = validate(compose(option, *(need.format(**paths)
+                                          for need in NEEDS.get(option, []))))
     assert space
 
 

@@ -157,9 +157,15 @@ def bad(arrays: dict[str, np.ndarray], **changes: np.ndarray) -> dict[str, np.nd
 
 
 BAD_NPZ = [
-    ("flat images", lambda a: bad(a, x_train=a["x_train"].reshape(-1, 784)), "(N, 28, 28)"),
-    ("wrong size", lambda a: bad(a, x_test=np.zeros((10, 32, 32), np.uint8)), "(N, 28, 28)"),
-    ("labels out of range", lambda a: bad(a, y_train=a["y_train"] + 1), "outside 0-9"),
+    ("flat images", lambda a: bad(a, x_train=a["x_train"].reshape(-1, 784)),
+     "expected (N, height, width) or (N, height, width, channels)"),
+    # Issue 22: any image shape is data, but train and test must agree, and channels are images'.
+    ("train and test differ", lambda a: bad(a, x_test=np.zeros((10, 32, 32), np.uint8)),
+     "both splits need the same shape"),
+    ("five channels", lambda a: bad(a, x_train=np.zeros((40, 8, 8, 5), np.uint8)),
+     "with 1, 3 or 4 channels"),
+    ("class names do not fit", lambda a: bad(a, class_names=np.array(["a", "b", "c"])),
+     "3 class names for 10 distinct labels"),
     ("lengths differ", lambda a: bad(a, y_test=a["y_test"][:-1]), "y_test has shape"),
     ("pixels out of range", lambda a: bad(a, x_train=a["x_train"] * 300.0),
      "expected pixels: uint8 0-255"),

@@ -11,7 +11,7 @@ from sweeper.space import build_search_space, flatten_space, parse_distribution
 # Every setting a search may sample, with two values it allows (low > 0, for log forms).
 SEARCHABLE = {
     "model.filters": (8, 64), "model.kernel_size": (1, 4), "model.dense_units": (16, 128),
-    "model.dropout": (0.1, 0.5), "model.l2": (1e-6, 1e-3),
+    "model.dropout": (0.1, 0.5), "model.l2": (1e-6, 1e-3), "model.padding": ("valid", "same"),
     "train.batch_size": (16, 128), "train.lr": (1e-4, 1e-1), "train.seed": (1, 8),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_bfloat16"),
     "train.jit_compile": ("true", "false"),

@@ -130,3 +130,14 @@ def test_the_summary_records_the_schedulers_decisions_in_order(finished):
     # In the order taken: the reports' wall-clock order.
     reported = [rows[d["trial_id"]][d["epoch"] - 1]["reported_at"] for d in decisions]
     assert reported == sorted(reported)
+
+
+def test_the_summary_data_block_describes_fashion_mnist(finished):
+    """Issue 22: shapes and classes come from the data; 28x28 grayscale, ten classes, and the
+    smoke experiment's subset sizes (3000 training images split 0.8/0.2, 1000 test images)."""
+    data = finished.summary["data"]
+    assert data == {"name": "fashion_mnist", "input_shape": [28, 28], "num_classes": 10,
+                    "class_names": [str(label) for label in range(10)],
+                    "sizes": {"train": 2400, "val": 600, "test": 1000}}
+    info = (finished.sweep_dir / "best_model.json").read_text()
+    assert '"input_shape": [\n    28,\n    28\n  ]' in info

@@ -31,7 +31,7 @@ def trial_config(epochs: int, **train: object) -> SweepConfig:
 def test_build_cnn_is_the_classic_tutorial_network():
     from sweeper.model import build_cnn
 
-    model = build_cnn(ModelConfig())
+    model = build_cnn(ModelConfig(), (28, 28), 10)
     stack = [(type(layer).__name__, getattr(layer, "filters", getattr(layer, "units", None)))
              for layer in model.layers
              if type(layer).__name__ in ("Conv2D", "MaxPooling2D", "Flatten", "Dense")]
@@ -45,7 +45,8 @@ def test_build_cnn_is_the_classic_tutorial_network():
 def test_build_cnn_sizes_come_from_the_config():
     from sweeper.model import build_cnn
 
-    model = build_cnn(ModelConfig(filters=16, dense_units=32, kernel_size=3, dropout=0.25))
+    model = build_cnn(ModelConfig(filters=16, dense_units=32, kernel_size=3, dropout=0.25),
+                      (28, 28), 10)
     convs = [layer.filters for layer in model.layers if type(layer).__name__ == "Conv2D"]
     dense = [layer.units for layer in model.layers if type(layer).__name__ == "Dense"]
     assert (convs, dense) == ([16, 32, 32], [32, 10])
@@ -79,7 +80,7 @@ def test_the_first_step_of_a_fit_is_timed_apart_because_it_traces(small_splits):
 def test_a_new_model_traces_its_training_and_validation_steps_once(small_splits):
     """A tf.function that creates variables is traced twice; build_model creates the optimizer's
     and the metrics' variables up front, so a new model's first step traces once."""
-    model = build_model(trial_config(epochs=1))
+    model = build_model(trial_config(epochs=1), (28, 28), 10)
     traced: list[str] = []
     for name in ("train_step", "test_step"):
         step = getattr(model, name)  # Keras calls the Python step only while tracing
@@ -143,19 +144,19 @@ def test_a_warm_model_trains_exactly_like_a_freshly_built_one(small_splits, opti
     first = trial_config(epochs=2, optimizer=optimizer, lr=0.01)
     second = trial_config(epochs=2, optimizer=optimizer, lr=0.002)
     warm = WarmModel()
-    history(first, warm.get(first))  # trains the model the next trial gets back
-    reused = warm.get(second)
-    assert reused is warm.get(second)
-    assert history(second, reused) == history(second, build_model(second))
+    history(first, warm.get(first, (28, 28), 10))  # trains the model the next trial gets back
+    reused = warm.get(second, (28, 28), 10)
+    assert reused is warm.get(second, (28, 28), 10)
+    assert history(second, reused) == history(second, build_model(second, (28, 28), 10))
 
 
 def test_a_model_with_dropout_is_built_afresh_for_every_trial(small_splits):
     cfg = trial_config(epochs=1, lr=0.01)
     cfg.model.dropout = 0.3
     warm = WarmModel()
-    first = warm.get(cfg)
+    first = warm.get(cfg, (28, 28), 10)
     train(cfg, small_splits, model=first)
-    assert warm.get(cfg) is not first
+    assert warm.get(cfg, (28, 28), 10) is not first
 
 
 def test_a_rebuilt_model_leaves_no_traced_graph_behind(small_splits):
@@ -176,7 +177,8 @@ def test_a_rebuilt_model_leaves_no_traced_graph_behind(small_splits):
     for trial in range(4):
         cfg = trial_config(epochs=1, lr=0.01)
         cfg.model.dropout = 0.1 + 0.1 * trial
-        train(cfg, small_splits, model=warm.get(cfg))
+        train(cfg, small_splits, model=warm.get(cfg, small_splits.input_shape,
+                                                small_splits.num_classes))
         counts.append((live_graphs(), len(custom_gradient_names())))
     assert counts[1] == counts[2] == counts[3], counts
     assert counts[3][1] >= 1  # the train step did register its custom gradient
@@ -210,7 +212,7 @@ def test_mixed_precision_computes_in_bfloat16_keeps_float32_weights_and_learns(s
 
         keras.mixed_precision.set_dtype_policy("float32")
     # The next model built in this process is back to float32 without being told twice.
-    assert build_model(trial_config(epochs=1)).layers[2].compute_dtype == "float32"
+    assert build_model(trial_config(epochs=1), (28, 28), 10).layers[2].compute_dtype == "float32"
 
 
 def test_xla_compiled_training_learns_like_the_plain_step(small_splits):

@@ -19,7 +19,8 @@ if gpus:
     x = np.random.default_rng(0).integers(0, 255, (8192, 28, 28, 1), dtype=np.uint8)
     y = np.random.default_rng(1).integers(0, 10, 8192)
     for jit in ("auto", "false"):
-        model = compile_model(build_cnn(ModelConfig()), TrainConfig(jit_compile=jit))
+        model = compile_model(build_cnn(ModelConfig(), (28, 28, 1), 10),
+                              TrainConfig(jit_compile=jit))
         for epoch in range(3):
             t = time.time()
             model.fit(x, y, batch_size=32, epochs=1, verbose=0)
