@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ JIT_COMPILE = ("auto", "true", "false")  # auto: XLA on GPUs, not on CPUs (Keras
 SAMPLERS = ("tpe", "random")
 SCHEDULERS = ("asha", "none")
 MODES = ("min", "max")
+# The builder of the classic CNN; a model config's _target_ names any other (sweeper.builder).
+CNN_TARGET = "sweeper.model.cnn"
 METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
 
 
@@ -83,8 +85,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The classic MNIST CNN: Conv(f)-Pool-Conv(2f)-Pool-Conv(2f)-Flatten-Dense-Dense(K),
-    built for the data's input shape and its K classes."""
+    built for the data's input shape and its K classes by :func:`sweeper.model.cnn`.
 
+    A model of the user's own is a plain mapping instead (its keys are its builder's
+    keyword arguments, checked against the builder's signature by sweeper.builder).
+    """
+
+    _target_: str = per_sweep(CNN_TARGET, "one model family per sweep")
     name: str = per_sweep("cnn", "one model family per sweep")
     filters: int = 32
     kernel_size: int = 3
@@ -220,7 +227,9 @@ class SweepConfig:
     # Start a new sweep under a new name even if this name holds an earlier one.
     fresh: bool = False
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # ModelConfig for the CNN; a dict of _target_ and its builder's keyword arguments for a
+    # model of the user's own (OmegaConf's unions take no dataclasses, hence Any).
+    model: Any = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -236,8 +245,14 @@ def register_configs() -> None:
     # Imported here: every trial worker imports this module for the dataclasses, and Hydra's
     # config store costs a fresh worker about 0.25 s it never uses.
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
+    schema = OmegaConf.structured(SweepConfig)
+    # An empty model: conf/model/cnn.yaml brings the CNN's typed schema (model/cnn_schema), a
+    # user's model file its own free-form keys, and neither inherits the other's settings.
+    schema.model = {}
+    ConfigStore.instance().store(name="sweep_schema", node=schema)
+    ConfigStore.instance().store(group="model", name="cnn_schema", node=ModelConfig)
 
 
 # The config groups a search space may touch: what a trial trains with.
@@ -280,7 +295,8 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
     _require(value in options, key, value, f"must be one of {', '.join(options)}")
 
 
-def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, Any],
+                            train: TrainConfig) -> None:
     """Check everything a single trial trains with; also run on each search-space bound."""
     _one_of("data.name", data.name, DATASETS)
     for key in ("max_train_samples", "max_test_samples"):
@@ -305,13 +321,14 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig, train: TrainCo
     _require(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction,
              "must be in (0, 1)")
 
-    _require(model.filters >= 1, "model.filters", model.filters, "must be >= 1")
-    _require(1 <= model.kernel_size <= 4, "model.kernel_size", model.kernel_size,
-             "must be 1 to 4 (28x28 images shrink to nothing through three larger kernels)")
-    _require(model.dense_units >= 1, "model.dense_units", model.dense_units, "must be >= 1")
-    _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
-    _require(model.l2 >= 0.0, "model.l2", model.l2, "must be >= 0")
-    _one_of("model.padding", model.padding, PADDINGS)
+    if isinstance(model, ModelConfig):  # a user's model: its builder checks its own keys
+        _require(model.filters >= 1, "model.filters", model.filters, "must be >= 1")
+        _require(1 <= model.kernel_size <= 4, "model.kernel_size", model.kernel_size,
+                 "must be 1 to 4 (28x28 images shrink to nothing through three larger kernels)")
+        _require(model.dense_units >= 1, "model.dense_units", model.dense_units, "must be >= 1")
+        _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
+        _require(model.l2 >= 0.0, "model.l2", model.l2, "must be >= 0")
+        _one_of("model.padding", model.padding, PADDINGS)
 
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
@@ -428,11 +445,31 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
     # Imported here: trial workers import this module for the dataclasses alone.
     from omegaconf import OmegaConf
 
-    stray = unknown_settings(OmegaConf.to_container(cfg, resolve=False), SweepConfig)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    stray = unknown_settings(plain, SweepConfig)
+    model = plain.get("model")
+    if isinstance(model, Mapping) and model.get("_target_", CNN_TARGET) == CNN_TARGET:
+        stray += unknown_settings(model, ModelConfig, "model.")
     if stray:
         key, value = stray[0]
         raise ConfigError(key, value, f"no such setting{closest_setting(key)}")
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    typed: SweepConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed.model = as_model_config(typed.model)
+    return typed
+
+
+def as_model_config(model: ModelConfig | Mapping[str, Any]) -> ModelConfig | dict[str, Any]:
+    """The CNN's settings as a typed ModelConfig (type-checked as Hydra would, e.g. from a
+    best_config.yaml that has no schema for them); any other model's as a plain dict."""
+    if isinstance(model, ModelConfig):
+        # model._target_=... on top of the CNN: its settings go to that builder, and are
+        # checked against its signature.
+        return model if model._target_ == CNN_TARGET else asdict(model)
+    if model.get("_target_", CNN_TARGET) != CNN_TARGET:
+        return dict(model)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), model))
 
 
 def unknown_settings(node: Mapping[str, Any], schema: type,
@@ -462,7 +499,7 @@ def closest_setting(key: str) -> str:
     group, _, name = key.rpartition(".")
     section: Any = SweepConfig
     for part in group.split(".") if group else []:
-        section = get_type_hints(section).get(part)
+        section = ModelConfig if part == "model" else get_type_hints(section).get(part)
         if not _is_dataclass_type(section):
             return ""
     match = difflib.get_close_matches(name, [item.name for item in fields(section)], n=1)
@@ -475,8 +512,11 @@ def apply_params(cfg: SweepConfig, params: Mapping[str, Any]) -> SweepConfig:
     for key, value in params.items():
         group, _, name = key.partition(".")
         section = getattr(trial, group)
-        declared = getattr(section, name)
+        declared = section.get(name) if isinstance(section, dict) else getattr(section, name)
         if isinstance(declared, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        setattr(section, name, value)
+        if isinstance(section, dict):  # a user's model: keys of its builder's signature
+            section[name] = value
+        else:
+            setattr(section, name, value)
     return trial

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from sweeper.builder import from_logits, model_target
 from sweeper.config import SweepConfig, apply_params
 from sweeper.data import Splits
 from sweeper.results import TrialRecord
@@ -245,7 +246,12 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
             # What the model takes and gives: raw uint8 images of this shape, and one
             # probability per class in this order.
             "input_shape": list(splits.input_shape), "input_dtype": "uint8",
-            "class_names": list(splits.class_names), "test": test}
+            "class_names": list(splits.class_names), "test": test,
+            # The code that built it: its module must be importable to load a model with
+            # custom layers (registered with keras.saving.register_keras_serializable).
+            "builder": model_target(cfg.model),
+            "import": model_target(cfg.model).rpartition(".")[0],
+            "outputs": "logits" if from_logits(cfg.model) else "probabilities"}
     if retrained is not None and retrained.node_id is not None:
         info["retrained_on"] = {"node_id": retrained.node_id, "gpu_ids": retrained.gpu_ids}
     (sweep_dir / BEST_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")

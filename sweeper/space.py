@@ -226,16 +226,31 @@ def build_search_space(cfg: SweepConfig) -> dict[str, BaseDistribution]:
         if group not in SEARCHABLE_GROUPS or not name or "." in name:
             raise ConfigError(f"search.space.{key}", expression,
                               f"keys must be <group>.<setting> with group in {SEARCHABLE_GROUPS}")
-        if not hasattr(getattr(cfg, group), name):
+        custom = group == "model" and isinstance(cfg.model, Mapping)
+        if not custom and not hasattr(getattr(cfg, group), name):
             raise ConfigError(f"search.space.{key}", expression,
                               f"{key} is not a setting of the {group} config")
         why_not = not_searchable_reason(group, name)
         if why_not:
             raise ConfigError(f"search.space.{key}", expression, f"cannot be searched: {why_not}")
-        distribution = parse_distribution(key, expression, setting_type(group, name))
+        distribution = parse_distribution(key, expression, declared_type(cfg, group, name))
         _check_bounds(cfg, key, expression, distribution)
         space[key] = distribution
     return space
+
+
+def declared_type(cfg: SweepConfig, group: str, name: str) -> type | None:
+    """The type a searched setting's values take: the schema's for sweeper's own settings;
+    for a user's model (no schema), the type of the value its config gives, else of its
+    builder's default (``width=32`` makes width an integer); None when neither tells."""
+    if group != "model" or not isinstance(cfg.model, Mapping):
+        return setting_type(group, name)
+    from sweeper.builder import parameter_default
+
+    value = cfg.model.get(name)
+    if value is None:
+        value = parameter_default(cfg.model, name)
+    return type(value) if type(value) in (int, float, bool, str) else None
 
 
 def _extremes(distribution: BaseDistribution) -> list[Any]:
@@ -258,7 +273,7 @@ def _check_bounds(cfg: SweepConfig, key: str, expression: Any,
     """Every extreme value of the distribution has the setting's type and passes the same
     validation as a hand-written config."""
     group, _, name = key.partition(".")
-    declared = setting_type(group, name)
+    declared = declared_type(cfg, group, name)
     for value in _extremes(distribution):
         if not _fits_type(value, declared):
             # A cast chose another type than the setting's, e.g. float(interval(...)) for an

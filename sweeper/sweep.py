@@ -20,9 +20,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 
+from sweeper.builder import check_builder
+from sweeper.builder import runtime_env as builder_runtime_env
 from sweeper.cluster import joins_cluster, log_cluster, validate_cluster
 from sweeper.config import (
+    CNN_TARGET,
     ConfigError,
+    ModelConfig,
     SweepConfig,
     check_input_fits,
     check_resources_fit,
@@ -122,8 +126,11 @@ def check_sweep_dir(cfg: SweepConfig, root: Path) -> None:
         return
     # Settings added since that sweep was made count with their defaults (data.image_size,
     # model.padding of issue 22), so a sweep of an earlier version still resumes.
-    saved = with_defaults(yaml.safe_load(saved_file.read_text()),
-                          config_fingerprint(SweepConfig()))
+    saved = yaml.safe_load(saved_file.read_text())
+    defaults = config_fingerprint(SweepConfig())
+    if saved.get("model", {}).get("_target_", CNN_TARGET) != CNN_TARGET:
+        del defaults["model"]  # a user's model has none of the CNN's settings
+    saved = with_defaults(saved, defaults)
     differences = config_differences(saved, config_fingerprint(cfg))
     if differences:
         shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
@@ -159,6 +166,9 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
         cpus, gpus = local_capacity(typed.cluster)
         check_resources_fit(typed.resources, cpus, gpus, where="this machine")
     validate_cluster(typed.cluster)
+    searched = [key.partition(".")[2] for key in flatten_space(typed.search.space)
+                if key.startswith("model.")]
+    check_builder(typed.model, searched)
     space = build_search_space(typed)
     if image_size is not None:
         check_model_fits(typed, space, image_size)
@@ -169,6 +179,8 @@ def check_model_fits(cfg: SweepConfig, space: dict[str, BaseDistribution],
                      image_size: tuple[int, ...]) -> None:
     """Refuse images the CNN would shrink below one pixel with the configured padding and
     kernel, or with any padding or (largest) kernel the search may sample."""
+    if not isinstance(cfg.model, ModelConfig):
+        return  # a user's model is built once on the driver instead (check_network)
     paddings, kernels = {cfg.model.padding}, {cfg.model.kernel_size}
     searched_padding = space.get("model.padding")
     if isinstance(searched_padding, CategoricalDistribution):
@@ -216,6 +228,10 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
                             state="already_complete")
     splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
     check_model_fits(cfg_t, space, splits.input_shape)
+    if not isinstance(cfg_t.model, ModelConfig):
+        from sweeper.model import check_network
+
+        check_network(cfg_t.model, splits.input_shape, splits.num_classes)
     claim_sweep_dir(cfg_t, paths.root, state)
     storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
     warm_trials = None
@@ -223,7 +239,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
         warm_trials = earlier_trials(url, study, space)
 
-    started_ray = connect(cfg_t.cluster)
+    started_ray = connect(cfg_t.cluster, runtime_env=builder_runtime_env(cfg_t.model))
     try:
         if joins_cluster(cfg_t.cluster):
             log_cluster()

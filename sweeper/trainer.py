@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sweeper.compat import custom_gradient_names, forget_custom_gradients
-from sweeper.config import SweepConfig
+from sweeper.config import ModelConfig, SweepConfig
 from sweeper.data import Splits
 
 logger = logging.getLogger(__name__)
@@ -188,12 +188,14 @@ def build_model(cfg: SweepConfig, input_shape: tuple[int, ...], num_classes: int
     of ``input_shape`` (the data's, e.g. ``splits.input_shape``) into ``num_classes`` classes."""
     import keras
 
+    from sweeper.builder import from_logits
     from sweeper.model import build_cnn, compile_model
 
     keras.utils.set_random_seed(cfg.train.seed)
     # The policy is global to the process: set it for every build, a reused worker included.
     keras.mixed_precision.set_dtype_policy(cfg.train.precision)
-    model = compile_model(build_cnn(cfg.model, input_shape, num_classes), cfg.train)
+    model = compile_model(build_cnn(cfg.model, input_shape, num_classes), cfg.train,
+                          logits=from_logits(cfg.model))
     create_training_variables(model)
     return model
 
@@ -243,7 +245,10 @@ class WarmModel:
 
         key = (repr(cfg.model), tuple(input_shape), num_classes, cfg.train.optimizer,
                cfg.train.seed, cfg.train.precision, jit_compile_setting(cfg.train))
-        if key != self._key or cfg.model.dropout > 0:
+        # A user's model is always built afresh: whether it draws random numbers while
+        # training (dropout, noise) is its builder's secret.
+        fixed = isinstance(cfg.model, ModelConfig) and cfg.model.dropout == 0
+        if key != self._key or not fixed:
             self._model = None
             keras.backend.clear_session()
             # The previous model's graphs are gone now; TensorFlow's gradient registry would

@@ -336,17 +336,26 @@ def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 
-def connect(cluster: ClusterConfig) -> bool:
-    """Start or join Ray as the config says; returns whether this call started it."""
+def connect(cluster: ClusterConfig, runtime_env: dict[str, Any] | None = None) -> bool:
+    """Start or join Ray as the config says; returns whether this call started it.
+
+    ``runtime_env`` (sweeper.builder.runtime_env: a user's model code) becomes the job's, so
+    every worker on every node imports it. Without one the workers start directly, not
+    through Ray's runtime-env shim (see :func:`tune_settings`).
+    """
     if ray.is_initialized():
+        if runtime_env:
+            logger.warning("Ray was already started: the workers import the model's code only "
+                           "if they can find it themselves (%s)", runtime_env)
         return False
     if cluster.address:
-        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        ray.init(address=cluster.address, logging_level=logging.WARNING,
+                 runtime_env=runtime_env)
     else:
         # "local" starts a fresh Ray even where `ray start` left a cluster running.
         ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                  include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+                 runtime_env=runtime_env, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     return True
 
 
