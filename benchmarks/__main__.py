@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmarks import (
     data_loading,
+    own_model,
     plots,
     scaling,
     search_efficiency,
@@ -70,9 +71,10 @@ def main() -> None:
     ran.update({name: stamp for name in chosen})
     _draw(figures, args.out.parent)
     text = _render(figures)
-    kept = data_loading.recorded_section(args.out)  # measured by its own command
-    if kept:
-        text = f"{text}\n{kept}"
+    for own_command in (data_loading, own_model):  # measured by their own commands
+        kept = own_command.recorded_section(args.out)
+        if kept:
+            text = f"{text}\n{kept}"
     print(text)
     args.out.write_text(text + "\n")
     raw.write_text(json.dumps(figures, indent=1) + "\n")

@@ -296,3 +296,36 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def recorded_section(path: Path, heading: str) -> str:
+    """The section under ``heading`` of the results file at ``path`` ("" if it has none), so
+    that ``python -m benchmarks``, which writes the file anew, keeps it."""
+    content = path.read_text() if path.is_file() else ""
+    if heading not in content:
+        return ""
+    section = heading + content.partition(heading)[2].split("\n## ", 1)[0]
+    return section.rstrip("\n") + "\n"
+
+
+def record_section(path: Path, heading: str, text: str) -> None:
+    """Put ``text`` as the section under ``heading`` of ``path`` (replacing an earlier one)."""
+    content = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if heading in content:
+        before, _, after = content.partition(heading)
+        rest = after.split("\n## ", 1)
+        content = before + text + ("\n## " + rest[1] if len(rest) > 1 else "")
+    else:
+        content = content.rstrip("\n") + "\n\n" + text
+    path.write_text(content.rstrip("\n") + "\n")
+
+
+def section_opening(heading: str, module: str) -> str:
+    """A measured section's heading and first words: the command that ran it, on how many
+    cores, when (then the section says what was measured)."""
+    import sys
+
+    command = f"python -m {module} " + " ".join(sys.argv[1:])
+    cores = len(os.sched_getaffinity(0))
+    return (f"{heading}\n\n`{command.strip()}` on {cores} cores, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; ")

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import common
 from benchmarks.common import FASHION_MNIST
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -125,23 +126,12 @@ def table(rows: dict[str, dict]) -> str:
 def recorded_section(path: Path = RESULTS) -> str:
     """The data-loading section of the results file at ``path`` ("" if it has none), so that
     ``python -m benchmarks``, which writes the file anew, keeps it."""
-    content = path.read_text() if path.is_file() else ""
-    if SECTION not in content:
-        return ""
-    section = SECTION + content.partition(SECTION)[2].split("\n## ", 1)[0]
-    return section.rstrip("\n") + "\n"
+    return common.recorded_section(path, SECTION)
 
 
 def record(text: str) -> None:
     """Put ``text`` as the data-loading section of RESULTS.md (replacing an earlier one)."""
-    content = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if SECTION in content:
-        before, _, after = content.partition(SECTION)
-        rest = after.split("\n## ", 1)
-        content = before + text + ("\n## " + rest[1] if len(rest) > 1 else "")
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(content.rstrip("\n") + "\n")
+    common.record_section(RESULTS, SECTION, text)
 
 
 def main() -> None:
@@ -164,10 +154,7 @@ def main() -> None:
             rows[f"PNG folder, {kind} (thread pool)"] = measure("folder", folder)
             rows[f"PNG folder, {kind} (1 thread)"] = measure("folder-1-thread", folder)
         rows["npz, CIFAR-shaped"] = measure("arrays", write_arrays(Path(tmp) / "cifar.npz"))
-    command = "python -m benchmarks.data_loading " + " ".join(sys.argv[1:])
-    cores = len(os.sched_getaffinity(0))
-    text = (f"{SECTION}\n\n`{command.strip()}` on {cores} cores, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; each load in a fresh "
+    text = (common.section_opening(SECTION, "benchmarks.data_loading") + "each load in a fresh "
             "process through `sweeper.data.load_splits` (the driver's path). Loading's share = "
             "peak RSS minus RSS after the imports; arrays = the loaded splits' images; "
             "CPU s / load s = cores kept busy while loading.\n\n"

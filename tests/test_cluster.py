@@ -367,3 +367,42 @@ def test_autoscaler_adds_worker_nodes_for_a_sweep_the_head_cannot_run(ray_cluste
     assert used and ray_cluster.node_id("head") not in used  # all on nodes the autoscaler added
     monitor_log = next(ray_cluster.temp_dir.glob("session_*/logs/monitor.log")).read_text()
     assert re.search(r"Launching \d+ nodes, type gpu_(1x|4x)", monitor_log)
+
+
+@pytest.mark.slow
+def test_a_users_model_reaches_worker_nodes_that_lack_its_folder(ray_cluster, tmp_path):
+    """The driver imports my_models from a folder only it has on its path (PYTHONPATH, run
+    from another folder): trials on the worker nodes import the copy Ray's runtime env shipped."""
+    from test_own_model import write_user_folder
+
+    ray_cluster.start_head()
+    for name in ("worker_a", "worker_b"):
+        ray_cluster.add_worker(name, "--num-cpus=1")
+    code = write_user_folder(tmp_path / "code")
+    module, calls = code / "my_models.py", tmp_path / "calls.jsonl"
+    # Worker processes get no environment from the driver: the log's path is written in.
+    module.write_text(module.read_text().replace('os.environ.get("MY_MODELS_CALLS")',
+                                                 repr(str(calls))))
+    driver_dir = tmp_path / "driver"
+    driver_dir.mkdir()
+    path = os.pathsep.join(filter(None, [str(code), ray_cluster.env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeper", "--config-dir", str(code / "conf_mine"), *TINY_SWEEP,
+         "resources.gpu_per_trial=0", "model=mlp", "search.space.model.width=choice(16, 32)",
+         "name=mine", "cluster=remote", f"cluster.address={ray_cluster.address}",
+         f"cluster.storage_path={tmp_path / 'shared'}"],
+        cwd=driver_dir, env={**ray_cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                             "PYTHONPATH": path},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "shared" / "mine" / "summary.json").read_text())
+    assert summary["trial_counts"]["completed"] == 4
+    used = {node for epochs in _trial_nodes(tmp_path / "shared" / "mine").values()
+            for node in epochs}
+    assert used == {ray_cluster.node_id("worker_a"), ray_cluster.node_id("worker_b")}
+    built = [json.loads(line) for line in calls.read_text().splitlines()]
+    on_workers = [call for call in built if call["file"] != str(module)]
+    # Every trial built the model from the shipped copy (the driver built it for its checks).
+    assert len(on_workers) >= 4
+    assert all("runtime_resources" in call["file"] for call in on_workers)
+    assert {call["width"] for call in on_workers} <= {16, 32}

@@ -73,6 +73,12 @@ MISTAKES = [
     (["data.path={one_class_npz}"], "data.path"),
     (["data.path={standardized_npz}"], "data.path"),
     (["data.path=/etc"], "data.path"),
+    # Issue 23: a model builder that cannot be found (a user's own: tests/test_own_model.py).
+    (["model._target_=no_such_module.build"],
+     "cannot import no_such_module (ModuleNotFoundError: No module named 'no_such_module')"),
+    (["model._target_=sweeper.config.no_builder"], "has no no_builder"),
+    (["model._target_=sweeper.config.CNN_TARGET"], "is a str, not a function"),
+    (["model._target_=my_models"], "must name a function as module.function"),
     # Issue 22: bad data of the new kinds, each refused in one line before Ray.
     (["data=image_folder", "data.path={empty_folder}"], "class folder"),
     (["data=image_folder", "data.path={class_without_images}"],
