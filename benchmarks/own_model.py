@@ -8,9 +8,9 @@ Side by side in one run, each figure in a fresh process:
   imports Keras itself;
 - per trial: four trials of a learning-rate search in one worker process (``WarmModel.get``
   and one epoch on 2 000 Fashion-MNIST images, as ``sweeper.trial.run_trial`` does), for the
-  built-in CNN and for the very same network written as the user's builder. The built-in
-  CNN's compiled model is reused between such trials; a user's model is built anew for
-  each, since whether it draws random numbers while training is its builder's secret.
+  built-in CNN and for the very same network written as the user's builder. A worker
+  reuses either compiled model between such trials (``WarmModel``), as long as none of its
+  layers draws random numbers while training.
 
     python -m benchmarks.own_model            # prints a markdown table
     python -m benchmarks.own_model --write    # and records it in benchmarks/RESULTS.md
@@ -141,8 +141,8 @@ def main() -> None:
             "module imports Keras and so TensorFlow there, the CNN's checks do not. Driver's "
             "build = `sweeper.model.check_network`, once per sweep. Trials: a learning-rate "
             f"search of {TRIALS} trials in one worker, one epoch on 2 000 Fashion-MNIST "
-            "images each; the built-in CNN's compiled model is reused from trial 2 on, a "
-            "user's is rebuilt every trial. Trial workers of a user's model that is not an "
+            "images each; both compiled models are reused from trial 2 on (neither has a "
+            "layer that draws random numbers while training). Trial workers of a user's model that is not an "
             "installed package also start through Ray's runtime-env shim (py_modules): 1.05x "
             "the start time, see 'Start of fresh trial workers' above.\n\n"
             f"{table(rows)}\n")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sweeper.compat import custom_gradient_names, forget_custom_gradients
-from sweeper.config import ModelConfig, SweepConfig
+from sweeper.config import SweepConfig
 from sweeper.data import Splits
 
 logger = logging.getLogger(__name__)
@@ -218,6 +218,20 @@ def create_training_variables(model) -> None:
     model.reset_metrics()
 
 
+def draws_random_numbers(model) -> bool:
+    """Whether any layer of ``model`` (nested models' included) holds a Keras seed generator:
+    Dropout with a rate above 0, GaussianNoise, random augmentation layers."""
+    import keras
+
+    layers = list(getattr(model, "layers", []))
+    while layers:
+        layer = layers.pop()
+        if any(isinstance(value, keras.random.SeedGenerator) for value in vars(layer).values()):
+            return True
+        layers += getattr(layer, "layers", [])
+    return False
+
+
 class WarmModel:
     """One compiled model kept in a worker between trials, handed out as if freshly built.
 
@@ -226,9 +240,10 @@ class WarmModel:
     worker (a learning-rate search, for one) gets the same model back with the state a fresh
     build would have: the seeded initial weights, the optimizer's slots and step counter at
     zero, and the trial's learning rate (a variable, so nothing is traced again).
-    Models with dropout are always built afresh: restoring the weights does not restart the
-    dropout masks' random stream the way a new build does, and a trial's result must not
-    depend on which worker ran it.
+    Models with layers that draw random numbers while training (dropout, noise, random
+    augmentation: the CNN with dropout, and any model of the user's with such layers) are
+    always built afresh: restoring the weights does not restart their random streams the way
+    a new build does, and a trial's result must not depend on which worker ran it.
     """
 
     def __init__(self) -> None:
@@ -245,10 +260,7 @@ class WarmModel:
 
         key = (repr(cfg.model), tuple(input_shape), num_classes, cfg.train.optimizer,
                cfg.train.seed, cfg.train.precision, jit_compile_setting(cfg.train))
-        # A user's model is always built afresh: whether it draws random numbers while
-        # training (dropout, noise) is its builder's secret.
-        fixed = isinstance(cfg.model, ModelConfig) and cfg.model.dropout == 0
-        if key != self._key or not fixed:
+        if key != self._key or draws_random_numbers(self._model):
             self._model = None
             keras.backend.clear_session()
             # The previous model's graphs are gone now; TensorFlow's gradient registry would

@@ -324,3 +324,28 @@ def test_a_sweep_of_an_own_model_on_fashion_mnist(tmp_path, fashion_mnist_dir, m
     assert best.model["_target_"] == builder
     for key in searched:
         assert best_space[f"model.{key}"].choices == (summary["best"]["config"][f"model.{key}"],)
+
+
+def test_a_sweep_of_an_own_model_resumes_only_with_the_same_model(user_folder, tmp_path):
+    from sweeper.sweep import NEW, check_sweep_dir, claim_sweep_dir, validate
+
+    cfg, _ = validate(compose_mine("model=resnet", "search.space.model.width=choice(8, 16)"))
+    claim_sweep_dir(cfg, tmp_path / "sweep", NEW)
+    check_sweep_dir(cfg, tmp_path / "sweep")  # the same config: resumes
+    cfg.model["depth"] = 3
+    with pytest.raises(ConfigError, match=r"different config \(model.depth\)"):
+        check_sweep_dir(cfg, tmp_path / "sweep")
+
+
+def test_a_worker_reuses_an_own_model_unless_its_layers_draw_random_numbers(user_folder):
+    from sweeper.config import apply_params
+    from sweeper.sweep import validate
+    from sweeper.trainer import WarmModel
+
+    warm = WarmModel()
+    cfg, _ = validate(compose_mine("model=resnet", "search.space.train.lr=choice(0.1, 0.01)"))
+    first = warm.get(cfg, (28, 28), 10)
+    again = warm.get(apply_params(cfg, {"train.lr": 0.01}), (28, 28), 10)
+    assert again is first and float(again.optimizer.learning_rate) == pytest.approx(0.01)
+    noisy = apply_params(cfg, {"model.dropout": 0.2})
+    assert warm.get(noisy, (28, 28), 10) is not warm.get(noisy, (28, 28), 10)
