@@ -142,9 +142,10 @@ def main() -> None:
             "build = `sweeper.model.check_network`, once per sweep. Trials: a learning-rate "
             f"search of {TRIALS} trials in one worker, one epoch on 2 000 Fashion-MNIST "
             "images each; both compiled models are reused from trial 2 on (neither has a "
-            "layer that draws random numbers while training). Trial workers of a user's model that is not an "
-            "installed package also start through Ray's runtime-env shim (py_modules): 1.05x "
-            "the start time, see 'Start of fresh trial workers' above.\n\n"
+            "layer that draws random numbers while training). Trial workers of a user's "
+            "model that is not an installed package also start through Ray's runtime-env "
+            "shim (py_modules): 1.05x the start time, see 'Start of fresh trial workers' "
+            "above.\n\n"
             f"{table(rows)}\n")
     print(text)
     if args.write:
