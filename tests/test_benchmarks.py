@@ -166,3 +166,19 @@ def test_the_data_loading_table_shows_loadings_share_against_the_arrays(tmp_path
     data_loading.record(f"{data_loading.SECTION}\n\nnew\n")
     assert results.read_text() == (f"# Benchmark results\n\n{data_loading.SECTION}\n\nnew\n"
                                    "\n## Later\n\nkept\n")
+
+
+def test_the_own_model_table_sets_the_users_model_against_the_cnn(tmp_path):
+    from benchmarks import own_model
+
+    cnn = {"params": 1000, "checks_s": 2.0, "tensorflow": False, "build_s": 0.0,
+           "trial_s": [4.0, 1.0, 1.0, 1.0]}
+    mine = {"params": 1000, "checks_s": 8.0, "tensorflow": True, "build_s": 0.5,
+            "trial_s": [5.0, 1.5, 1.5, 1.5]}
+    table = own_model.table({"built-in CNN": cnn, "mine": mine})
+    assert "| built-in CNN | 1000 | 2.00 (no) | 0.00 | 4.00 | 1.00 |" in table
+    assert "| user's / built-in | 1.00 | 4.00 |  | 1.25 | 1.50 |" in table
+    # python -m benchmarks, which writes the file anew, keeps the section it does not measure.
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Benchmark results\n\n{own_model.SECTION}\n\nfigures\n\n## Later\n")
+    assert own_model.recorded_section(results) == f"{own_model.SECTION}\n\nfigures\n"

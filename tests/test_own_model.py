@@ -280,6 +280,7 @@ def test_a_sweep_of_an_own_model_on_fashion_mnist(tmp_path, fashion_mnist_dir, m
     sweep_dir = folder / "sweeps" / model
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["state"] == "complete" and summary["test"]["accuracy"] > 0.5
+    assert (sweep_dir / "report" / "report.md").is_file()
 
     # Every trial's sampled values reached the builder (on the workers).
     sampled = [{key.split(".", 1)[1]: value for key, value in trial["config"].items()
