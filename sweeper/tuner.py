@@ -31,6 +31,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
+from sweeper.progress import DETAIL, TrialEvents
 from sweeper.scheduler import EarlierEpochsASHA
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.tensorboard import TensorBoardCallback
@@ -405,6 +406,10 @@ def tune_settings(cfg: SweepConfig):
         "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     }
+    if cfg.verbose < DETAIL:
+        # Tune's newer console output prints its experiment box even at verbose=0; the
+        # classic one prints nothing there (sweeper prints its own lines; Ray 2.60).
+        settings["RAY_AIR_NEW_OUTPUT"] = "0"
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
     tune_actor_env = dict(tune_actor_classes.DEFAULT_ENV_VARS)
@@ -450,7 +455,7 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
     """A new Tuner for the sweep, or the interrupted one restored from its folder."""
     trainable = _trainable(cfg, splits)
     if tune.Tuner.can_restore(str(paths.trials)):
-        logger.info("Resuming the interrupted sweep in %s", paths.trials)
+        logger.info("==== Resuming the interrupted sweep in %s ====", paths.trials)
         record_failed_trials(paths.trials, retry=cfg.resume.errored == "retry")
         return tune.Tuner.restore(str(paths.trials), trainable=trainable,
                                   resume_errored=cfg.resume.errored == "retry")
@@ -469,13 +474,15 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
         run_config=tune.RunConfig(
             name=TRIALS_DIRNAME,
             storage_path=str(paths.root),
-            callbacks=sweep_callbacks(paths.tensorboard, space, metric, scheduler),
+            callbacks=[*sweep_callbacks(paths.tensorboard, space, metric, scheduler),
+                       TrialEvents(metric, mode, cfg.search.num_trials, scheduler)],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.recovery.keep_checkpoints,  # best by metric; Ray keeps the latest
                 checkpoint_score_attribute=metric,
                 checkpoint_score_order=mode,
             ),
             failure_config=tune.FailureConfig(max_failures=cfg.recovery.max_failures),
-            verbose=1,
+            # Ray's own trial tables only at verbose=2: sweeper logs one line per trial event.
+            verbose=1 if cfg.verbose >= DETAIL else 0,
         ),
     )
