@@ -278,9 +278,13 @@ def _say(line: str = "", file=None) -> None:
         logging.getLogger(RECORD_LOGGER).info(line)
 
 
-def print_results(summary: dict) -> None:
-    """The best trial, its test scores, the compute ASHA saved and where every file is."""
-    paths, best, test = summary["paths"], summary["best"], summary.get("test")
+def print_results(summary: dict, sweep_dir: Path) -> None:
+    """The best trial, its test scores, the compute ASHA saved and where every file is
+    (summary.json keeps the paths relative to ``sweep_dir``)."""
+    from sweeper.results import resolve_in_sweep
+
+    best, test = summary["best"], summary.get("test")
+    paths = {key: resolve_in_sweep(path, sweep_dir) for key, path in summary["paths"].items()}
     if best is not None:
         _say(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
              f"at epoch {best['epoch']} with {best['config']}")
@@ -292,13 +296,13 @@ def print_results(summary: dict) -> None:
         _say(f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']} "
              f"for a full-budget search ({summary['epochs_ratio']:.0%}); early stopping saved "
              f"{summary['epochs_full_budget'] - summary['epochs_trained']} epochs")
-    _say(f"Sweep directory: {paths['sweep_dir']}")
-    _say(f"Summary:         {Path(paths['sweep_dir']) / 'summary.json'}")
+    _say(f"Sweep directory: {sweep_dir}")
+    _say(f"Summary:         {sweep_dir / 'summary.json'}")
     for label, key in (("Best model", "best_model"), ("Best config", "best_config"),
                        ("Report", "report"), ("Trials table", "trials_csv")):
-        if paths.get(key) and Path(paths[key]).exists():
+        if paths.get(key) and paths[key].exists():
             _say(f"{label + ':':<17}{paths[key]}")
-    _say(f"TensorBoard:     tensorboard --logdir {shlex.quote(paths['tensorboard'])}")
+    _say(f"TensorBoard:     tensorboard --logdir {shlex.quote(str(paths['tensorboard']))}")
 
 
 def report_command(args: list[str]) -> None:
@@ -307,11 +311,12 @@ def report_command(args: list[str]) -> None:
         _exit_usage("usage: python -m sweeper report <sweep_dir>")
     from sweeper.report import rebuild
 
+    folder = Path(args[0]).expanduser().resolve()
     try:
-        summary = rebuild(Path(args[0]))
+        summary = rebuild(folder)
     except FileNotFoundError as error:
         _exit_usage(str(error))
-    print_results(summary)
+    print_results(summary, folder)
 
 
 def report_outcome(outcome) -> None:
@@ -324,7 +329,7 @@ def report_outcome(outcome) -> None:
         _say(f"Best trials ({summary['metric']}, {summary['mode']}):")
         _say(outcome.table)
         _say()
-    print_results(summary)
+    print_results(summary, Path(outcome.sweep_dir))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")

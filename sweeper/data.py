@@ -575,9 +575,22 @@ def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed:
     )
 
 
+# The published class names of datasets whose files hold labels only (Zalando's
+# Fashion-MNIST README; MNIST's digits name themselves).
+DATASET_CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
+
+
 def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Splits:
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
+    known = DATASET_CLASS_NAMES.get(cfg.name)
+    if (known and NPZ_CLASS_NAMES not in arrays
+            and int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0)))
+            == len(known) - 1):
+        arrays = {**arrays, NPZ_CLASS_NAMES: np.array(known)}
     splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
                          cfg.max_test_samples, source=cfg.path or cfg.url, name=cfg.name)
     logger.info("Loaded %s: %s images of shape %s, %d classes", cfg.name, splits.sizes(),

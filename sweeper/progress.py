@@ -104,6 +104,12 @@ def short_values(params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def trial_number(trials: list[Trial], trial: Trial) -> int:
+    """A trial's number in its sweep, from 1, in the order Tune created the trials (kept on
+    resume): the number the console, sweep.log and TensorBoard's run names use."""
+    return trials.index(trial) + 1
+
+
 class TrialEvents(Callback):
     """One log line per trial event on the driver, with the sweep's running count.
 
@@ -137,12 +143,12 @@ class TrialEvents(Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         self._started_at[trial.trial_id] = time.time()
-        events.info("Trial %d started: %s  %s", trials.index(trial) + 1,
-                    short_values(trial.config), self._status(trials))
+        events.info("Trial %d started (id %s): %s  %s", trial_number(trials, trial),
+                    trial.trial_id, short_values(trial.config), self._status(trials))
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
-        number, epoch = trials.index(trial) + 1, result.get(TRAINING_ITERATION)
+        number, epoch = trial_number(trials, trial), result.get(TRAINING_ITERATION)
         value = result.get(self.metric)
         if value is not None and (self._best is None or self._better(value, self._best[0])):
             self._best = (float(value), number)
@@ -159,7 +165,7 @@ class TrialEvents(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        number = trials.index(trial) + 1
+        number = trial_number(trials, trial)
         took = time.time() - self._started_at.get(trial.trial_id, time.time())
         epochs = (trial.last_result or {}).get(TRAINING_ITERATION, 0)
         events.info("Trial %d ended after %s epochs (%.0f s)  %s", number, epochs, took,
@@ -168,7 +174,7 @@ class TrialEvents(Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         where = trial.run_metadata.error_filename or "sweep.log"
-        events.error("Trial %d failed (details: %s in %s)  %s", trials.index(trial) + 1,
+        events.error("Trial %d failed (details: %s in %s)  %s", trial_number(trials, trial),
                      where, trial.path, self._status(trials, ended=trial))
 
 

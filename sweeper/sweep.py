@@ -41,7 +41,13 @@ from sweeper.results import (
     records_from_results,
 )
 from sweeper.space import build_search_space, flatten_space
-from sweeper.study import earlier_trials, open_storage, resolve_warm_start, storage_url
+from sweeper.study import (
+    earlier_trials,
+    open_storage,
+    resolve_warm_start,
+    storage_url,
+    study_url_in_sweep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +254,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
                             search_space=flatten_space(cfg_t.search.space), test=test)
     summary["state"] = COMPLETE if done else INTERRUPTED
     summary["data"] = splits.describe()
-    summary["study"] = {"storage": storage.url, "study_name": cfg_t.name}
+    summary["study"] = {"storage": study_url_in_sweep(storage.url, paths.root),
+                        "study_name": cfg_t.name}
     summary["reproducible"] = cfg_t.search.reproducible
     summary["scheduler_decisions"] = read_scheduler_decisions(paths.trials)
     publish(summary, records, paths.root)

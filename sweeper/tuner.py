@@ -300,7 +300,7 @@ class ProgressCsvOnce(_EachEpochOnce, CSVLoggerCallback):
 
 
 def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], metric: str,
-                    scheduler: TrialScheduler) -> list[Callback]:
+                    scheduler: TrialScheduler, max_epochs: int | None = None) -> list[Callback]:
     """What the driver does with every result besides searching and scheduling.
 
     Tune's JSON and CSV loggers write each trial's result.json and progress.csv (results and
@@ -308,7 +308,8 @@ def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], m
     event files in every trial folder showed each trial twice to ``tensorboard --logdir`` on
     the sweep folder, beside sweeper's own runs with their hyperparameters.
     """
-    return [TensorBoardCallback(tensorboard_dir, space, metric), SchedulerStateCallback(scheduler),
+    return [TensorBoardCallback(tensorboard_dir, space, metric, max_epochs),
+            SchedulerStateCallback(scheduler),
             FailedTrialsSaved(), ResultJsonOnce(), ProgressCsvOnce()]
 
 
@@ -474,7 +475,8 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
         run_config=tune.RunConfig(
             name=TRIALS_DIRNAME,
             storage_path=str(paths.root),
-            callbacks=[*sweep_callbacks(paths.tensorboard, space, metric, scheduler),
+            callbacks=[*sweep_callbacks(paths.tensorboard, space, metric, scheduler,
+                                        cfg.train.epochs),
                        TrialEvents(metric, mode, cfg.search.num_trials, scheduler)],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.recovery.keep_checkpoints,  # best by metric; Ray keeps the latest

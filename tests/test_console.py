@@ -1,0 +1,113 @@
+"""What a person sees: the console of a real smoke sweep, its sweep.log, and a copied sweep folder
+that still reports. All read what the session's smoke sweep (conftest.py) left behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli_helpers import cli_env, trial_rows
+
+# Lines that used to fill the console and that no user can act on (issue 25).
+KNOWN_NOISE = (
+    "cuInit", "absl::InitializeLog", "Could not find cuda drivers", "cpu_feature_guard",
+    "Experiment state snapshotting", "Token authentication", "Tuner.restore",
+    "fit_started_at", "first_step_s", "node_id", "╭", "│", "completed after",
+    "Sweep config:", "View detailed results", "A new study created",
+    "Checkpoint successfully created", "Trial status:",
+)
+# The console's lines besides one per trial event: the plan, the results table and summary.
+OTHER_LINES_AT_MOST = 40
+EVENT = re.compile(r"^Trial (\d+) (started|epoch|continued|stopped|trained|ended|failed)\b")
+TIMESTAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\]"
+
+
+@pytest.fixture(scope="module")
+def console(smoke_sweep):
+    assert smoke_sweep.returncode == 0, smoke_sweep.stderr[-3000:]
+    return (smoke_sweep.stdout + smoke_sweep.stderr).splitlines()
+
+
+def events_of(lines: list[str], kind: str) -> list[str]:
+    return [line for line in lines if (match := EVENT.match(line)) and match.group(2) == kind]
+
+
+@pytest.mark.slow
+def test_the_console_is_one_line_per_trial_event_plus_a_few(console, smoke_sweep):
+    events = [line for line in console if EVENT.match(line)]
+    assert len(console) - len(events) <= OTHER_LINES_AT_MOST, "\n".join(console)
+    noise = [line for line in console if any(known in line for known in KNOWN_NOISE)]
+    assert noise == []
+
+
+@pytest.mark.slow
+def test_each_trial_event_is_one_line(console, smoke_sweep):
+    summary, num_trials = smoke_sweep.summary, smoke_sweep.num_trials
+    started = events_of(console, "started")
+    assert len(started) == num_trials
+    assert all("lr=" in line for line in started)  # with its sampled value
+    rows = trial_rows(smoke_sweep.sweep_dir)
+    epochs = events_of(console, "epoch")
+    assert len(epochs) == sum(len(trial) for trial in rows.values()) == summary["epochs_trained"]
+    assert all("val_accuracy" in line and " s)" in line for line in epochs)
+    decisions = [line for kind in ("continued", "stopped", "trained")
+                 for line in events_of(console, kind)]
+    assert len(decisions) == len(summary["scheduler_decisions"])
+    assert len(events_of(console, "stopped")) == sum(
+        d["decision"] == "stop" for d in summary["scheduler_decisions"])
+    assert len(events_of(console, "ended")) == num_trials
+    last = events_of(console, "ended")[-1]
+    best = summary["best"]["metric_value"]
+    assert f"[{num_trials} done, 0 running, 0 pending; best val_accuracy {best:.4f}" in last
+
+
+@pytest.mark.slow
+def test_the_composed_config_is_in_sweep_log_and_hydra_not_on_the_console(console, smoke_sweep):
+    log = (smoke_sweep.sweep_dir / "sweep.log").read_text()
+    assert "Sweep config:\nname: smoke" in log
+    assert (smoke_sweep.sweep_dir / ".hydra" / "config.yaml").is_file()
+    assert not any(line.startswith("name: smoke") for line in console)
+
+
+@pytest.mark.slow
+def test_sweep_log_records_every_trial_event_with_its_time_and_the_summary(console, smoke_sweep):
+    log = (smoke_sweep.sweep_dir / "sweep.log").read_text()
+    for line in console:
+        if EVENT.match(line):
+            assert re.search(TIMESTAMP + r".*\] - " + re.escape(line) + "$", log, re.M), line
+    for line in ("Best: trial", "Sweep directory:", "Best trials (val_accuracy, max):",
+                 "Results: "):
+        assert line in log
+    # Ray's and TensorFlow's warnings are not on the console.
+    assert [line for line in console if "WARNING" in line] == []
+
+
+@pytest.mark.slow
+def test_a_copied_sweep_folder_still_reports(smoke_sweep, tmp_path):
+    """``cp -r`` the sweep elsewhere, move the original out of the way, and report the copy:
+    summary.json's paths are relative, so every file it names is found in the copy."""
+    original = smoke_sweep.sweep_dir
+    copy = tmp_path / "copied sweep"
+    shutil.copytree(original, copy)
+    hidden = original.with_name(original.name + ".away")
+    original.rename(hidden)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sweeper", "report", str(copy)],
+                                cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                                timeout=600)
+    finally:
+        hidden.rename(original)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["paths"]["best_model"] == "best_model.keras"
+    assert str(original) not in (copy / "summary.json").read_text()
+    for key in ("best_model", "best_config", "report", "trials_csv"):
+        assert f"{copy / summary['paths'][key]}" in result.stdout, key
+        assert (copy / summary["paths"][key]).is_file(), key
+    assert (copy / summary["best"]["checkpoint"]).is_dir()
+    assert str(original) not in (copy / "best_config.yaml").read_text()
