@@ -305,8 +305,23 @@ def print_results(summary: dict, sweep_dir: Path) -> None:
     _say(f"TensorBoard:     tensorboard --logdir {shlex.quote(str(paths['tensorboard']))}")
 
 
+REPORT_HELP = """\
+usage: python -m sweeper report SWEEP_DIR
+
+Rebuild a finished sweep's summary.json, trials.csv and report/ (report.md and its plots)
+from the sweep folder alone, training nothing: after an upgrade of sweeper, after deleting
+the report, or for a sweep folder copied from elsewhere (cp -r, ray rsync-down); the paths
+in summary.json are relative to the folder. Prints the best trial, its test scores and
+where the files are.
+
+example: python -m sweeper report sweeps/cnn_lr"""
+
+
 def report_command(args: list[str]) -> None:
     """``python -m sweeper report SWEEP_DIR``: rebuild summary.json, trials.csv and report/."""
+    if args in (["--help"], ["-h"]):
+        print(REPORT_HELP)
+        return
     if len(args) != 1 or args[0].startswith("-"):
         _exit_usage("usage: python -m sweeper report <sweep_dir>")
     from sweeper.report import rebuild

@@ -111,3 +111,22 @@ def test_a_copied_sweep_folder_still_reports(smoke_sweep, tmp_path):
         assert (copy / summary["paths"][key]).is_file(), key
     assert (copy / summary["best"]["checkpoint"]).is_dir()
     assert str(original) not in (copy / "best_config.yaml").read_text()
+
+
+def test_help_says_what_the_tool_does_its_subcommand_and_most_used_settings(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sweeper", "--help"], cwd=tmp_path,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sweeper: hyperparameter search")
+    for text in ("python -m sweeper report SWEEP_DIR", "+experiment=", "search.num_trials=N",
+                 "verbose=0|1|2", "experiment: cnn_lr, cnn_wide, smoke", "README"):
+        assert text in result.stdout, text
+    assert "powered by Hydra" not in result.stdout
+
+
+def test_report_help_prints_help_and_exits_zero(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sweeper", "report", "--help"], cwd=tmp_path,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m sweeper report SWEEP_DIR")
+    assert "training nothing" in result.stdout

@@ -110,6 +110,13 @@ def runs_by_trial(data) -> dict[str, str]:
             for run, tags in data.items() if SESSION_START_TAG in tags}
 
 
+def trials_and_runs(smoke_logs):
+    """Each trial of summary.json with its TensorBoard run."""
+    summary, _, data = smoke_logs
+    runs = runs_by_trial(data)
+    return [(trial, runs[trial["trial_id"]]) for trial in summary["trials"]]
+
+
 @pytest.mark.slow
 def test_one_run_per_trial_plus_the_experiment_named_for_people(smoke_logs):
     summary, multiplexer, data = smoke_logs
@@ -125,10 +132,8 @@ def test_one_run_per_trial_plus_the_experiment_named_for_people(smoke_logs):
 
 @pytest.mark.slow
 def test_per_epoch_scalars_match_the_epochs_trained(smoke_logs):
-    summary, multiplexer, data = smoke_logs
-    runs = runs_by_trial(data)
-    for trial in summary["trials"]:
-        run = runs[trial["trial_id"]]
+    summary, multiplexer, _ = smoke_logs
+    for trial, run in trials_and_runs(smoke_logs):
         epochs = list(range(1, trial["epochs_trained"] + 1))
         for tag in METRIC_NAMES:
             assert [step for step, _ in curve(multiplexer, run, tag)] == epochs, (run, tag)
@@ -140,10 +145,8 @@ def test_per_epoch_scalars_match_the_epochs_trained(smoke_logs):
 @pytest.mark.slow
 def test_epochs_trained_and_early_stops_are_hparams_metrics(smoke_logs):
     """ASHA-stopped trials are told apart in the HParams view by two metrics of their own."""
-    summary, multiplexer, data = smoke_logs
-    runs = runs_by_trial(data)
-    for trial in summary["trials"]:
-        run = runs[trial["trial_id"]]
+    summary, multiplexer, _ = smoke_logs
+    for trial, run in trials_and_runs(smoke_logs):
         assert curve(multiplexer, run, EPOCHS_TRAINED) == [
             (trial["epochs_trained"], trial["epochs_trained"])]
         stopped = trial["status"] == "early_stopped"
@@ -153,10 +156,9 @@ def test_epochs_trained_and_early_stops_are_hparams_metrics(smoke_logs):
 
 @pytest.mark.slow
 def test_hparams_hold_each_trials_sampled_parameters(smoke_logs):
-    summary, _, data = smoke_logs
-    runs = runs_by_trial(data)
-    for trial in summary["trials"]:
-        tags = data[runs[trial["trial_id"]]]
+    _, _, data = smoke_logs
+    for trial, run in trials_and_runs(smoke_logs):
+        tags = data[run]
         assert set(tags) == {SESSION_START_TAG, SESSION_END_TAG}
         hparams = start_hparams(tags[SESSION_START_TAG])
         assert hparams == pytest.approx(trial["config"])
