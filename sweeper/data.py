@@ -587,9 +587,11 @@ def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Split
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
     known = DATASET_CLASS_NAMES.get(cfg.name)
-    if (known and NPZ_CLASS_NAMES not in arrays
-            and int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0)))
-            == len(known) - 1):
+    numbered = [str(label) for label in range(len(known or ()))]
+    named = arrays.get(NPZ_CLASS_NAMES)
+    top = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0)))
+    if known and top == len(known) - 1 and (named is None or
+                                            [str(n) for n in named] == numbered):
         arrays = {**arrays, NPZ_CLASS_NAMES: np.array(known)}
     splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
                          cfg.max_test_samples, source=cfg.path or cfg.url, name=cfg.name)
