@@ -219,6 +219,10 @@ class TensorBoardCallback(Callback):
         state["_events"] = None
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A sweep interrupted before issue 25 resumes with trial-id run names and no totals.
+        self.__dict__.update({"max_epochs": None, "_runs": {}, **state})
+
     @property
     def events(self) -> SweepEventWriter:
         if self._events is None:
