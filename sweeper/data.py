@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from sweeper.compat import import_tensorflow
 from sweeper.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -156,16 +157,23 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise _unreadable(path, "an .npz file of x_train, y_train, x_test, y_test", error) from None
 
 
+# Where Debian's dataset-fashion-mnist puts its files (conf/data/fashion_mnist.yaml's path).
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
 def download_mnist(url: str, sha256: str | None) -> Path:
-    """Fetch mnist.npz through Keras' downloader; a cached copy with the right hash is reused."""
+    """Fetch mnist.npz through Keras' downloader; a cached copy with the right hash is reused.
+    Offline, the error points to Debian's Fashion-MNIST where this machine has it."""
+    import_tensorflow()  # before Keras imports it: TensorFlow starts without its noise
     from keras.utils import get_file
 
     try:
         return Path(get_file(fname="mnist.npz", origin=url, file_hash=sha256))
     except Exception as error:  # Keras wraps network errors in plain Exception
-        raise ConfigError("data.url", url,
-                          f"download failed ({error}); set data.path to a local mnist.npz"
-                          ) from None
+        local = (f", or use data=fashion_mnist (Debian's copy is in {DEBIAN_FASHION_MNIST})"
+                 if DEBIAN_FASHION_MNIST.is_dir() else "")
+        raise ConfigError("data.url", url, f"download failed ({error}); set data.path to a "
+                          f"local mnist.npz{local}") from None
 
 
 def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
@@ -406,6 +414,7 @@ def load_cifar(source: Path, name: str) -> dict[str, Any]:
 def download_cifar(cfg: DataConfig) -> Path:
     """The extracted CIFAR folder in Keras' cache, fetched by Keras' downloader exactly as
     ``keras.datasets.cifar10.load_data()`` fetches it (so either one reuses the other's copy)."""
+    import_tensorflow()  # before Keras imports it: TensorFlow starts without its noise
     from keras.utils import get_file
 
     try:

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from sweeper.data import DEBIAN_FASHION_MNIST
 from tests.cli_helpers import cli_env, trial_rows
 
 # Lines that used to fill the console and that no user can act on (issue 25).
@@ -130,3 +131,21 @@ def test_report_help_prints_help_and_exits_zero(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m sweeper report SWEEP_DIR")
     assert "training nothing" in result.stdout
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's Fashion-MNIST absent")
+def test_offline_first_run_suggests_fashion_mnist_and_leaves_nothing_behind(tmp_path):
+    """The default sweep downloads MNIST; offline (here: a closed port) it ends with one line
+    that names Debian's Fashion-MNIST, and no sweep folder or half-downloaded file stays."""
+    keras_home = tmp_path / "keras_home"
+    env = {**cli_env(), "KERAS_HOME": str(keras_home)}
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeper", "+experiment=cnn_lr", "data.url=http://127.0.0.1:9/m.npz",
+         "data.sha256=null"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.url=")
+    assert "download failed" in lines[0] and "use data=fashion_mnist" in lines[0]
+    assert not (tmp_path / "sweeps").exists()
+    assert not list(keras_home.glob("datasets/*mnist*"))
