@@ -269,60 +269,91 @@ def resume_command() -> str:
     return "python -m sweeper " + shlex.join(_user_argv)
 
 
-def print_results(summary: dict) -> None:
-    """The best trial, its test scores, the compute ASHA saved and where every file is."""
-    paths, best, test = summary["paths"], summary["best"], summary.get("test")
+def _say(line: str = "", file=None) -> None:
+    """Print a result line for the user, and keep it in sweep.log (when Hydra set one up)."""
+    from sweeper.progress import RECORD_LOGGER
+
+    print(line, file=file)
+    if line:
+        logging.getLogger(RECORD_LOGGER).info(line)
+
+
+def print_results(summary: dict, sweep_dir: Path) -> None:
+    """The best trial, its test scores, the compute ASHA saved and where every file is
+    (summary.json keeps the paths relative to ``sweep_dir``)."""
+    from sweeper.results import resolve_in_sweep
+
+    best, test = summary["best"], summary.get("test")
+    paths = {key: resolve_in_sweep(path, sweep_dir) for key, path in summary["paths"].items()}
     if best is not None:
-        print(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
-              f"at epoch {best['epoch']} with {best['config']}")
+        _say(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
+             f"at epoch {best['epoch']} with {best['config']}")
     if test:
-        print(f"Test ({test['num_samples']} held-out images, model from its {test['source']}): "
-              f"accuracy {test['accuracy']:.4f}, macro precision {test['precision_macro']:.4f}, "
-              f"recall {test['recall_macro']:.4f}, F1 {test['f1_macro']:.4f}")
+        _say(f"Test ({test['num_samples']} held-out images, model from its {test['source']}): "
+             f"accuracy {test['accuracy']:.4f}, macro precision {test['precision_macro']:.4f}, "
+             f"recall {test['recall_macro']:.4f}, F1 {test['f1_macro']:.4f}")
     if summary.get("epochs_ratio") is not None:
-        print(f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']} "
-              f"for a full-budget search ({summary['epochs_ratio']:.0%}); early stopping saved "
-              f"{summary['epochs_full_budget'] - summary['epochs_trained']} epochs")
-    print(f"Sweep directory: {paths['sweep_dir']}")
-    print(f"Summary:         {Path(paths['sweep_dir']) / 'summary.json'}")
+        _say(f"Epochs trained: {summary['epochs_trained']} of {summary['epochs_full_budget']} "
+             f"for a full-budget search ({summary['epochs_ratio']:.0%}); early stopping saved "
+             f"{summary['epochs_full_budget'] - summary['epochs_trained']} epochs")
+    _say(f"Sweep directory: {sweep_dir}")
+    _say(f"Summary:         {sweep_dir / 'summary.json'}")
     for label, key in (("Best model", "best_model"), ("Best config", "best_config"),
                        ("Report", "report"), ("Trials table", "trials_csv")):
-        if paths.get(key) and Path(paths[key]).exists():
-            print(f"{label + ':':<17}{paths[key]}")
-    print(f"TensorBoard:     tensorboard --logdir {shlex.quote(paths['tensorboard'])}")
+        if paths.get(key) and paths[key].exists():
+            _say(f"{label + ':':<17}{paths[key]}")
+    _say(f"TensorBoard:     tensorboard --logdir {shlex.quote(str(paths['tensorboard']))}")
+
+
+REPORT_HELP = """\
+usage: python -m sweeper report SWEEP_DIR
+
+Rebuild a finished sweep's summary.json, trials.csv and report/ (report.md and its plots)
+from the sweep folder alone, training nothing: after an upgrade of sweeper, after deleting
+the report, or for a sweep folder copied from elsewhere (cp -r, ray rsync-down); the paths
+in summary.json are relative to the folder. Prints the best trial, its test scores and
+where the files are.
+
+example: python -m sweeper report sweeps/cnn_lr"""
 
 
 def report_command(args: list[str]) -> None:
     """``python -m sweeper report SWEEP_DIR``: rebuild summary.json, trials.csv and report/."""
+    if args in (["--help"], ["-h"]):
+        print(REPORT_HELP)
+        return
     if len(args) != 1 or args[0].startswith("-"):
         _exit_usage("usage: python -m sweeper report <sweep_dir>")
     from sweeper.report import rebuild
 
+    folder = Path(args[0]).expanduser().resolve()
     try:
-        summary = rebuild(Path(args[0]))
+        summary = rebuild(folder)
     except FileNotFoundError as error:
         _exit_usage(str(error))
-    print_results(summary)
+    print_results(summary, folder)
 
 
 def report_outcome(outcome) -> None:
     summary = outcome.summary
     if outcome.state == "already_complete":
-        print(f"Sweep {summary['experiment']!r} is already complete; nothing to run "
+        _say(f"Sweep {summary['experiment']!r} is already complete; nothing to run "
               "(fresh=true starts a new sweep beside it).")
     else:
-        print()
-        print(f"Best trials ({summary['metric']}, {summary['mode']}):")
-        print(outcome.table)
-        print()
-    print_results(summary)
+        _say()
+        _say(f"Best trials ({summary['metric']}, {summary['mode']}):")
+        _say(outcome.table)
+        _say()
+    print_results(summary, Path(outcome.sweep_dir))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
+    from sweeper.progress import RECORD_LOGGER, configure_output
     from sweeper.sweep import SweepFailed, run_sweep
 
-    logger.info("Sweep config:\n%s", OmegaConf.to_yaml(cfg))
+    configure_output(cfg.verbose)
+    logging.getLogger(RECORD_LOGGER).info("Sweep config:\n%s", OmegaConf.to_yaml(cfg))
     try:
         outcome = run_sweep(cfg)
     except ConfigError as error:
@@ -330,15 +361,15 @@ def hydra_main(cfg: DictConfig) -> None:
         _remove_created_dir()
         _exit_usage(str(error))
     except SweepFailed as error:
-        print(f"error: {error}", file=sys.stderr)
+        _say(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
-        print(f"Interrupted. Resume with: {resume_command()}", file=sys.stderr)
+        _say(f"Interrupted. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     if outcome.state == "interrupted":
         counts = outcome.summary["trial_counts"]
-        print(f"Interrupted after {sum(counts.values())} trials ({counts}); partial results in "
-              f"{outcome.sweep_dir}. Resume with: {resume_command()}", file=sys.stderr)
+        _say(f"Interrupted after {sum(counts.values())} trials ({counts}); partial results in "
+             f"{outcome.sweep_dir}. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     report_outcome(outcome)
 

@@ -6,7 +6,11 @@ what happens when a new version no longer has what it relies on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 
 logger = logging.getLogger(__name__)
 
@@ -61,3 +65,52 @@ def forget_custom_gradients(keep: frozenset[str]) -> int:
     for name in stale:
         del registry[name]
     return len(stale)
+
+
+# TensorFlow's start-up lines that no user can act on (TensorFlow 2.21 with its CUDA stubs, on a
+# machine without a GPU driver): absl's note on logging before InitializeLog, the CUDA stub's
+# "Could not find cuda drivers" (logged at load time, before TF_CPP_MIN_LOG_LEVEL is read), the
+# CPU-instructions banner, and cuInit's error 303 (CUDA_ERROR_NO_DEVICE-like "UNKNOWN ERROR" where
+# no driver is loaded). Any other line, a real CUDA error on a GPU machine included, stays.
+TENSORFLOW_STARTUP_NOISE = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "cudart_stub.cc:",
+    "cpu_feature_guard.cc:",
+    "To enable the following instructions:",
+    "failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+)
+
+
+@contextlib.contextmanager
+def startup_noise_filtered():
+    """Capture this process's stderr (the file descriptor, which TensorFlow's C++ writes to)
+    while TensorFlow starts, then write back every line but :data:`TENSORFLOW_STARTUP_NOISE`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(noise in line for noise in TENSORFLOW_STARTUP_NOISE):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def import_tensorflow():
+    """``import tensorflow``, with its devices found, without its start-up noise (see
+    :data:`TENSORFLOW_STARTUP_NOISE`); a second call only returns the module."""
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    with startup_noise_filtered():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # CUDA starts here, inside the filter
+    return tf

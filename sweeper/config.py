@@ -238,6 +238,9 @@ class SweepConfig:
     final: FinalConfig = field(default_factory=FinalConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    # What the console shows: 0 the plan, warnings and the results; 1 also one line per trial
+    # event; 2 also the composed config and Ray's, TensorFlow's and Optuna's own output.
+    verbose: int = 1
 
 
 def register_configs() -> None:
@@ -379,6 +382,7 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
     """Check the searcher, scheduler, cluster and resources settings."""
     _require(bool(cfg.name.strip()) and "/" not in cfg.name and cfg.name not in (".", ".."),
              "name", cfg.name, "must be a non-empty name without '/' (and not '.' or '..')")
+    _require(cfg.verbose in (0, 1, 2), "verbose", cfg.verbose, "must be one of 0, 1, 2")
     search = cfg.search
     _one_of("search.sampler", search.sampler, SAMPLERS)
     _one_of("search.metric", search.metric, METRICS)

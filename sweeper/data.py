@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from sweeper.compat import import_tensorflow
 from sweeper.config import ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
@@ -156,16 +157,23 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise _unreadable(path, "an .npz file of x_train, y_train, x_test, y_test", error) from None
 
 
+# Where Debian's dataset-fashion-mnist puts its files (conf/data/fashion_mnist.yaml's path).
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
 def download_mnist(url: str, sha256: str | None) -> Path:
-    """Fetch mnist.npz through Keras' downloader; a cached copy with the right hash is reused."""
+    """Fetch mnist.npz through Keras' downloader; a cached copy with the right hash is reused.
+    Offline, the error points to Debian's Fashion-MNIST where this machine has it."""
+    import_tensorflow()  # before Keras imports it: TensorFlow starts without its noise
     from keras.utils import get_file
 
     try:
         return Path(get_file(fname="mnist.npz", origin=url, file_hash=sha256))
     except Exception as error:  # Keras wraps network errors in plain Exception
-        raise ConfigError("data.url", url,
-                          f"download failed ({error}); set data.path to a local mnist.npz"
-                          ) from None
+        local = (f", or use data=fashion_mnist (Debian's copy is in {DEBIAN_FASHION_MNIST})"
+                 if DEBIAN_FASHION_MNIST.is_dir() else "")
+        raise ConfigError("data.url", url, f"download failed ({error}); set data.path to a "
+                          f"local mnist.npz{local}") from None
 
 
 def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
@@ -406,6 +414,7 @@ def load_cifar(source: Path, name: str) -> dict[str, Any]:
 def download_cifar(cfg: DataConfig) -> Path:
     """The extracted CIFAR folder in Keras' cache, fetched by Keras' downloader exactly as
     ``keras.datasets.cifar10.load_data()`` fetches it (so either one reuses the other's copy)."""
+    import_tensorflow()  # before Keras imports it: TensorFlow starts without its noise
     from keras.utils import get_file
 
     try:
@@ -575,9 +584,24 @@ def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed:
     )
 
 
+# The published class names of datasets whose files hold labels only (Zalando's
+# Fashion-MNIST README; MNIST's digits name themselves).
+DATASET_CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
+
+
 def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Splits:
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
+    known = DATASET_CLASS_NAMES.get(cfg.name)
+    numbered = [str(label) for label in range(len(known or ()))]
+    named = arrays.get(NPZ_CLASS_NAMES)
+    top = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0)))
+    if known and top == len(known) - 1 and (named is None or
+                                            [str(n) for n in named] == numbered):
+        arrays = {**arrays, NPZ_CLASS_NAMES: np.array(known)}
     splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
                          cfg.max_test_samples, source=cfg.path or cfg.url, name=cfg.name)
     logger.info("Loaded %s: %s images of shape %s, %d classes", cfg.name, splits.sizes(),

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from sweeper.builder import from_logits, model_target
 from sweeper.config import SweepConfig, apply_params
 from sweeper.data import Splits
-from sweeper.results import TrialRecord
+from sweeper.results import TrialRecord, in_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> P
     header = (
         f"# The best trial ({best.trial_id}) of sweep '{cfg.name}': the composed config with its\n"
         "# sampled values filled in and pinned. Train it again in a sweep of its own with\n"
-        f"#   python -m sweeper --config-dir {sweep_dir} --config-name best_config\n"
+        "#   python -m sweeper --config-dir FOLDER --config-name best_config\n"
+        f"# where FOLDER is the one that holds this file (the sweep folder, {sweep_dir.name}/).\n"
     )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(retrain_config(cfg, best))))
     return path
@@ -242,7 +243,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
                     source=SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT)
     info = {"trial_id": best.trial_id, "epoch": best.best_epoch,
             "source": SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT,
-            "checkpoint": None if retrain else str(checkpoint),
+            "checkpoint": None if retrain else in_sweep(str(checkpoint), sweep_dir),
             # What the model takes and gives: raw uint8 images of this shape, and one
             # probability per class in this order.
             "input_shape": list(splits.input_shape), "input_dtype": "uint8",

@@ -85,9 +85,11 @@ def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
     origin = min(_start_time(ordered[0]), min(t for t, _ in reports))
     reports.sort()
     figure, (by_time, by_trial) = _figure(ncols=2)
-    minutes = [(t - origin) / 60 for t, _ in reports]
-    by_time.step(minutes, _running_best([v for _, v in reports], mode), where="post")
-    by_time.set(xlabel="wall time since the first trial started (min)",
+    seconds = [t - origin for t, _ in reports]
+    by_time.step(seconds, _running_best([v for _, v in reports], mode), where="post",
+                 marker="o", markersize=4)
+    by_time.set_xlim(left=0)
+    by_time.set(xlabel="seconds since the first trial started",
                 ylabel=f"best {metric} so far", title="Best so far, by time")
     numbers = list(range(1, len(ordered) + 1))
     values = [r.best_value for r in ordered]
@@ -99,34 +101,132 @@ def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
     return figure
 
 
+MARKERS = "osD^vP*Xh<>"
+
+
 def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
-    """Every trial's validation curve, coloured by how many epochs ASHA let it train."""
+    """Every trial's validation curve, coloured by its sampled value of the most important
+    parameter, its last point marked by how many epochs it trained, the rungs where the
+    scheduler decided drawn as dotted lines."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.lines import Line2D
 
     metric, max_epochs = summary["metric"], summary["max_epochs"]
     curves = [r for r in records if r.history]
     if not curves:
         raise SkipPlot("no trial reported an epoch")
-    figure, (axes,) = _figure(width=7.0)
+    figure, (axes,) = _figure(width=7.5, height=4.5)
     colours = colormaps["viridis"]
-    norm = Normalize(vmin=1, vmax=max(max_epochs, 2))
+    key = most_important_parameter(summary, records)
+    values = [r.config.get(key) for r in curves] if key else []
+    numeric = bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                   for v in values)
+    if numeric:
+        low, high = min(values), max(values)
+        if high <= low:  # one value: any range around it gives it one colour
+            high = low + abs(low) * 0.01 + 1e-12
+        log = _searched_log(summary, key) and low > 0
+        norm = (LogNorm if log else Normalize)(vmin=low, vmax=high)
+
+        def colour(record):
+            return colours(norm(record.config[key]))
+    else:
+        labels = sorted({str(v) for v in values})
+
+        def colour(record):
+            return colours(labels.index(str(record.config.get(key))) / max(len(labels) - 1, 1)
+                           if key else 0.4)
+    trained = sorted({r.epochs_trained for r in curves})
+    marker = {n: MARKERS[i % len(MARKERS)] for i, n in enumerate(trained)}
     for record in curves:
         epochs = [row["epoch"] for row in record.history]
-        values = [row.get(metric, math.nan) for row in record.history]
+        series = [row.get(metric, math.nan) for row in record.history]
         failed = record.status == FAILED
-        axes.plot(epochs, values, marker="o", markersize=3, linewidth=1,
-                  color="tab:red" if failed else colours(norm(record.epochs_trained)),
-                  linestyle="--" if failed else "-", alpha=0.8)
-    # The epochs where trials stopped short of the full budget: ASHA's rungs in this sweep.
-    for rung in sorted({r.epochs_trained for r in curves if r.epochs_trained < max_epochs}):
-        axes.axvline(rung, color="grey", linestyle=":", linewidth=1)
-    figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, label="epochs trained")
+        shade = "tab:red" if failed else colour(record)
+        axes.plot(epochs, series, linewidth=1.2, color=shade,
+                  linestyle="--" if failed else "-", alpha=0.85)
+        axes.plot(epochs[-1:], series[-1:], marker=marker[record.epochs_trained], markersize=7,
+                  color=shade, linestyle="")
+    for epoch, rung in _rungs(summary, curves, max_epochs):
+        axes.axvline(epoch, color="grey", linestyle=":", linewidth=1)
+        axes.annotate(f"rung {rung}", (epoch, 1), xycoords=("data", "axes fraction"),
+                      xytext=(2, -10), textcoords="offset points", fontsize=8, color="grey")
+    handles = [Line2D([], [], marker=marker[n], color="grey", linestyle="",
+                      label=f"{n} epoch{'s' if n != 1 else ''}"
+                      + (" (full budget)" if n == max_epochs else ""))
+               for n in trained]
+    if any(r.status == FAILED for r in curves):
+        handles.append(Line2D([], [], color="tab:red", linestyle="--", label="failed"))
+    if numeric:
+        figure.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=axes, label=key)
+    elif key:
+        handles += [Line2D([], [], color=colours(i / max(len(labels) - 1, 1)),
+                           label=f"{key}={label}") for i, label in enumerate(labels)]
+    axes.legend(handles=handles, title="trained", loc="best", fontsize=8)
     axes.xaxis.set_major_locator(_integer_ticks())
     axes.set(xlabel="epoch", ylabel=metric,
-             title="Learning curves (dotted: rungs where trials were stopped)")
+             title=f"Learning curves (colour: {key or 'trial'}; dotted: the scheduler's rungs)")
     return figure
+
+
+def _rungs(summary: dict[str, Any], curves: list[TrialRecord],
+           max_epochs: int) -> list[tuple[int, int]]:
+    """(epoch, rung number) of each rung where the scheduler decided; for a summary without
+    decisions, the epochs where trials stopped short of the budget."""
+    decisions = summary.get("scheduler_decisions") or []
+    rungs = {(int(d["epoch"]), int(d["rung"])) for d in decisions if d.get("rung")}
+    if rungs or decisions:
+        return sorted(rungs)
+    stops = sorted({r.epochs_trained for r in curves if r.epochs_trained < max_epochs})
+    return [(epoch, number) for number, epoch in enumerate(stops, 1)]
+
+
+def _searched_log(summary: dict[str, Any], key: str) -> bool:
+    from sweeper.space import parse_distribution
+
+    text = (summary.get("search_space") or {}).get(key)
+    try:
+        return bool(text) and bool(getattr(parse_distribution(key, text), "log", False))
+    except Exception:  # a search space written by another version: a linear scale will do
+        return False
+
+
+# Optuna's importance evaluator (a random forest over the trials) says little below this.
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
+def _importance_skipped(summary: dict[str, Any], records: list[TrialRecord]) -> str | None:
+    """Why parameter importance says nothing for this sweep, or None when it does."""
+    space = summary.get("search_space") or {}
+    if len(space) < 2:
+        searched = ", ".join(space) or "none"
+        return (f"one parameter was searched ({searched}); importance compares two or more "
+                "parameters, and a single one accounts for everything")
+    scored = _scored(records)
+    if len(scored) < MIN_TRIALS_FOR_IMPORTANCE:
+        return (f"{len(scored)} scored trial{'s' if len(scored) != 1 else ''}; importance needs "
+                f"at least {MIN_TRIALS_FOR_IMPORTANCE}")
+    if len({repr(sorted(r.config.items())) for r in scored}) < 2:
+        return "every scored trial sampled the same values"
+    return None
+
+
+def most_important_parameter(summary: dict[str, Any], records: list[TrialRecord]) -> str | None:
+    """The searched parameter that matters most for the metric (Optuna's importance, where it
+    can say; else the first searched parameter), or None without a search space."""
+    import optuna
+
+    space = summary.get("search_space") or {}
+    if not space:
+        return None
+    if _importance_skipped(summary, records) is None:
+        try:
+            return next(iter(optuna.importance.get_param_importances(_study(summary, records))))
+        except (ValueError, RuntimeError, StopIteration, SkipPlot):
+            pass
+    return sorted(space)[0]
 
 
 def _study(summary: dict[str, Any], records: list[TrialRecord]):
@@ -154,11 +254,9 @@ def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
     """Each searched parameter's importance for the search metric (Optuna's default evaluator)."""
     import optuna
 
-    scored = _scored(records)
-    if len(scored) < 2:
-        raise SkipPlot(f"needs >= 2 scored trials, the sweep has {len(scored)}")
-    if len({repr(sorted(r.config.items())) for r in scored}) < 2:
-        raise SkipPlot("needs >= 2 distinct parameter values")
+    reason = _importance_skipped(summary, records)
+    if reason:
+        raise SkipPlot(reason)
     importances = optuna.importance.get_param_importances(_study(summary, records))
     names = list(importances)[::-1]
     figure, (axes,) = _figure(height=max(3.0, 1.0 + 0.5 * len(names)))
@@ -179,8 +277,13 @@ def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
     scored = _scored(records)
     if not space or not scored:
         raise SkipPlot("no search space or no scored trial")
+    from matplotlib.colors import BoundaryNorm
+
+    max_epochs = max(int(summary["max_epochs"]), 1)
+    epochs_norm = BoundaryNorm([n + 0.5 for n in range(max_epochs + 1)], 256)
     ncols = min(3, len(space))
-    figure, panels = _figure(ncols=ncols, width=4.0, height=3.5, nrows=-(-len(space) // ncols))
+    figure, panels = _figure(ncols=ncols, width=6.0 if ncols == 1 else 4.0, height=3.5,
+                             nrows=-(-len(space) // ncols))
     for axes in panels[len(space):]:
         axes.set_visible(False)
     for axes, (key, text) in zip(panels, sorted(space.items()), strict=False):
@@ -194,10 +297,13 @@ def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
         elif getattr(distribution, "log", False):
             axes.set_xscale("log")
             axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide
-        axes.scatter(values, [r.best_value for r in scored],
-                     c=[r.epochs_trained for r in scored], cmap="viridis", s=20)
+        points = axes.scatter(values, [r.best_value for r in scored], norm=epochs_norm,
+                              c=[r.epochs_trained for r in scored], cmap="viridis", s=28,
+                              edgecolors="black", linewidths=0.4)
         axes.set(xlabel=key, ylabel=summary["metric"], title=key)
-    figure.suptitle("Search space coverage (colour: epochs trained)")
+    figure.colorbar(points, ax=panels[:len(space)], label="epochs trained",
+                    ticks=range(1, max_epochs + 1))
+    figure.suptitle("Search space coverage (each trial's best score; colour: epochs trained)")
     return figure
 
 
@@ -246,8 +352,11 @@ PLOTS: dict[str, tuple[str, Callable[..., Any]]] = {
 }
 
 
-def draw_plots(summary: dict[str, Any], records: list[TrialRecord], folder: Path) -> list[str]:
-    """Write each plot as ``<name>.png`` in ``folder``; returns the names drawn."""
+def draw_plots(summary: dict[str, Any], records: list[TrialRecord], folder: Path,
+               skipped: dict[str, str] | None = None) -> list[str]:
+    """Write each plot as ``<name>.png`` in ``folder``; returns the names drawn. Why a plot
+    was not drawn goes into ``skipped`` (name -> a sentence for report.md)."""
+    skipped = {} if skipped is None else skipped
     folder.mkdir(parents=True, exist_ok=True)
     drawn = []
     for name, (_, draw) in PLOTS.items():
@@ -255,11 +364,13 @@ def draw_plots(summary: dict[str, Any], records: list[TrialRecord], folder: Path
         path.unlink(missing_ok=True)  # a plot skipped now must not show a stale picture
         try:
             draw(summary, records).savefig(path, dpi=100)
-        except SkipPlot as reason:
-            logger.warning("Skipped the %s plot: %s", name, reason)
+        except SkipPlot as reason:  # the results cannot support it: said in report.md
+            logger.info("Skipped the %s plot: %s", name, reason)
+            skipped[name] = str(reason)
             continue
         except Exception as error:  # a broken plot must never break the sweep
             logger.warning("Skipped the %s plot: %s: %s", name, type(error).__name__, error)
+            skipped[name] = f"it could not be drawn ({type(error).__name__}: {error})"
             path.unlink(missing_ok=True)
             continue
         drawn.append(name)
@@ -283,7 +394,8 @@ def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report_markdown(summary: dict[str, Any], drawn: list[str]) -> str:
+def report_markdown(summary: dict[str, Any], drawn: list[str],
+                    skipped: dict[str, str] | None = None) -> str:
     """report.md: the outcome in a few lines, the plots, the test figures and the trials table."""
     metric, best, test = summary["metric"], summary["best"], summary.get("test")
     lines = [f"# Sweep report: {summary['experiment']}", ""]
@@ -317,8 +429,11 @@ def report_markdown(summary: dict[str, Any], drawn: list[str]) -> str:
                      f"{data['num_classes']} classes, {sizes['train']} training / "
                      f"{sizes['val']} validation / {sizes['test']} test images")
     lines.append("")
-    for name in drawn:
-        lines += [f"## {PLOTS[name][0]}", "", f"![{PLOTS[name][0]}]({name}.png)", ""]
+    for name, (title, _) in PLOTS.items():
+        if name in drawn:
+            lines += [f"## {title}", "", f"![{title}]({name}.png)", ""]
+        elif name in (skipped or {}):
+            lines += [f"## {title}", "", f"Not drawn: {skipped[name]}.", ""]
     if test:
         per_class = test["per_class"]
         scored = per_class.get("scored") or [True] * len(per_class["f1"])
@@ -338,8 +453,9 @@ def publish(summary: dict[str, Any], records: list[TrialRecord], sweep_dir: Path
     write_summary(summary, sweep_dir / SUMMARY_FILE)
     write_trials_csv(summary, sweep_dir / TRIALS_CSV)
     folder = sweep_dir / REPORT_DIRNAME
-    drawn = draw_plots(summary, records, folder)
-    (folder / REPORT_FILE).write_text(report_markdown(summary, drawn))
+    skipped: dict[str, str] = {}
+    drawn = draw_plots(summary, records, folder, skipped)
+    (folder / REPORT_FILE).write_text(report_markdown(summary, drawn, skipped))
 
 
 def rebuild(sweep_dir: Path) -> dict[str, Any]:

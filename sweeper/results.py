@@ -148,6 +148,21 @@ def rank(records: list[TrialRecord], mode: str) -> list[TrialRecord]:
     return sorted(scored, key=lambda r: r.best_value, reverse=(mode == "max"))
 
 
+def in_sweep(path: str | None, sweep_dir: Path) -> str | None:
+    """``path`` relative to the sweep folder when it lies inside it, else as it is."""
+    if path is None:
+        return None
+    try:
+        return Path(path).resolve().relative_to(Path(sweep_dir).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def resolve_in_sweep(path: str | None, sweep_dir: Path) -> Path | None:
+    """A path from summary.json or best_model.json as a path on this machine."""
+    return None if path is None else Path(sweep_dir) / path
+
+
 def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
                   records: list[TrialRecord], sweep_dir: Path,
                   search_space: dict[str, str] | None = None,
@@ -184,17 +199,19 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
             "metric_value": best.best_value,
             "epoch": best.best_epoch,
             "epochs_trained": best.epochs_trained,
-            "checkpoint": best.best_checkpoint,
+            "checkpoint": in_sweep(best.best_checkpoint, sweep_dir),
         },
         "test": test,
+        # Relative to the sweep folder, so that a copied folder (cp -r, ray rsync-down) still
+        # reports and retrains; resolve them with resolve_in_sweep.
         "paths": {
-            "sweep_dir": str(sweep_dir),
-            "trials": str(sweep_dir / "trials"),
-            "tensorboard": str(sweep_dir / "tensorboard"),
-            "trials_csv": str(sweep_dir / TRIALS_CSV),
-            "report": str(sweep_dir / REPORT_DIRNAME / "report.md"),
-            "best_model": str(sweep_dir / "best_model.keras") if best else None,
-            "best_config": str(sweep_dir / "best_config.yaml") if best else None,
+            "sweep_dir": ".",
+            "trials": "trials",
+            "tensorboard": "tensorboard",
+            "trials_csv": TRIALS_CSV,
+            "report": f"{REPORT_DIRNAME}/report.md",
+            "best_model": "best_model.keras" if best else None,
+            "best_config": "best_config.yaml" if best else None,
         },
         "trials": [
             {

@@ -87,7 +87,9 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
             ``rung`` (1-based; None at a full budget off the rung grid), ``decision``
             (``continue``, ``stop`` or ``full_budget``), ``by`` (``asha``,
             ``earlier_epochs`` or ``budget``), ``value`` (the epoch's metric) and ``cutoff``
-            (the value the earlier-epochs comparison asked for, when it was made).
+            (the value the earlier-epochs comparison asked for, when it was made) and
+            ``asha_cutoff`` (the value Ray's ASHA compared with at the rung; None while the
+            rung held no other trial).
     """
 
     def __init__(self, *, metric: str, mode: str, max_t: int, grace_period: int,
@@ -130,11 +132,25 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
                 if bests[rung] < signed_cutoff:
                     self._num_stopped += 1
                     action, by = TrialScheduler.STOP, BY_EARLIER_EPOCHS
+        asha_cutoff = self._asha_cutoff(crossed[-1], trial.trial_id) if crossed else None
         decision = (FULL_BUDGET if by == BY_BUDGET else
                     CONTINUE if action == TrialScheduler.CONTINUE else STOP)
         self.decisions.append({
             "trial_id": trial.trial_id, "epoch": epoch,
             "rung": self._milestones.index(crossed[-1]) + 1 if crossed else None,
             "decision": decision, "by": by, "value": float(value), "cutoff": cutoff,
+            "asha_cutoff": asha_cutoff,
         })
         return action
+
+    def _asha_cutoff(self, milestone: int, trial_id: str) -> float | None:
+        """The cutoff Ray's ASHA compared ``trial_id`` with at ``milestone``: the rung's quantile
+        over the other trials recorded there. Reads Ray's one bracket (``_brackets[0]._rungs``,
+        milestone -> {trial id: signed value}, seen in Ray 2.60); fails loudly if that changes."""
+        bracket = self._brackets[0]
+        for rung_milestone, recorded in bracket._rungs:
+            if rung_milestone == milestone:
+                others = {key: value for key, value in recorded.items() if key != trial_id}
+                cutoff = bracket.cutoff(others)
+                return None if cutoff is None else float(self._metric_op * cutoff)
+        return None

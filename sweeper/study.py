@@ -29,6 +29,16 @@ def storage_url(configured: str | None, sweep_dir: Path) -> str:
     return configured or f"{SQLITE_PREFIX}{sweep_dir / STUDY_FILENAME}"
 
 
+def study_url_in_sweep(url: str, sweep_dir: Path) -> str:
+    """``url`` as summary.json keeps it: a SQLite file inside the sweep folder relative to it
+    (``sqlite:///optuna.db``, read from within the folder), any other database as it is."""
+    if url.startswith(SQLITE_PREFIX):
+        path = Path(url.removeprefix(SQLITE_PREFIX))
+        if path.is_relative_to(sweep_dir):
+            return f"{SQLITE_PREFIX}{path.relative_to(sweep_dir).as_posix()}"
+    return url
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage for ``url``; a new SQLite file is created complete and in WAL mode.
 

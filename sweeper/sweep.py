@@ -30,6 +30,7 @@ from sweeper.config import (
     SweepConfig,
     check_input_fits,
     check_resources_fit,
+    max_concurrent_trials,
     to_sweep_config,
     validate_sweep_settings,
     validate_trial_settings,
@@ -44,7 +45,13 @@ from sweeper.results import (
     records_from_results,
 )
 from sweeper.space import build_search_space, flatten_space
-from sweeper.study import earlier_trials, open_storage, resolve_warm_start, storage_url
+from sweeper.study import (
+    earlier_trials,
+    open_storage,
+    resolve_warm_start,
+    storage_url,
+    study_url_in_sweep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,8 @@ class SweepOutcome:
 SWEEP_CONFIG_FILE = "sweep_config.yaml"
 # Settings that may change between an interrupted run and its resume: where and how it runs,
 # and what happens after the search (final), which no trial depends on.
-RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery", "final")
+RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery", "final",
+                "verbose")
 NEW, INTERRUPTED, COMPLETE = "new", "interrupted", "complete"
 
 
@@ -239,6 +247,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
         warm_trials = earlier_trials(url, study, space)
 
+    log_plan(cfg_t, paths.root, resuming=state == INTERRUPTED)
     started_ray = connect(cfg_t.cluster, runtime_env=builder_runtime_env(cfg_t.model))
     try:
         if joins_cluster(cfg_t.cluster):
@@ -261,7 +270,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
                             search_space=flatten_space(cfg_t.search.space), test=test)
     summary["state"] = COMPLETE if done else INTERRUPTED
     summary["data"] = splits.describe()
-    summary["study"] = {"storage": storage.url, "study_name": cfg_t.name}
+    summary["study"] = {"storage": study_url_in_sweep(storage.url, paths.root),
+                        "study_name": cfg_t.name}
     summary["reproducible"] = cfg_t.search.reproducible
     summary["scheduler_decisions"] = read_scheduler_decisions(paths.trials)
     publish(summary, records, paths.root)
@@ -274,12 +284,30 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     return SweepOutcome(summary=summary, table=table, sweep_dir=paths.root)
 
 
+def log_plan(cfg: SweepConfig, root: Path, resuming: bool) -> None:
+    """A few lines on what is about to run (the data's line comes from loading it)."""
+    scheduler = cfg.scheduler
+    asha = (f"ASHA (grace {scheduler.grace_period}, reduction {scheduler.reduction_factor:g})"
+            if scheduler.name == "asha" else "no early stopping")
+    at_once = max_concurrent_trials(cfg)
+    logger.info("Sweep %r%s: %d trials of up to %d epochs, %s at a time; %s searcher, %s; "
+                "best %s (%s)", cfg.name, " (resumed)" if resuming else "",
+                cfg.search.num_trials, cfg.train.epochs, at_once or "as many as fit",
+                cfg.search.sampler.upper() if cfg.search.sampler == "tpe" else cfg.search.sampler,
+                asha, cfg.search.metric, cfg.search.mode)
+    for key, expression in flatten_space(cfg.search.space).items():
+        logger.info("Search space: %s = %s", key, expression)
+    logger.info("Results: %s", root)
+
+
 def export_final(cfg: SweepConfig, best, splits: Splits, sweep_dir: Path) -> dict[str, Any] | None:
     """Export and test-score the best trial; a failure here is logged, never loses the results."""
+    from sweeper.compat import import_tensorflow
     from sweeper.evaluate import export_best
     from sweeper.trial import retrain_on_cluster
 
     try:
+        import_tensorflow()
         return export_best(cfg, best, splits, sweep_dir, retrainer=retrain_on_cluster)
     except Exception:
         logger.exception("Could not export or evaluate the best trial %s", best.trial_id)

@@ -3,9 +3,12 @@
 Written by the driver from the results Ray Tune already collects, so every
 trial's logs land in the one ``<sweep>/tensorboard`` folder wherever the trial
 ran, and TensorFlow is not needed in the driver. The HParams experiment (its
-parameters and their domains) is written once at the start; each trial's
-parameters are written when it starts, so the HParams table shows running
-trials, and its status when it ends.
+parameters and their domains, the objective metric first) is written once at the start;
+each trial's parameters are written when it starts, so the HParams table shows running
+trials, and its status when it ends, with ``epochs_trained`` and ``stopped_early`` as
+metrics so that trials the scheduler stopped can be told apart. Each trial's run is named
+for people: its number in the sweep and its sampled values (``trial03 lr=0.00229``); its
+HParams session group is its Ray trial id, as in summary.json and trials.csv.
 """
 
 from __future__ import annotations
@@ -31,11 +34,29 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from sweeper.progress import short_values, trial_number
 from sweeper.trainer import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_RUN = "."
+# Metrics of a trial as a whole, written when it ends: how far it trained, and 1 when the
+# scheduler stopped it before the full budget.
+EPOCHS_TRAINED, STOPPED_EARLY = "epochs_trained", "stopped_early"
+RUN_NAME_CHARS = 60
+
+
+def run_name(number: int, params: dict[str, Any]) -> str:
+    """A trial's TensorBoard run: ``trial03 lr=0.00229 batch_size=64``, at most 60 characters,
+    with no path separator."""
+    name = f"trial{number:02d} {short_values(params)}".replace("/", "_").strip()
+    return name if len(name) <= RUN_NAME_CHARS else name[:RUN_NAME_CHARS - 1] + "…"
+
+
+def metric_tags(objective: str) -> tuple[str, ...]:
+    """The HParams view's metrics: the objective first, then the others, then the trial's."""
+    return (objective, *(name for name in METRIC_NAMES if name != objective),
+            EPOCHS_TRAINED, STOPPED_EARLY)
 
 
 def hparam_info(name: str, distribution: BaseDistribution) -> api_pb2.HParamInfo:
@@ -55,6 +76,10 @@ def hparam_info(name: str, distribution: BaseDistribution) -> api_pb2.HParamInfo
         info.type = api_pb2.DATA_TYPE_FLOAT64
         info.domain_interval.min_value = float(distribution.low)
         info.domain_interval.max_value = float(distribution.high)
+        if distribution.log:
+            # TensorBoard's HParamInfo has no scale (tensorboard 2.x); its parallel-coordinates
+            # view offers a log axis per column, which the description points to.
+            info.description = "sampled log-uniformly: use a log axis"
     return info
 
 
@@ -152,10 +177,11 @@ class SweepEventWriter:
 
     def write_experiment(self, space: dict[str, BaseDistribution], metric: str) -> None:
         infos = [hparam_info(name, dist) for name, dist in space.items()]
-        self._write(EXPERIMENT_RUN, experiment_summary(infos, METRIC_NAMES, f"Objective: {metric}"))
+        self._write(EXPERIMENT_RUN, experiment_summary(infos, metric_tags(metric),
+                                                       f"Objective: {metric}"))
 
-    def start_trial(self, run: str, params: dict[str, Any]) -> None:
-        self._write(run, session_start_summary(params, group_name=run))
+    def start_trial(self, run: str, params: dict[str, Any], group: str | None = None) -> None:
+        self._write(run, session_start_summary(params, group_name=group or run))
 
     def log_epoch(self, run: str, epoch: int, metrics: dict[str, float]) -> None:
         self._write(run, scalar_summary(metrics), step=epoch)
@@ -177,18 +203,25 @@ class SweepEventWriter:
 class TensorBoardCallback(Callback):
     """Ray Tune callback that mirrors every trial's results into TensorBoard event files."""
 
-    def __init__(self, logdir: Path, space: dict[str, BaseDistribution], metric: str) -> None:
+    def __init__(self, logdir: Path, space: dict[str, BaseDistribution], metric: str,
+                 max_epochs: int | None = None) -> None:
         self.logdir = Path(logdir)
         self.space = space
         self.metric = metric
+        self.max_epochs = max_epochs  # None: stopped_early is not written
         self._events: SweepEventWriter | None = None
         self._last_epoch: dict[str, int] = {}
+        self._runs: dict[str, str] = {}  # trial id -> run name
 
     # Ray pickles callbacks into the experiment state; event writers hold threads and files.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_events"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A sweep interrupted before issue 25 resumes with trial-id run names and no totals.
+        self.__dict__.update({"max_epochs": None, "_runs": {}, **state})
 
     @property
     def events(self) -> SweepEventWriter:
@@ -197,10 +230,14 @@ class TensorBoardCallback(Callback):
         return self._events
 
     def get_state(self) -> dict[str, Any]:
-        return {"last_epoch": dict(self._last_epoch)}
+        return {"last_epoch": dict(self._last_epoch), "runs": dict(self._runs)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._last_epoch.update(state.get("last_epoch", {}))
+        self._runs.update(state.get("runs", {}))
+
+    def _run(self, trial) -> str:
+        return self._runs.get(trial.trial_id, trial.trial_id)
 
     def setup(self, **info: Any) -> None:
         if not any(self.logdir.glob("events.out.tfevents.*")):
@@ -209,7 +246,8 @@ class TensorBoardCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self._last_epoch:
-            self.events.start_trial(trial.trial_id, trial.config)
+            self._runs[trial.trial_id] = run_name(trial_number(trials, trial), trial.config)
+            self.events.start_trial(self._run(trial), trial.config, group=trial.trial_id)
             self._last_epoch[trial.trial_id] = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -220,14 +258,21 @@ class TensorBoardCallback(Callback):
         self._last_epoch[trial.trial_id] = epoch
         metrics = {name: float(result[name]) for name in METRIC_NAMES
                    if name in result and math.isfinite(float(result[name]))}
-        self.events.log_epoch(trial.trial_id, epoch, metrics)
+        self.events.log_epoch(self._run(trial), epoch, metrics)
+
+    def _end(self, trial, failed: bool) -> None:
+        epochs = self._last_epoch.get(trial.trial_id, 0)
+        totals = {EPOCHS_TRAINED: float(epochs)}
+        if self.max_epochs is not None:
+            totals[STOPPED_EARLY] = float(not failed and epochs < self.max_epochs)
+        self.events.log_epoch(self._run(trial), epochs, totals)
+        self.events.end_trial(self._run(trial), failed=failed)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        diverged = bool((trial.last_result or {}).get("diverged"))
-        self.events.end_trial(trial.trial_id, failed=diverged)
+        self._end(trial, failed=bool((trial.last_result or {}).get("diverged")))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.events.end_trial(trial.trial_id, failed=True)
+        self._end(trial, failed=True)
 
     def on_experiment_end(self, trials, **info) -> None:
         self.events.close()

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sweeper.compat import custom_gradient_names, forget_custom_gradients
+from sweeper.compat import custom_gradient_names, forget_custom_gradients, import_tensorflow
 from sweeper.config import SweepConfig
 from sweeper.data import Splits
 
@@ -74,8 +74,7 @@ def configure_tensorflow(num_cpus: float, use_gpu: bool, deterministic: bool = F
     """
     threads = max(1, int(num_cpus))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))

@@ -48,7 +48,8 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     # (default 2); tracing or a long validation pass can outlast that before the per-batch
     # stop check below is reached. Read by this process when the next trial arrives.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
-    node, usable_gpus = _prepare_worker(base.resources.cpu_per_trial, base.search.reproducible)
+    node, usable_gpus = _prepare_worker(base.resources.cpu_per_trial, base.search.reproducible,
+                                        base.verbose)
     cfg = apply_params(base, params)
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
@@ -86,12 +87,14 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
 _warned_gpu_unusable = False  # once per worker process, not once per trial it runs
 
 
-def _prepare_worker(cpus: float, deterministic: bool = False) -> tuple[dict[str, str], int]:
+def _prepare_worker(cpus: float, deterministic: bool = False,
+                    verbose: int = 1) -> tuple[dict[str, str], int]:
     """Set TensorFlow up for the CPUs and GPUs Ray gave this task or trial.
 
     Returns where it runs (``node_id``, and ``gpu_ids`` when Ray gave GPUs) and how many
     GPUs TensorFlow can use. ``deterministic``: TensorFlow's op determinism
-    (``search.reproducible``).
+    (``search.reproducible``). Below ``verbose=2`` the worker does not send Ray Train's
+    "Checkpoint successfully created" line per epoch to the driver's console.
     """
     global _warned_gpu_unusable
     node = {"node_id": ray.get_runtime_context().get_node_id()}
@@ -102,6 +105,8 @@ def _prepare_worker(cpus: float, deterministic: bool = False) -> tuple[dict[str,
         # Ray leaves CUDA_VISIBLE_DEVICES alone for trials without a GPU; hide the node's GPUs
         # so TensorFlow takes no memory on GPUs that Ray gave to other trials.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if verbose < 2:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     usable_gpus = configure_tensorflow(cpus, use_gpu=bool(gpu_ids), deterministic=deterministic)
     if gpu_ids and not usable_gpus and not _warned_gpu_unusable:
         # Nodes may declare GPUs to Ray that TensorFlow cannot drive (no CUDA build or driver).
@@ -133,7 +138,7 @@ def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> R
 def _retrain_task(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
     from sweeper.evaluate import retrain_here  # only where a retrain runs
 
-    node, _ = _prepare_worker(cfg.resources.cpu_per_trial, cfg.search.reproducible)
+    node, _ = _prepare_worker(cfg.resources.cpu_per_trial, cfg.search.reproducible, cfg.verbose)
     retrained = retrain_here(cfg, best, splits)
     return dataclasses.replace(retrained, node_id=node["node_id"], gpu_ids=node.get("gpu_ids"))
 

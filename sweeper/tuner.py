@@ -31,6 +31,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
+from sweeper.progress import DETAIL, TrialEvents
 from sweeper.scheduler import EarlierEpochsASHA
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.tensorboard import TensorBoardCallback
@@ -299,7 +300,7 @@ class ProgressCsvOnce(_EachEpochOnce, CSVLoggerCallback):
 
 
 def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], metric: str,
-                    scheduler: TrialScheduler) -> list[Callback]:
+                    scheduler: TrialScheduler, max_epochs: int | None = None) -> list[Callback]:
     """What the driver does with every result besides searching and scheduling.
 
     Tune's JSON and CSV loggers write each trial's result.json and progress.csv (results and
@@ -307,7 +308,8 @@ def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], m
     event files in every trial folder showed each trial twice to ``tensorboard --logdir`` on
     the sweep folder, beside sweeper's own runs with their hyperparameters.
     """
-    return [TensorBoardCallback(tensorboard_dir, space, metric), SchedulerStateCallback(scheduler),
+    return [TensorBoardCallback(tensorboard_dir, space, metric, max_epochs),
+            SchedulerStateCallback(scheduler),
             FailedTrialsSaved(), ResultJsonOnce(), ProgressCsvOnce()]
 
 
@@ -414,6 +416,10 @@ def tune_settings(cfg: SweepConfig):
         "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     }
+    if cfg.verbose < DETAIL:
+        # Tune's newer console output prints its experiment box even at verbose=0; the
+        # classic one prints nothing there (sweeper prints its own lines; Ray 2.60).
+        settings["RAY_AIR_NEW_OUTPUT"] = "0"
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
     tune_actor_env = dict(tune_actor_classes.DEFAULT_ENV_VARS)
@@ -459,7 +465,7 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
     """A new Tuner for the sweep, or the interrupted one restored from its folder."""
     trainable = _trainable(cfg, splits)
     if tune.Tuner.can_restore(str(paths.trials)):
-        logger.info("Resuming the interrupted sweep in %s", paths.trials)
+        logger.info("==== Resuming the interrupted sweep in %s ====", paths.trials)
         record_failed_trials(paths.trials, retry=cfg.resume.errored == "retry")
         return tune.Tuner.restore(str(paths.trials), trainable=trainable,
                                   resume_errored=cfg.resume.errored == "retry")
@@ -478,13 +484,16 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
         run_config=tune.RunConfig(
             name=TRIALS_DIRNAME,
             storage_path=str(paths.root),
-            callbacks=sweep_callbacks(paths.tensorboard, space, metric, scheduler),
+            callbacks=[*sweep_callbacks(paths.tensorboard, space, metric, scheduler,
+                                        cfg.train.epochs),
+                       TrialEvents(metric, mode, cfg.search.num_trials, scheduler)],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.recovery.keep_checkpoints,  # best by metric; Ray keeps the latest
                 checkpoint_score_attribute=metric,
                 checkpoint_score_order=mode,
             ),
             failure_config=tune.FailureConfig(max_failures=cfg.recovery.max_failures),
-            verbose=1,
+            # Ray's own trial tables only at verbose=2: sweeper logs one line per trial event.
+            verbose=1 if cfg.verbose >= DETAIL else 0,
         ),
     )

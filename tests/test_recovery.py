@@ -135,6 +135,12 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
         kill_tree(process)
     resumed = _resumed_after_kill(process, args, tmp_path)
     assert "Resuming" in resumed.stdout + resumed.stderr
+    # sweep.log is appended to: the first run's trial events, the marker, then the resumed run's
+    # events and the final summary.
+    log = (sweep_dir / "sweep.log").read_text()
+    marker = log.index("==== Resuming the interrupted sweep in")
+    assert "] - Trial 1 started" in log[:marker]
+    assert "ended after" in log[marker:] and "Best: trial" in log[marker:]
 
     summary = _summary(sweep_dir)
     trial_ids = [trial["trial_id"] for trial in summary["trials"]]

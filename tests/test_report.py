@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeper.report import PLOTS, draw_plots
+from sweeper.report import (
+    MIN_TRIALS_FOR_IMPORTANCE,
+    PLOTS,
+    draw_plots,
+    most_important_parameter,
+    report_markdown,
+)
 from sweeper.results import COMPLETED, EARLY_STOPPED, TrialRecord, build_summary
 
 TEST_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
@@ -81,7 +87,8 @@ def test_the_printout_states_test_scores_compute_saved_and_files(finished):
     assert summary["epochs_full_budget"] == finished.num_trials * finished.max_epochs
     assert summary["epochs_saved"] == summary["epochs_full_budget"] - summary["epochs_trained"]
     for key in ("best_model", "best_config", "report", "trials_csv"):
-        assert summary["paths"][key] in out and Path(summary["paths"][key]).is_file(), key
+        path = finished.sweep_dir / summary["paths"][key]  # relative to the sweep folder
+        assert str(path) in out and path.is_file(), key
 
 
 @pytest.mark.slow
@@ -145,7 +152,10 @@ def test_every_plot_is_a_valid_nontrivial_png_linked_from_the_report(finished):
 
     folder = finished.sweep_dir / "report"
     markdown = (folder / "report.md").read_text()
-    for name in PLOTS:
+    # The smoke sweep searches one parameter: importance is not drawn, and report.md says why.
+    assert not (folder / "param_importance.png").exists()
+    assert "Not drawn: one parameter was searched (train.lr)" in markdown
+    for name in set(PLOTS) - {"param_importance"}:
         path = folder / f"{name}.png"
         data = path.read_bytes()
         assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", name
@@ -184,7 +194,8 @@ def test_report_command_rebuilds_the_same_summary_without_training(finished, cap
     main(["report", str(sweep_dir)])
     assert json.loads((sweep_dir / "summary.json").read_text()) == finished.summary
     assert (sweep_dir / "trials.csv").is_file()
-    assert {p.stem for p in (sweep_dir / "report").glob("*.png")} == set(PLOTS)
+    assert {p.stem for p in (sweep_dir / "report").glob("*.png")} == set(PLOTS) - {
+        "param_importance"}  # one searched parameter
     assert sorted(p.name for p in (sweep_dir / "trials").glob("*/checkpoint_*")) == checkpoints
     assert f"Report:          {sweep_dir / 'report' / 'report.md'}" in capsys.readouterr().out
 
@@ -263,22 +274,66 @@ def _records() -> list[TrialRecord]:
     return [one("1", 1e-3, [0.6, 0.7, 0.8], COMPLETED), one("2", 1e-2, [0.5], EARLY_STOPPED)]
 
 
-def test_a_plot_that_cannot_be_drawn_is_skipped_with_a_warning(tmp_path, caplog):
+def test_a_plot_that_cannot_be_drawn_is_skipped_saying_why(tmp_path, caplog):
     """No test scores, one scored trial, and a search space that no longer parses."""
     records = _records()[:1]
     summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
                             search_space={"train.lr": "not(a, sweep"})
-    with caplog.at_level(logging.WARNING, logger="sweeper.report"):
-        drawn = draw_plots(summary, records, tmp_path / "report")
+    skipped: dict[str, str] = {}
+    with caplog.at_level(logging.INFO, logger="sweeper.report"):
+        drawn = draw_plots(summary, records, tmp_path / "report", skipped)
     assert drawn == ["best_so_far", "learning_curves"]
-    skipped = {name for name in PLOTS if f"Skipped the {name} plot" in caplog.text}
-    assert skipped == {"param_importance", "search_space", "confusion_matrix"}
+    logged = {name for name in PLOTS if f"Skipped the {name} plot" in caplog.text}
+    assert logged == set(skipped) == {"param_importance", "search_space", "confusion_matrix"}
     assert sorted(p.stem for p in (tmp_path / "report").glob("*.png")) == sorted(drawn)
+    markdown = report_markdown(summary, drawn, skipped)
+    assert "## Parameter importance\n\nNot drawn: one parameter was searched (train.lr)" in (
+        markdown)
 
 
-def test_parameter_importance_is_drawn_from_two_trials(tmp_path):
-    records = _records()
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
-                            search_space={"train.lr": "tag(log, interval(1e-4, 1e-1))"})
+def _two_parameter_records() -> list[TrialRecord]:
+    def one(trial_id: str, lr: float, dropout: float, value: float) -> TrialRecord:
+        history = [{"epoch": 1.0, "val_accuracy": value, "time_total_s": 1.0,
+                    "timestamp": 100.0 + int(trial_id)}]
+        return TrialRecord(trial_id, {"train.lr": lr, "model.dropout": dropout}, COMPLETED, 1,
+                           value, value, 1, history, wall_time_s=1.0)
+    # The score follows the learning rate; dropout is noise.
+    dropouts = [0.3, 0.1, 0.4, 0.2, 0.0, 0.35, 0.05, 0.25, 0.45, 0.15, 0.3, 0.1]
+    return [one(str(i), 1e-3 * (i + 1) / 1.5, dropout, 0.5 + 40e-3 * (i + 1) / 1.5)
+            for i, dropout in enumerate(dropouts)]
+
+
+TWO_PARAMETERS = {"train.lr": "tag(log, interval(1e-4, 1e-2))", "model.dropout": "interval(0, 0.5)"}
+
+
+def test_parameter_importance_needs_two_parameters_and_enough_trials(tmp_path):
+    records = _two_parameter_records()
+    summary = build_summary("exp", "val_accuracy", "max", 1, records, tmp_path,
+                            search_space=TWO_PARAMETERS)
     assert "param_importance" in draw_plots(summary, records, tmp_path)
     assert (tmp_path / "param_importance.png").stat().st_size > 5000
+    skipped: dict[str, str] = {}
+    few = records[:MIN_TRIALS_FOR_IMPORTANCE - 1]
+    summary = build_summary("exp", "val_accuracy", "max", 1, few, tmp_path,
+                            search_space=TWO_PARAMETERS)
+    assert "param_importance" not in draw_plots(summary, few, tmp_path, skipped)
+    assert skipped["param_importance"].startswith(f"{len(few)} scored trials")
+
+
+def test_learning_curves_are_coloured_by_the_most_important_parameter(tmp_path):
+    records = _two_parameter_records()
+    summary = build_summary("exp", "val_accuracy", "max", 1, records, tmp_path,
+                            search_space=TWO_PARAMETERS)
+    assert most_important_parameter(summary, records) == "train.lr"
+    figure = PLOTS["learning_curves"][1](summary, records)
+    colourbars = [axes.get_ylabel() for axes in figure.axes[1:]]
+    assert colourbars == ["train.lr"]
+
+
+def test_fashion_mnist_classes_have_their_names(fashion_mnist_dir):
+    from sweeper.config import DataConfig
+    from sweeper.data import load_splits
+
+    splits = load_splits(DataConfig(name="fashion_mnist", path=str(fashion_mnist_dir),
+                                    max_train_samples=100, max_test_samples=20), 0.2, 0)
+    assert splits.class_names[0] == "T-shirt/top" and splits.class_names[9] == "Ankle boot"

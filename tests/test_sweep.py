@@ -133,11 +133,14 @@ def test_the_summary_records_the_schedulers_decisions_in_order(finished):
 
 
 def test_the_summary_data_block_describes_fashion_mnist(finished):
-    """Issue 22: shapes and classes come from the data; 28x28 grayscale, ten classes, and the
-    smoke experiment's subset sizes (3000 training images split 0.8/0.2, 1000 test images)."""
+    """Issue 22: shapes and classes come from the data; 28x28 grayscale, ten classes named as
+    Fashion-MNIST names them (issue 25), and the smoke experiment's subset sizes (3000
+    training images split 0.8/0.2, 1000 test images)."""
+    from sweeper.data import DATASET_CLASS_NAMES
+
     data = finished.summary["data"]
     assert data == {"name": "fashion_mnist", "input_shape": [28, 28], "num_classes": 10,
-                    "class_names": [str(label) for label in range(10)],
+                    "class_names": list(DATASET_CLASS_NAMES["fashion_mnist"]),
                     "sizes": {"train": 2400, "val": 600, "test": 1000}}
     info = (finished.sweep_dir / "best_model.json").read_text()
     assert '"input_shape": [\n    28,\n    28\n  ]' in info

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-from sweeper.tensorboard import EXPERIMENT_RUN, SweepEventWriter, hparam_info
+from sweeper.tensorboard import (
+    EPOCHS_TRAINED,
+    EXPERIMENT_RUN,
+    STOPPED_EARLY,
+    SweepEventWriter,
+    hparam_info,
+    metric_tags,
+    run_name,
+)
 from sweeper.trainer import METRIC_NAMES
 
 EXPERIMENT_TAG = "_hparams_/experiment"
@@ -79,6 +89,14 @@ def test_a_running_trial_shows_its_parameters_before_it_ends(tmp_path):
     assert end.status == api_pb2.STATUS_FAILURE
 
 
+def test_run_names_are_the_trial_number_and_its_short_values():
+    assert run_name(3, {"train.lr": 0.0022881136684755237, "train.optimizer": "sgd"}) == (
+        "trial03 lr=0.00229 optimizer=sgd")
+    long = run_name(12, {f"model.setting_{i}": 0.123456 for i in range(10)})
+    assert len(long) == 60 and long.startswith("trial12 setting_0=0.123 ")
+    assert "/" not in run_name(1, {"data.path": "a/b"})
+
+
 @pytest.fixture(scope="module")
 def smoke_logs(smoke_sweep):
     assert smoke_sweep.returncode == 0, smoke_sweep.stderr[-3000:]
@@ -86,19 +104,36 @@ def smoke_logs(smoke_sweep):
     return smoke_sweep.summary, multiplexer, hparams_data(multiplexer)
 
 
+def runs_by_trial(data) -> dict[str, str]:
+    """Trial id (the HParams session group) -> TensorBoard run name."""
+    return {tags[SESSION_START_TAG].session_start_info.group_name: run
+            for run, tags in data.items() if SESSION_START_TAG in tags}
+
+
+def trials_and_runs(smoke_logs):
+    """Each trial of summary.json with its TensorBoard run."""
+    summary, _, data = smoke_logs
+    runs = runs_by_trial(data)
+    return [(trial, runs[trial["trial_id"]]) for trial in summary["trials"]]
+
+
 @pytest.mark.slow
-def test_one_run_per_trial_plus_the_experiment(smoke_logs):
-    summary, multiplexer, _ = smoke_logs
+def test_one_run_per_trial_plus_the_experiment_named_for_people(smoke_logs):
+    summary, multiplexer, data = smoke_logs
     trial_ids = {trial["trial_id"] for trial in summary["trials"]}
     assert len(trial_ids) == summary["num_trials"]
-    assert set(multiplexer.Runs()) == trial_ids | {EXPERIMENT_RUN}
+    runs = runs_by_trial(data)
+    assert set(runs) == trial_ids
+    assert set(multiplexer.Runs()) == set(runs.values()) | {EXPERIMENT_RUN}
+    numbers = sorted(int(re.match(r"trial(\d\d) lr=[\d.e-]+$", run).group(1))
+                     for run in runs.values())
+    assert numbers == list(range(1, summary["num_trials"] + 1))
 
 
 @pytest.mark.slow
 def test_per_epoch_scalars_match_the_epochs_trained(smoke_logs):
     summary, multiplexer, _ = smoke_logs
-    for trial in summary["trials"]:
-        run = trial["trial_id"]
+    for trial, run in trials_and_runs(smoke_logs):
         epochs = list(range(1, trial["epochs_trained"] + 1))
         for tag in METRIC_NAMES:
             assert [step for step, _ in curve(multiplexer, run, tag)] == epochs, (run, tag)
@@ -108,10 +143,22 @@ def test_per_epoch_scalars_match_the_epochs_trained(smoke_logs):
 
 
 @pytest.mark.slow
+def test_epochs_trained_and_early_stops_are_hparams_metrics(smoke_logs):
+    """ASHA-stopped trials are told apart in the HParams view by two metrics of their own."""
+    summary, multiplexer, _ = smoke_logs
+    for trial, run in trials_and_runs(smoke_logs):
+        assert curve(multiplexer, run, EPOCHS_TRAINED) == [
+            (trial["epochs_trained"], trial["epochs_trained"])]
+        stopped = trial["status"] == "early_stopped"
+        assert curve(multiplexer, run, STOPPED_EARLY)[-1][1] == float(stopped), run
+    assert any(trial["status"] == "early_stopped" for trial in summary["trials"])
+
+
+@pytest.mark.slow
 def test_hparams_hold_each_trials_sampled_parameters(smoke_logs):
-    summary, _, data = smoke_logs
-    for trial in summary["trials"]:
-        tags = data[trial["trial_id"]]
+    _, _, data = smoke_logs
+    for trial, run in trials_and_runs(smoke_logs):
+        tags = data[run]
         assert set(tags) == {SESSION_START_TAG, SESSION_END_TAG}
         hparams = start_hparams(tags[SESSION_START_TAG])
         assert hparams == pytest.approx(trial["config"])
@@ -125,5 +172,9 @@ def test_the_experiment_summary_lists_the_search_space_and_metrics(smoke_logs):
     assert [info.name for info in experiment.hparam_infos] == ["train.lr"]
     lr = experiment.hparam_infos[0].domain_interval
     assert (lr.min_value, lr.max_value) == pytest.approx((1e-4, 3e-2))
-    assert [m.name.tag for m in experiment.metric_infos] == list(METRIC_NAMES)
+    assert [m.name.tag for m in experiment.metric_infos] == list(metric_tags(summary["metric"]))
+    assert experiment.metric_infos[0].name.tag == summary["metric"] == "val_accuracy"
+    assert set(METRIC_NAMES) | {EPOCHS_TRAINED, STOPPED_EARLY} == {
+        m.name.tag for m in experiment.metric_infos}
+    assert "log" in experiment.hparam_infos[0].description  # searched log-uniformly
     assert summary["metric"] in experiment.description
