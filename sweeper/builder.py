@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sweeper.compat import startup_noise_filtered
 from sweeper.config import CNN_TARGET, ConfigError, ModelConfig
 
 # Keys of a model config that sweeper reads itself; a builder gets them only if it asks.
@@ -53,7 +54,10 @@ def resolve_builder(target: str) -> Callable[..., Any]:
         raise ConfigError("model._target_", target,
                           "must name a function as module.function, e.g. my_models.small_resnet")
     try:
-        module = importlib.import_module(module_name)
+        # A user's module imports Keras, so TensorFlow starts here on the driver: without its
+        # start-up noise before the one line a mistake gets.
+        with startup_noise_filtered():
+            module = importlib.import_module(module_name)
     except Exception as error:  # the user's module may fail with any error while importing
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError("model._target_", target,

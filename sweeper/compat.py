@@ -104,8 +104,11 @@ def startup_noise_filtered():
 
 def import_tensorflow():
     """``import tensorflow``, with its devices found, without its start-up noise (see
-    :data:`TENSORFLOW_STARTUP_NOISE`); a second call only returns the module."""
-    if "tensorflow" in sys.modules:
+    :data:`TENSORFLOW_STARTUP_NOISE`); later calls only return the module. TensorFlow may
+    already be imported (a user's model module imports Keras): its devices, where CUDA
+    starts and cuInit's line comes from, are then found inside the filter here."""
+    global _devices_found
+    if _devices_found:
         import tensorflow as tf
 
         return tf
@@ -113,4 +116,8 @@ def import_tensorflow():
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # CUDA starts here, inside the filter
+    _devices_found = True
     return tf
+
+
+_devices_found = False

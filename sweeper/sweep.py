@@ -237,6 +237,9 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
     splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
     check_model_fits(cfg_t, space, splits.input_shape)
     if not isinstance(cfg_t.model, ModelConfig):
+        from sweeper.compat import import_tensorflow
+
+        import_tensorflow()  # the build below starts TensorFlow: without its start-up noise
         from sweeper.model import check_network
 
         check_network(cfg_t.model, splits.input_shape, splits.num_classes)
