@@ -14,7 +14,7 @@ import inspect
 import site
 import sys
 import sysconfig
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,12 +82,14 @@ def builder_kwargs(model: ModelConfig | Mapping[str, Any],
             if key not in SWEEPER_KEYS or (accepts is not None and key in accepts)}
 
 
-def check_builder(model: ModelConfig | Mapping[str, Any], searched: Iterable[str] = ()) -> None:
+def check_builder(model: ModelConfig | Mapping[str, Any],
+                  searched: Mapping[str, Any] | None = None) -> None:
     """Refuse a builder that cannot be imported, or keys it does not take.
 
     Args:
         model: The model config.
-        searched: The model settings the search space samples (names without ``model.``).
+        searched: The model settings the search space samples (names without ``model.``)
+            and their search-space expressions.
 
     Raises:
         ConfigError: Naming ``model._target_``, ``model.KEY`` or ``search.space.model.KEY``.
@@ -108,9 +110,9 @@ def check_builder(model: ModelConfig | Mapping[str, Any], searched: Iterable[str
         if key not in SWEEPER_KEYS and key not in accepts:
             raise ConfigError(f"model.{key}", value,
                               f"not a parameter of {target}; it takes {taken}")
-    for key in searched:
+    for key, expression in (searched or {}).items():
         if key not in accepts and key not in settings:
-            raise ConfigError(f"search.space.model.{key}", key,
+            raise ConfigError(f"search.space.model.{key}", expression,
                               f"not a parameter of {target}; it takes {taken}")
     signature = inspect.signature(builder)
     positional = [p for p in signature.parameters.values()

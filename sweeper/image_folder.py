@@ -97,10 +97,10 @@ def find_layout(root: Path) -> FolderLayout:
         train, test = _class_files(root, root), None
     if len(train) < 2:
         where = root / "train" if test is not None else root
-        found = f" ({next(iter(train))})" if train else ""
+        found = f"class folder ({next(iter(train))})" if train else "class folders"
         raise ConfigError("data.path", str(root),
-                          f"{where} holds {len(train)} class folder{found}; a classifier needs "
-                          "two or more (DIR/<class>/*.png)")
+                          f"{where} holds {len(train)} {found}; a classifier needs two or more "
+                          "(DIR/<class>/*.png)")
     return FolderLayout(root, tuple(train), train, test)
 
 

@@ -174,8 +174,9 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
         cpus, gpus = local_capacity(typed.cluster)
         check_resources_fit(typed.resources, cpus, gpus, where="this machine")
     validate_cluster(typed.cluster)
-    searched = [key.partition(".")[2] for key in flatten_space(typed.search.space)
-                if key.startswith("model.")]
+    searched = {key.partition(".")[2]: expression
+                for key, expression in flatten_space(typed.search.space).items()
+                if key.startswith("model.")}
     check_builder(typed.model, searched)
     space = build_search_space(typed)
     if image_size is not None:

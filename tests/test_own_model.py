@@ -198,7 +198,7 @@ OWN_MODEL_MISTAKES = [
     (["model=mlp", "+model.depth=3"],
      "model.depth=3 is invalid: not a parameter of my_models.mlp; it takes width"),
     (["model=mlp", "search.space.model.height=choice(1, 2)"],
-     "search.space.model.height='height' is invalid: not a parameter of my_models.mlp"),
+     "search.space.model.height='choice(1, 2)' is invalid: not a parameter of my_models.mlp"),
     (["model=mlp", "model._target_=my_models.needs_depth", "~model.width", "~model.from_logits"],
      "model.depth=None is invalid: my_models.needs_depth needs it"),
     (["model=mlp", "model._target_=my_models.three_outputs", "~model.width",
