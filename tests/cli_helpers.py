@@ -97,3 +97,19 @@ def trial_rows(sweep_dir: Path) -> dict[str, list[dict]]:
         lines = [line for line in result.read_text().splitlines() if line.strip()]
         rows[result.parent.name.removeprefix("trial_")] = [json.loads(line) for line in lines]
     return rows
+
+
+def trial_tensorboard_run(sweep_dir: Path, trial_id: str):
+    """A trial's TensorBoard run, reloaded (TensorBoard's EventAccumulator). Runs are named
+    for people (``trial03 lr=0.00229``); the trial id is their HParams session's group."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for folder in sorted(path for path in (sweep_dir / "tensorboard").iterdir() if path.is_dir()):
+        run = EventAccumulator(str(folder))
+        run.Reload()
+        start = run.PluginTagToContent("hparams").get("_hparams_/session_start_info")
+        if start is not None and plugin_data_pb2.HParamsPluginData.FromString(
+                start).session_start_info.group_name == trial_id:
+            return run
+    raise AssertionError(f"no TensorBoard run of trial {trial_id} in {sweep_dir / 'tensorboard'}")

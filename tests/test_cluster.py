@@ -27,10 +27,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 import pytest
 import yaml
-from cli_helpers import process_tree, processes, trial_rows, wait_for
+from cli_helpers import process_tree, processes, trial_rows, trial_tensorboard_run, wait_for
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sweeper.config import ConfigError
 from sweeper.sweep import validate
@@ -312,8 +311,7 @@ def test_sweep_joined_by_address_runs_trials_on_both_workers(ray_cluster, tmp_pa
     assert {row.get("gpu_ids") for row in rows} == {"0"}
     assert not any("gpu_peak_mb" in row for row in rows)
     for trial_id in nodes:
-        run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
-        run.Reload()
+        run = trial_tensorboard_run(sweep_dir, trial_id)
         assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2]
     # The best config was retrained as a Ray task with a trial's resources, on a worker node
     # (the head gives no CPUs, like cluster/gpu.yaml's), not in the driver; then test-scored.

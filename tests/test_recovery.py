@@ -10,8 +10,14 @@ import signal
 
 import optuna
 import pytest
-from cli_helpers import kill_tree, run_cli, start_cli, trial_rows, wait_for
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from cli_helpers import (
+    kill_tree,
+    run_cli,
+    start_cli,
+    trial_rows,
+    trial_tensorboard_run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +73,7 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path):
     summary = _summary(sweep_dir)
     assert summary["num_trials"] == 2
     assert all(trial["status"] == "completed" for trial in summary["trials"])
-    run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
-    run.Reload()
+    run = trial_tensorboard_run(sweep_dir, trial_id)
     assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2, 3]
 
 
@@ -103,8 +108,7 @@ def test_an_epoch_trained_again_after_a_restore_is_recorded_once(tmp_path):
     assert rows[2]["val_accuracy"] == third
     progress = (sweep_dir / "trials" / f"trial_{trial_id}" / "progress.csv").read_text()
     assert len(progress.strip().splitlines()) == 1 + 5  # header and one row per epoch
-    run = EventAccumulator(str(sweep_dir / "tensorboard" / trial_id))
-    run.Reload()
+    run = trial_tensorboard_run(sweep_dir, trial_id)
     assert [event.step for event in run.Scalars("val_accuracy")] == [1, 2, 3, 4, 5]
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert study.trials[0].intermediate_values[3] == pytest.approx(third)
