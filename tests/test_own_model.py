@@ -292,7 +292,7 @@ def test_a_sweep_of_an_own_model_on_fashion_mnist(tmp_path, fashion_mnist_dir, m
     for params in sampled:
         assert any(all(call[key] == value for key, value in params.items()) for call in built)
     # TensorBoard's HParams show the custom parameters of every trial.
-    hparams = hparams_of(Path(summary["paths"]["tensorboard"]))
+    hparams = hparams_of(sweep_dir / summary["paths"]["tensorboard"])  # relative to the sweep
     assert len(hparams) == 3
     assert all({f"model.{key}" for key in searched} <= set(values) for values in hparams.values())
 
