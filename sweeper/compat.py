@@ -7,10 +7,12 @@ what happens when a new version no longer has what it relies on.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +123,88 @@ def import_tensorflow():
 
 
 _devices_found = False
+
+
+# ray-project/ray#31613 (open as a TODO in ray/tune/execution/experiment_state.py: "a
+# non-performant workaround"; the forcing came with ray-project/ray#30187 for #30073).
+# With num_to_keep set, Tune saves the whole experiment state (every trial, the searcher, the
+# callbacks: O(trials)) whenever a trial has checkpointed num_to_keep times since the last
+# save, so that the saved state never names a checkpoint Tune has since deleted. sweeper keeps
+# one checkpoint per trial and checkpoints every epoch, so every result forced a save: 146
+# saves for 143 results with 16 dummy trials (benchmarks/scaling.py), O(trials) per result,
+# and Tune's "snapshotting has been triggered multiple times" warning. The same guarantee
+# without the forced saves: the state is saved on Tune's timer (TUNE_GLOBAL_CHECKPOINT_S,
+# "auto": every max(10 s, 19 x the time a save takes)), and a checkpoint Tune drops is deleted
+# only once a state saved after the drop (which no longer names it) has reached the storage.
+# A driver killed in between leaves those folders behind; nothing a resume reads is missing.
+# Checked with Ray 2.60.
+_RAY_CHECKPOINT_MANAGER = "ray.train._internal.checkpoint_manager"
+_RAY_EXPERIMENT_STATE = "ray.tune.execution.experiment_state"
+
+
+@contextlib.contextmanager
+def snapshots_on_a_timer():
+    """While Tune runs: no experiment-state save forced by trial checkpoints, and dropped
+    checkpoints deleted only after the next save has been stored (see above)."""
+    import importlib
+
+    checkpoints = importlib.import_module(_RAY_CHECKPOINT_MANAGER)
+    state = importlib.import_module(_RAY_EXPERIMENT_STATE)
+    manager = getattr(state, "_ExperimentCheckpointManager", None)
+    needed = (getattr(checkpoints, "_delete_fs_path", None),
+              getattr(manager, "on_trial_checkpoint", None),
+              getattr(manager, "sync_up_experiment_state", None))
+    if not all(callable(part) for part in needed):
+        logger.warning("Ray Tune's experiment-state saving has changed (checked with Ray 2.60): "
+                       "a save is forced at every trial checkpoint (ray-project/ray#41455)")
+        yield
+        return
+    delete, on_trial_checkpoint, sync_up = needed
+    dropped: list[tuple] = []  # (filesystem, path) of checkpoints Tune no longer names
+
+    def defer_delete(fs, fs_path: str) -> None:
+        dropped.append((fs, fs_path))
+
+    def save_then_delete(self, save_fn, force: bool = False, wait: bool = False) -> None:
+        saved_before = self._last_save_time
+        droppable = len(dropped)  # dropped before this save: the saved state does not name them
+        sync_up(self, save_fn, force=force, wait=wait)
+        if self._last_save_time == saved_before or not droppable:
+            return  # no save this time (Tune's timer), or nothing to delete
+        try:
+            self._storage.syncer.wait()  # the saved state has reached the storage
+        except Exception as error:  # keep the checkpoints; Tune logs the failed sync itself
+            logger.debug("Experiment state not stored (%s); checkpoints kept", error)
+            return
+        for fs, fs_path in dropped[:droppable]:
+            delete(fs=fs, fs_path=fs_path)
+        del dropped[:droppable]
+
+    checkpoints._delete_fs_path = defer_delete
+    manager.on_trial_checkpoint = lambda self, trial: None
+    manager.sync_up_experiment_state = save_then_delete
+    try:
+        yield
+    finally:
+        checkpoints._delete_fs_path = delete
+        manager.on_trial_checkpoint = on_trial_checkpoint
+        manager.sync_up_experiment_state = sync_up
+
+
+def checkpoints_in_saved_state(state_file: Path) -> dict[str, set[str]]:
+    """Trial id -> the names of the checkpoint folders (``checkpoint_000003``) that a saved
+    experiment state of Tune names for that trial (its best ones and its latest): what a
+    resume restores from. Read with Tune's own classes (Ray 2.60: the trial's run metadata
+    holds its checkpoint manager); a Tune that stores them elsewhere raises here, loudly."""
+    from ray.tune.experiment import Trial
+
+    state = json.loads(Path(state_file).read_text())
+    named: dict[str, set[str]] = {}
+    for trial_json, run_metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(run_metadata)
+        manager = trial.run_metadata.checkpoint_manager
+        results = [*manager.best_checkpoint_results, manager.latest_checkpoint_result]
+        named[trial.trial_id] = {Path(result.checkpoint.path).name
+                                 for result in results if result is not None}
+    return named

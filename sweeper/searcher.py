@@ -120,9 +120,21 @@ class PruningOptunaSearch(OptunaSearch):
         if value is None or step is None or not math.isfinite(float(value)):
             return  # Optuna refuses NaN intermediate values; the trial will be told FAILED
         # A trial retried from its checkpoint reports some epochs again: keep the first value.
-        if int(step) in self._stored(ot_trial).intermediate_values:
+        steps = self._stored_steps(ot_trial)
+        if int(step) in steps:
             return
         ot_trial.report(float(value), int(step))
+        steps.add(int(step))
+
+    def _stored_steps(self, ot_trial: optuna.Trial) -> set[int]:
+        """The epochs the study holds for a trial: read from the storage once per trial and
+        driver, then kept here (one database read per result was a third of the searcher's
+        cost per result, benchmarks/RESULTS.md section 5)."""
+        known = self.__dict__.setdefault("_known_steps", {})
+        steps = known.get(ot_trial._trial_id)
+        if steps is None:
+            steps = known[ot_trial._trial_id] = set(self._stored(ot_trial).intermediate_values)
+        return steps
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -142,6 +154,8 @@ class PruningOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        # The saved state may be older than the study: read each trial's epochs anew.
+        self.__dict__.pop("_known_steps", None)
         self._fail_orphans()
 
     def _fail_orphans(self) -> None:
