@@ -149,30 +149,44 @@ def _with_settings(config: dict, epochs: int, interval: float) -> None:
     dummy_trial({**config, "epochs": epochs, "interval": interval})
 
 
+def _results_counter():
+    """A Tune callback that counts results (plain Tune without loggers writes no result files
+    to count them from afterwards)."""
+    from ray.tune import Callback
+
+    class ResultsCounter(Callback):
+        count = 0
+
+        def on_trial_result(self, *args, **kwargs) -> None:
+            self.count += 1
+
+    return ResultsCounter()
+
+
 def plain_tune_driver(workdir: Path, concurrent: int, interval: float, loggers: bool,
                       trials: int | None = None) -> DriverRun:
     """The same dummy trials through plain Ray Tune: random search, FIFO, Tune's defaults."""
     from ray import tune
 
     trials = trials or 2 * concurrent
+    counter = _results_counter()
     tuner = tune.Tuner(
         tune.with_resources(dummy_trial, {"cpu": 2 / concurrent}),
         param_space={"train.lr": tune.loguniform(1e-4, 3e-2), "epochs": EPOCHS,
                      "interval": interval},
         tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name="plain", verbose=0, storage_path=str(
+        run_config=tune.RunConfig(name="plain", verbose=0, callbacks=[counter], storage_path=str(
             workdir / f"plain-{loggers}-{concurrent}-{interval:g}")),
     )
     key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
     saved = os.environ.get(key)
     os.environ[key] = "0" if loggers else "1"
     try:
-        wall, cpu, grid = _measured(tuner.fit)
+        wall, cpu, _ = _measured(tuner.fit)
     finally:
         os.environ.pop(key) if saved is None else os.environ.update({key: saved})
-    results = sum(len(result.metrics_dataframe) for result in grid
-                  if result.metrics_dataframe is not None)
+    results = counter.count
     label = "Ray Tune, default loggers" if loggers else "Ray Tune, no loggers"
     return DriverRun(label, concurrent, interval, trials, results, wall, cpu)
 

@@ -208,3 +208,104 @@ def checkpoints_in_saved_state(state_file: Path) -> dict[str, set[str]]:
         named[trial.trial_id] = {Path(result.checkpoint.path).name
                                  for result in results if result is not None}
     return named
+
+
+# Optuna's RDB storage writes an intermediate value as one ORM transaction (look up the trial,
+# check its state, look up the step, insert, commit): 2.3-3.5 ms of CPU each on the 2-core test
+# machine (SQLite, Optuna 5.0), more than the whole budget of a result; Optuna has no batch API
+# for them (optuna/optuna#3478 and #3048: slow reports and RDB writes). The searcher buffers a
+# second of values and adds them here in one INSERT of Optuna's own table (schema checked
+# with Optuna 5.0; any other storage, or a changed table, is written the ordinary way).
+_INTERMEDIATE_COLUMNS = {"trial_id", "step", "intermediate_value", "intermediate_value_type"}
+_warned_study_table_changed = False
+
+
+def add_intermediate_values(storage, values: list[tuple[int, int, float]]) -> None:
+    """Write finite intermediate values ``(Optuna trial id, step, value)`` of running trials,
+    steps not yet in the study, in one transaction where ``storage`` is Optuna's RDB storage
+    (or its cache in front of one)."""
+    global _warned_study_table_changed
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+
+    backend = getattr(storage, "_backend", storage)
+    model = getattr(models, "TrialIntermediateValueModel", None)
+    table = getattr(model, "__table__", None)
+    usable = table is not None and set(table.columns.keys()) >= _INTERMEDIATE_COLUMNS
+    if not isinstance(backend, RDBStorage) or not usable:
+        if isinstance(backend, RDBStorage) and not _warned_study_table_changed:
+            logger.warning("Optuna's table of intermediate values has changed (checked with "
+                           "Optuna 5.0); each epoch is written in a transaction of its own")
+            _warned_study_table_changed = True
+        for trial_id, step, value in values:
+            storage.set_trial_intermediate_value(trial_id, step, value)
+        return
+    finite = model.TrialIntermediateValueType.FINITE
+    with backend.engine.begin() as connection:
+        connection.execute(table.insert(), [
+            {"trial_id": trial_id, "step": step, "intermediate_value": value,
+             "intermediate_value_type": finite} for trial_id, step, value in values])
+
+
+# Optuna's TPE models every trial of the study at every suggestion (no option to limit them,
+# Optuna 5.0; optuna/optuna#3048 shows the cost growing with the study): 35 ms a suggestion at
+# 1 000 trials of the wide space, 131 ms at 5 000, against 38-43 ms at any size with 500
+# trials shown (benchmarks/RESULTS.md section 5). WindowedTPESampler shows TPE the best
+# finished trials (as many as TPE's "good" group can hold) and the most recent ones, up to a
+# window, plus the running ones its constant liar needs. It hands TPE a view of the study in
+# TPESampler._sample, Optuna's private step where the trials are read; an Optuna without it
+# gets plain TPE and a warning.
+TPE_GOOD_TRIALS = 25  # Optuna's default_gamma: the good group holds at most 25 trials
+
+
+def tpe_window(trials: list, window: int, maximize: bool) -> list:
+    """The trials TPE models: all when at most ``window`` have finished; else the
+    :data:`TPE_GOOD_TRIALS` best completed ones, the most recent finished ones up to
+    ``window`` in all, and every running one (in study order)."""
+    from optuna.trial import TrialState
+
+    finished = [trial for trial in trials if trial.state != TrialState.RUNNING]
+    if len(finished) <= window:
+        return trials
+    completed = [trial for trial in finished if trial.state == TrialState.COMPLETE]
+    best = sorted(completed, key=lambda trial: trial.value, reverse=maximize)[:TPE_GOOD_TRIALS]
+    chosen = {trial.number for trial in best}
+    for trial in reversed(finished):
+        if len(chosen) >= window:
+            break
+        chosen.add(trial.number)
+    return [trial for trial in trials
+            if trial.number in chosen or trial.state == TrialState.RUNNING]
+
+
+class _StudyWindow:
+    """A study whose trials, as TPE reads them, are :func:`tpe_window`'s."""
+
+    def __init__(self, study, window: int) -> None:
+        self._study, self._window = study, window
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = False, states=None, use_cache: bool = False):
+        from optuna.study import StudyDirection
+
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        maximize = self._study.direction == StudyDirection.MAXIMIZE
+        return tpe_window(trials, self._window, maximize)
+
+
+def windowed_tpe_sampler(window: int, **tpe_options):
+    """Optuna's TPESampler modelling at most ``window`` finished trials (see above)."""
+    import optuna
+
+    if not callable(getattr(optuna.samplers.TPESampler, "_sample", None)):
+        logger.warning("Optuna's TPESampler has changed (checked with Optuna 5.0): it models "
+                       "every trial, and its suggestions slow down as the study grows")
+        return optuna.samplers.TPESampler(**tpe_options)
+
+    class WindowedTPESampler(optuna.samplers.TPESampler):
+        def _sample(self, study, trial, search_space):
+            return super()._sample(_StudyWindow(study, window), trial, search_space)
+
+    return WindowedTPESampler(**tpe_options)
