@@ -202,9 +202,124 @@ def measure(workdir: Path, sizes=DEFAULT_SIZES) -> list[dict]:
     return rows
 
 
-def profile_table(path: Path, top: int = 25) -> list[tuple[str, float]]:
-    """The functions with the most cumulative time in a cProfile dump, as (name, seconds)."""
-    stats = pstats.Stats(str(path))
-    entries = sorted(stats.stats.items(), key=lambda item: item[1][3], reverse=True)
-    return [(f"{Path(file).name}:{line}({name})", cumulative)
-            for (file, line, name), (_, _, _, cumulative, _) in entries[:top]]
+SEARCHER_SIZES = (100, 1000, 5000)
+
+
+def _wide_space() -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    return {"train.lr": FloatDistribution(1e-4, 1e-2, log=True),
+            "train.batch_size": CategoricalDistribution([32, 64, 128]),
+            "model.filters": CategoricalDistribution([16, 32, 48]),
+            "model.dense_units": CategoricalDistribution([32, 64, 128]),
+            "model.dropout": FloatDistribution(0.0, 0.5),
+            "model.l2": FloatDistribution(1e-6, 1e-3, log=True)}
+
+
+def _finished_trials(count: int, space: dict, seed: int = 0) -> list:
+    """Finished trials of the wide space as ASHA leaves them: a quarter trained the full 20
+    epochs (COMPLETE), the others stopped at a rung (PRUNED), each with its epochs' values."""
+    import random
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    rng = random.Random(seed)
+    trials = []
+    for _ in range(count):
+        params = {name: rng.choice(d.choices) if isinstance(d, CategoricalDistribution)
+                  else d.low + rng.random() * (d.high - d.low) for name, d in space.items()}
+        epochs = rng.choice([1, 3, 9, 20])
+        state = optuna.trial.TrialState.COMPLETE if epochs == 20 else (
+            optuna.trial.TrialState.PRUNED)
+        trials.append(optuna.trial.create_trial(
+            state=state, value=rng.random() if epochs == 20 else None, params=params,
+            distributions=space,
+            intermediate_values={epoch: rng.random() for epoch in range(1, epochs + 1)}))
+    return trials
+
+
+def searcher_cost(sizes=SEARCHER_SIZES, repeats: int = 5) -> list[dict]:
+    """Milliseconds a TPE suggestion takes on a study of N finished trials (the wide space, an
+    in-memory study: the sampler's own cost), Optuna's TPE as sweeper configures it against
+    sweeper's sampler (the same, modelling a window of TPE_WINDOW trials), side by side."""
+    import warnings
+
+    import optuna
+
+    from sweeper.searcher import make_sampler
+
+    space = _wide_space()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    for size in sizes:
+        trials = _finished_trials(size, space)
+        row = {"finished_trials": size}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            samplers = {"optuna_tpe_ms": optuna.samplers.TPESampler(
+                seed=0, n_startup_trials=5, constant_liar=True, multivariate=True),
+                "sweeper_ms": make_sampler("tpe", 0, 5, True)}
+        for label, sampler in samplers.items():
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+            study.add_trials(trials)
+            study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)  # warm caches
+            started = time.perf_counter()
+            for _ in range(repeats):
+                study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
+            row[label] = 1000 * (time.perf_counter() - started) / repeats
+        rows.append(row)
+    return rows
+
+
+def project(ms_per_result: float, epoch_seconds: float,
+            concurrency: tuple[int, ...] = (64, 256, 512)) -> list[dict]:
+    """How busy a driver that spends ``ms_per_result`` on a result would be with N trials each
+    reporting every ``epoch_seconds``: rho = N * c / e; past 1, trials wait for the driver and
+    the sweep runs at most 1 / rho of its speed."""
+    rows = []
+    for n in concurrency:
+        rho = n * ms_per_result / 1000 / epoch_seconds
+        rows.append({"concurrent_trials": n, "driver_busy": rho, "speed": min(1.0, 1.0 / rho)})
+    return rows
+
+
+def profile_parts(path: Path) -> dict[str, float]:
+    """CPU seconds of a driver's cProfile dump by component (cumulative; the callbacks' lines
+    are parts of "callbacks"), and the whole ``fit()``."""
+    stats = pstats.Stats(str(path)).stats
+
+    def cumulative(match) -> float:
+        return sum(entry[3] for (file, _, name), entry in stats.items() if match(file, name))
+
+    parts = {
+        "experiment-state saves": lambda f, n: f.endswith("tune_controller.py")
+        and n == "checkpoint",
+        "searcher: suggestions (TPE)": lambda f, n: f.endswith("search_generator.py")
+        and n == "next_trial",
+        "searcher: results, study writes": lambda f, n: f.endswith("search_generator.py")
+        and n in ("on_trial_result", "on_trial_complete"),
+        "scheduler (ASHA)": lambda f, n: f.endswith("sweeper/scheduler.py")
+        and n in ("on_trial_result", "on_trial_complete", "on_trial_add", "choose_trial_to_run"),
+        "callbacks": lambda f, n: f.endswith("tune/callback.py") and n.startswith("on_"),
+        "callbacks: TensorBoard": lambda f, n: f.endswith("sweeper/tensorboard.py")
+        and n.startswith("on_"),
+        "callbacks: result.json, progress.csv": lambda f, n: f.endswith("sweeper/tuner.py")
+        and n in ("log_trial_result", "log_trial_start"),
+        "callbacks: console lines": lambda f, n: f.endswith("sweeper/progress.py")
+        and n.startswith("on_"),
+    }
+    found = {label: cumulative(match) for label, match in parts.items()}
+    found["fit() in all"] = max(entry[3] for entry in stats.values())
+    return found
+
+
+def profiles(workdir: Path, concurrent: int, interval: float) -> dict:
+    """cProfile (CPU time) of sweeper's driver before issue 26's saves and after, by part."""
+    found = {}
+    for label, forced in (("before", True), ("after", False)):
+        dump = workdir / f"profile-{label}.out"
+        run = sweeper_driver(workdir / label, concurrent, interval, profile=dump,
+                             forced_snapshots=forced)
+        found[label] = {"results": run.results, "parts": profile_parts(dump)}
+    return found

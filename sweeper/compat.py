@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -295,17 +296,39 @@ class _StudyWindow:
         return tpe_window(trials, self._window, maximize)
 
 
-def windowed_tpe_sampler(window: int, **tpe_options):
-    """Optuna's TPESampler modelling at most ``window`` finished trials (see above)."""
+def _windowed_tpe_class() -> type:
+    import optuna
+
+    class WindowedTPESampler(optuna.samplers.TPESampler):
+        """Optuna's TPESampler modelling at most ``window`` finished trials (see above)."""
+
+        def __init__(self, window: int, **tpe_options: Any) -> None:
+            super().__init__(**tpe_options)
+            self.window = window
+
+        def _sample(self, study, trial, search_space):
+            return super()._sample(_StudyWindow(study, self.window), trial, search_space)
+
+    WindowedTPESampler.__module__, WindowedTPESampler.__qualname__ = __name__, "WindowedTPESampler"
+    return WindowedTPESampler
+
+
+def __getattr__(name: str) -> Any:
+    """``WindowedTPESampler`` is made on first use (and found by pickle when Tune restores the
+    searcher): the trial workers import this module and need no Optuna."""
+    if name == "WindowedTPESampler":
+        globals()[name] = _windowed_tpe_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def windowed_tpe_sampler(window: int, **tpe_options: Any):
+    """A TPE sampler modelling at most ``window`` finished trials (WindowedTPESampler), or
+    Optuna's own TPE where its ``_sample`` has gone."""
     import optuna
 
     if not callable(getattr(optuna.samplers.TPESampler, "_sample", None)):
         logger.warning("Optuna's TPESampler has changed (checked with Optuna 5.0): it models "
                        "every trial, and its suggestions slow down as the study grows")
         return optuna.samplers.TPESampler(**tpe_options)
-
-    class WindowedTPESampler(optuna.samplers.TPESampler):
-        def _sample(self, study, trial, search_space):
-            return super()._sample(_StudyWindow(study, window), trial, search_space)
-
-    return WindowedTPESampler(**tpe_options)
+    return __getattr__("WindowedTPESampler")(window, **tpe_options)

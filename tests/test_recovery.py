@@ -327,7 +327,8 @@ def test_trials_all_ended_but_no_summary_yet_completes_without_training(tmp_path
 
 
 # A driver like `python -m sweeper`'s (sweeper.tuner.build_tuner, tune_settings) whose trials are
-# the scaling benchmark's dummy trials: 12 epochs of 0.3 s, a checkpoint each, resumable.
+# the scaling benchmark's dummy trials: 60 epochs of 0.25 s, a checkpoint each, resumable (Tune
+# saves the state as the sweep starts and 10 s later: the kill comes after the second save).
 DUMMY_DRIVER = """
 import sys
 from pathlib import Path
@@ -338,8 +339,8 @@ from benchmarks.scaling import dummy_sweep
 from sweeper.tuner import tune_settings
 
 ray.init(address="local", num_cpus=2, include_dashboard=False)
-cfg, tuner = dummy_sweep(Path(sys.argv[1]), concurrent=4, interval=0.3, trials=4, epochs=12,
-                         grace=12)
+cfg, tuner = dummy_sweep(Path(sys.argv[1]), concurrent=4, interval=0.25, trials=4, epochs=60,
+                         grace=60)
 with tune_settings(cfg):
     tuner.fit()
 """
@@ -353,7 +354,7 @@ def test_driver_killed_while_dropped_checkpoints_wait_for_the_next_save(tmp_path
     """Issue 26: Tune saves the experiment state on its timer, no longer at every trial
     checkpoint, and a checkpoint Tune drops (one kept per trial besides the latest) is deleted
     only once a newer saved state is stored. The worst moment to kill the driver: trials have
-    checkpointed (and dropped) several times since the last save. Every checkpoint that saved
+    checkpointed (and dropped) at least twice since the last save. Every checkpoint that saved
     state names is still there, the resume finishes every trial from them, each epoch is
     recorded once, and the checkpoints the killed driver left behind are removed."""
     sweep_dir = tmp_path / "sweep"
@@ -369,8 +370,8 @@ def test_driver_killed_while_dropped_checkpoints_wait_for_the_next_save(tmp_path
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def saved_state_behind():
-        """(saved state's checkpoints, trials' reported epochs) once a trial has reported two
-        epochs past the checkpoint the saved state names for it."""
+        """The saved state's checkpoints once a trial has written two checkpoints past the one
+        the saved state names for it (Tune has dropped that one since)."""
         state = newest_experiment_state(sweep_dir / "trials")
         if state is None:
             return None
@@ -378,16 +379,16 @@ def test_driver_killed_while_dropped_checkpoints_wait_for_the_next_save(tmp_path
             named = checkpoints_in_saved_state(state)
         except (OSError, ValueError):  # being replaced right now
             return None
-        reported = {trial_id: rows[-1]["epoch"] for trial_id, rows in trial_rows(sweep_dir).items()
-                    if rows}
-        behind = [trial_id for trial_id, names in named.items() if names
-                  and reported.get(trial_id, 0) >= max(map(_checkpoint_epoch, names)) + 2]
-        return (named, reported) if behind else None
+        for trial_id, names in named.items():
+            written = [_checkpoint_epoch(path.name) for path in
+                       (sweep_dir / "trials" / f"trial_{trial_id}").glob("checkpoint_*")]
+            if names and max(written, default=0) >= max(map(_checkpoint_epoch, names)) + 2:
+                return named
+        return None
 
     process = start("first.log")
     try:
-        named, reported = wait_for(saved_state_behind, 300, "a saved state behind the trials",
-                                   every=0.1)
+        named = wait_for(saved_state_behind, 300, "a saved state behind the trials", every=0.1)
     finally:
         kill_tree(process)
     assert process.returncode == -signal.SIGKILL
@@ -400,7 +401,7 @@ def test_driver_killed_while_dropped_checkpoints_wait_for_the_next_save(tmp_path
     rows = trial_rows(sweep_dir)
     assert len(rows) == 4
     for trial_id, trial in rows.items():
-        assert [row["epoch"] for row in trial] == list(range(1, 13)), trial_id
+        assert [row["epoch"] for row in trial] == list(range(1, 61)), trial_id
         # One checkpoint kept (the best, here also the latest): none left behind by the kill.
         kept = sorted(path.name for path in (sweep_dir / "trials" / f"trial_{trial_id}")
                       .glob("checkpoint_*"))
@@ -410,4 +411,4 @@ def test_driver_killed_while_dropped_checkpoints_wait_for_the_next_save(tmp_path
                 if trial.user_attrs.get("ray_trial_id") in rows]
     assert len(finished) == 4
     assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in finished)
-    assert all(sorted(trial.intermediate_values) == list(range(1, 13)) for trial in finished)
+    assert all(sorted(trial.intermediate_values) == list(range(1, 61)) for trial in finished)
