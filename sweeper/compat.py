@@ -121,3 +121,23 @@ def import_tensorflow():
 
 
 _devices_found = False
+
+
+# Ray Tune ends a run gracefully on Ctrl-C (SIGINT): the handler tune.run installs for it sets
+# the run's "experiment interrupted" event, the controller's loop ends after its current step,
+# the experiment is saved one last time and Tuner.restore resumes it (Ray 2.60,
+# ray/tune/tune.py _setup_signal_catching). Tune has no public call that ends a run that way
+# (Stopper.stop_all, behind Tune's own time_budget_s, terminates every trial and finishes the
+# searcher, so nothing is left to resume: ray-project/ray#19240, and #30584 for fail_fast), so
+# search.time_budget_s calls that handler. Where no such handler is installed (fit outside
+# the main thread) it warns instead and the run goes on to its end.
+def end_tune_run_gracefully() -> None:
+    """End the Ray Tune run in progress as Ctrl-C would, once; the caller is in its loop."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__name__", "") != "signal_interrupt_tune_run":
+        logger.warning("Cannot end the Ray Tune run before its end: Tune's Ctrl-C handler is "
+                       "not installed (checked with Ray 2.60); the sweep goes on")
+        return
+    handler(signal.SIGINT, None)

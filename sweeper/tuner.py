@@ -27,12 +27,12 @@ from ray.tune import Callback
 from ray.tune.execution import class_cache as tune_actor_classes
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
 from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
 from sweeper.progress import DETAIL, TrialEvents
-from sweeper.scheduler import EarlierEpochsASHA
+from sweeper.scheduler import BudgetedASHA, BudgetedFIFO
 from sweeper.searcher import PruningOptunaSearch, make_sampler
 from sweeper.tensorboard import TensorBoardCallback
 from sweeper.trial import run_trial
@@ -93,8 +93,8 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
     """ASHA over epochs (sweeper's, which records its decisions; with
     ``scheduler.compare_earlier_epochs=false`` it decides as Ray's ASHA), or FIFO for none."""
     if cfg.scheduler.name == "none":
-        return FIFOScheduler()
-    return EarlierEpochsASHA(metric=cfg.search.metric, mode=cfg.search.mode,
+        return BudgetedFIFO()
+    return BudgetedASHA(metric=cfg.search.metric, mode=cfg.search.mode,
                              max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
                              reduction_factor=cfg.scheduler.reduction_factor,
                              compare_earlier_epochs=cfg.scheduler.compare_earlier_epochs)
