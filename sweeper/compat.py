@@ -140,4 +140,20 @@ def end_tune_run_gracefully() -> None:
         logger.warning("Cannot end the Ray Tune run before its end: Tune's Ctrl-C handler is "
                        "not installed (checked with Ray 2.60); the sweep goes on")
         return
-    handler(signal.SIGINT, None)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    # Its warning speaks of a stop signal and Ctrl+C; the caller says why the run ends.
+    not_a_signal = _WithoutMessage("Stop signal received")
+    tune_logger.addFilter(not_a_signal)
+    try:
+        handler(signal.SIGINT, None)
+    finally:
+        tune_logger.removeFilter(not_a_signal)
+
+
+class _WithoutMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)

@@ -474,9 +474,9 @@ def check_input_fits(model: ModelConfig, height: int, width: int) -> None:
                           "larger images with data.image_size=[height,width]")
     raise ConfigError("model.blocks", model.blocks,
                       f"{height}x{width} images shrink to {rows}x{cols} pixels at the CNN's "
-                      f"{stage} ({model.convs_per_block} convolutions of kernel "
-                      f"{model.kernel_size} per block, padding {model.padding}); use fewer "
-                      "blocks, model.padding=same, or larger images")
+                      f"{stage} (convs_per_block {model.convs_per_block}, kernel "
+                      f"{model.kernel_size}, padding {model.padding}); use fewer blocks, "
+                      "model.padding=same, or larger images")
 
 
 def validate_sweep_settings(cfg: SweepConfig) -> None:

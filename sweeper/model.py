@@ -280,7 +280,8 @@ def make_optimizer(train_cfg: TrainConfig) -> keras.optimizers.Optimizer:
         kwargs["momentum"] = train_cfg.momentum
     if train_cfg.optimizer == "sgd" and train_cfg.nesterov and train_cfg.momentum > 0:
         kwargs["nesterov"] = True
-    if train_cfg.weight_decay > 0:
+    # AdamW's own default decay (0.004) would apply where train.weight_decay says none.
+    if train_cfg.weight_decay > 0 or train_cfg.optimizer == "adamw":
         kwargs["weight_decay"] = train_cfg.weight_decay
     if train_cfg.clip_norm > 0:
         kwargs["global_clipnorm"] = train_cfg.clip_norm
