@@ -192,6 +192,9 @@ class SearchConfig:
     warm_start: str | None = None
     # The study to read from warm_start; None takes its only study.
     warm_start_study: str | None = None
+    # The first trial trains the config's own values of the searched settings (a recipe the
+    # experiment chose), before the sampler's: a time-limited search starts from it.
+    start_with_defaults: bool = False
     # Seconds after which no new trial starts; running trials pause at their next epoch and
     # the sweep ends with its results, resumable by a re-run (which gets the budget anew).
     # None: no limit.

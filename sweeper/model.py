@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -331,3 +332,23 @@ def compile_model(model: keras.Model, train_cfg: TrainConfig, logits: bool = Fal
         jit_compile=jit_compile_setting(train_cfg),
     )
     return model
+
+
+def save_portable(model: keras.Model, path: Path | str) -> None:
+    """Save ``model`` as a ``.keras`` archive that plain ``keras.models.load_model`` reads.
+
+    A model compiled with sweeper's :class:`EpochSchedule` or :class:`SmoothedSparseCrossentropy`
+    would need ``import sweeper.model`` before loading (Keras looks the classes up by their
+    registered names); its training config is saved with Keras' own instead: the same
+    optimizer at the learning rate the schedule had reached, and sparse cross-entropy. The
+    weights and layers (augmentation included) are saved as they are.
+    """
+    optimizer, loss = model.optimizer, model.loss
+    if isinstance(getattr(optimizer, "_learning_rate", None), EpochSchedule) or isinstance(
+            loss, SmoothedSparseCrossentropy):
+        config = {**optimizer.get_config(), "learning_rate": float(optimizer.learning_rate)}
+        if isinstance(loss, SmoothedSparseCrossentropy):
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=loss.from_logits)
+        model.compile(optimizer=type(optimizer).from_config(config), loss=loss,
+                      metrics=["accuracy"])
+    model.save(path)

@@ -44,7 +44,7 @@ from sweeper.results import (
     rank,
     records_from_results,
 )
-from sweeper.space import build_search_space, flatten_space
+from sweeper.space import build_search_space, configured_point, flatten_space
 from sweeper.study import (
     earlier_trials,
     open_storage,
@@ -183,6 +183,8 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
                 if key.startswith("model.")}
     check_builder(typed.model, searched)
     space = build_search_space(typed)
+    if typed.search.start_with_defaults:
+        configured_point(typed, space)  # refuses a configured value the space does not hold
     if image_size is not None:
         check_model_fits(typed, space, image_size)
     return typed, space

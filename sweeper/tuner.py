@@ -34,6 +34,7 @@ from sweeper.data import Splits
 from sweeper.progress import DETAIL, TrialEvents
 from sweeper.scheduler import BudgetedASHA, BudgetedFIFO
 from sweeper.searcher import PruningOptunaSearch, make_sampler
+from sweeper.space import configured_point
 from sweeper.tensorboard import TensorBoardCallback
 from sweeper.trial import run_trial
 
@@ -83,6 +84,8 @@ def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
         study_name=cfg.name,
         max_epochs=cfg.train.epochs,
         max_concurrent=max_concurrent_trials(cfg),
+        points_to_evaluate=[configured_point(cfg, space)] if cfg.search.start_with_defaults
+        else None,
     )
     if warm_trials:
         searcher.add_warm_start(warm_trials)

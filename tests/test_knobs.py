@@ -264,6 +264,31 @@ def test_a_warm_worker_hands_out_the_next_trials_schedule(small_splits):
     assert again is constant and float(again.optimizer.learning_rate) == pytest.approx(0.004)
 
 
+def test_the_exported_model_loads_without_sweeper(small_splits, tmp_path):
+    """best_model.keras of a trial with a schedule and label smoothing loads with plain Keras
+    (a fresh Python that never imported sweeper) and predicts as the trained model does."""
+    import subprocess
+    import sys
+
+    from sweeper.model import save_portable
+    from sweeper.trainer import train
+
+    model = train(trial_config(epochs=1, schedule="cosine", warmup_epochs=0, label_smoothing=0.1,
+                               optimizer="adamw", weight_decay=0.01, translation=0.1),
+                  small_splits)
+    path = tmp_path / "best_model.keras"
+    save_portable(model, path)
+    np.save(tmp_path / "images.npy", small_splits.x_val[:8])
+    np.save(tmp_path / "expected.npy", model.predict(small_splits.x_val[:8], verbose=0))
+    script = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1]); "
+              "assert 'sweeper' not in sys.modules; np.testing.assert_allclose("
+              "m.predict(np.load(sys.argv[2]), verbose=0), np.load(sys.argv[3]), atol=1e-5)")
+    loaded = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "images.npy"),
+                             str(tmp_path / "expected.npy")], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+
 # ---- early stopping within a trial ----------------------------------------------------------
 
 def test_patience_ends_a_trial_that_stops_improving(small_splits):
