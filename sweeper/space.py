@@ -261,9 +261,11 @@ def configured_point(cfg: SweepConfig, space: Mapping[str, BaseDistribution]) ->
                            or math.isclose((value - distribution.low) / distribution.step,
                                            round((value - distribution.low) / distribution.step))))
         if not inside:
+            expression = flatten_space(cfg.search.space).get(key)
             raise ConfigError("search.start_with_defaults", True,
-                              f"the first trial trains the configured {key}={value!r}, which is "
-                              "outside its search space; set it to a value the space holds")
+                              f"the first trial trains the configured {key}={value!r}, which "
+                              f"is outside its search space {expression}; set {key} to a value "
+                              "the space holds")
         point[key] = value
     return point
 

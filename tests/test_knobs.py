@@ -330,6 +330,23 @@ def tiny_model(input_shape, num_classes, width=4):
     return keras.Model(inputs, layers.Dense(num_classes, activation="softmax")(x))
 
 
+# ---- the experiment -------------------------------------------------------------------------
+
+def test_cnn_tuned_starts_from_its_recipe_which_its_space_must_hold(compose):
+    from sweeper.space import configured_point
+    from sweeper.sweep import validate
+
+    cfg, space = validate(compose("+experiment=cnn_tuned", "data=fashion_mnist"))
+    point = configured_point(cfg, space)
+    assert point["model.batch_norm"] is True and point["train.optimizer"] == "adamw"
+    assert point["train.lr"] == 0.002 and point["train.erasing"] == 0.0
+    with pytest.raises(ConfigError) as error:
+        validate(compose("+experiment=cnn_tuned", "data=fashion_mnist", "model.filters=16"))
+    assert error.value.key == "search.start_with_defaults"
+    assert "model.filters=16, which is outside its search space choice(32, 48, 64)" in str(
+        error.value)
+
+
 # ---- mistakes -------------------------------------------------------------------------------
 
 BAD_TRAIN = [

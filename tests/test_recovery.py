@@ -325,7 +325,8 @@ def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path):
     command with no budget continues the paused trials from their checkpoints."""
     sweep_dir = tmp_path / "sweep"
     args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=4", "scheduler=none",
-            "train.epochs=3", "data.max_train_samples=600"]
+            "train.epochs=3", "data.max_train_samples=600", "search.start_with_defaults=true",
+            "train.lr=0.00123"]
     # One second: spent long before any trial's first epoch ends (a worker imports TensorFlow).
     first = run_cli([*args, "search.time_budget_s=1"], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -338,6 +339,8 @@ def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path):
             for trial, epochs in trial_rows(sweep_dir).items() if epochs}
     assert rows and len(rows) < 4
     assert all(epochs == [1] for epochs in rows.values()), rows  # paused at its next epoch
+    # search.start_with_defaults: the first trial trained the configured learning rate.
+    assert summary["trials"][0]["config"] == {"train.lr": 0.00123}
 
     resumed = run_cli([*args, "search.time_budget_s=null"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
