@@ -281,12 +281,12 @@ def _say(line: str = "", file=None) -> None:
 def print_results(summary: dict, sweep_dir: Path) -> None:
     """The best trial, its test scores, the compute ASHA saved and where every file is
     (summary.json keeps the paths relative to ``sweep_dir``)."""
-    from sweeper.results import resolve_in_sweep
+    from sweeper.results import resolve_in_sweep, trial_label
 
     best, test = summary["best"], summary.get("test")
     paths = {key: resolve_in_sweep(path, sweep_dir) for key, path in summary["paths"].items()}
     if best is not None:
-        _say(f"Best: trial {best['trial_id']} {summary['metric']}={best['metric_value']:.4f} "
+        _say(f"Best: trial {trial_label(best)} {summary['metric']}={best['metric_value']:.4f} "
              f"at epoch {best['epoch']} with {best['config']}")
     if test:
         _say(f"Test ({test['num_samples']} held-out images, model from its {test['source']}): "

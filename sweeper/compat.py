@@ -123,6 +123,39 @@ def import_tensorflow():
 _devices_found = False
 
 
+# Ray Tune numbers the trials a searcher creates, from 1, in the experiment tag it gives each
+# (SearchGenerator.create_trial: "<counter>_<sampled values>"). The tag is saved with the
+# experiment state, so the number holds across a resume, while the order of a ResultGrid does
+# not: a grid read back from the sweep folder lists the trials in another order than the one
+# Tuner.fit returned. Tune has no public accessor for the tag (a Result carries neither it nor
+# its Trial), hence ResultGrid._experiment_analysis.trials. Checked with Ray 2.60.
+def trial_creation_number(trial: object) -> int | None:
+    """The number Tune's searcher gave ``trial`` when it created it (from 1), or None for a
+    trial that was not created by a searcher (no numbered experiment tag)."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def result_grid_trial_numbers(grid: object) -> dict[str, int]:
+    """Trial id -> creation number for each trial of a Ray Tune ``ResultGrid``; empty for
+    other collections of results (which do not know their trials).
+
+    Raises:
+        RuntimeError: Ray Tune's ResultGrid no longer keeps its trials where Ray 2.60 did.
+    """
+    from ray.tune import ResultGrid
+
+    if not isinstance(grid, ResultGrid):
+        return {}
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None:
+        raise RuntimeError("Ray Tune's ResultGrid no longer holds its trials in "
+                           "_experiment_analysis.trials (checked with Ray 2.60): "
+                           "sweeper.compat.result_grid_trial_numbers needs a new way to them")
+    return {trial.trial_id: number for trial in trials
+            if (number := trial_creation_number(trial)) is not None}
+
+
 # Ray Tune ends a run gracefully on Ctrl-C (SIGINT): the handler tune.run installs for it sets
 # the run's "experiment interrupted" event, the controller's loop ends after its current step,
 # the experiment is saved one last time and Tuner.restore resumes it (Ray 2.60,

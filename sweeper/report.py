@@ -24,6 +24,7 @@ from sweeper.results import (
     TrialRecord,
     build_summary,
     load_records,
+    trial_label,
     trials_table,
     write_summary,
     write_trials_csv,
@@ -403,7 +404,7 @@ def report_markdown(summary: dict[str, Any], drawn: list[str],
         lines += [f"**The sweep failed:** {summary.get('error')}.", ""]
     else:
         lines += [
-            f"- Best trial: `{best['trial_id']}`, {metric} = {best['metric_value']:.4f} at epoch "
+            f"- Best trial: {trial_label(best)}, {metric} = {best['metric_value']:.4f} at epoch "
             f"{best['epoch']} ({summary['mode']}imized on validation only)",
             "- Sampled values: "
             + ", ".join(f"`{key}={_cell(value)}`" for key, value in best["config"].items()),

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ class TrialRecord:
     best_checkpoint: str | None = None
     # Seconds the trial trained (Ray's time_total_s at its last report).
     wall_time_s: float | None = None
+    # The node the trial last ran on (Ray's node_ip), so a slow or failing node shows.
+    node: str | None = None
+    # From 1 in the order Tune created the trials: the number on the console, in sweep.log
+    # and in TensorBoard's run names (see sweeper.progress.trial_number).
+    number: int | None = None
 
 
 def trial_status(epochs: int, max_epochs: int, error: str | None, done: bool) -> str:
@@ -75,7 +81,11 @@ def all_trials_ended(records: list[TrialRecord], num_trials: int) -> bool:
 
 def records_from_results(grid, metric: str, mode: str, max_epochs: int,
                          sweep_done: bool) -> list[TrialRecord]:
-    """Turn Ray Tune's ResultGrid into TrialRecords, in trial order."""
+    """Turn Ray Tune's ResultGrid into TrialRecords, in the order Tune created the trials
+    (each trial's number as on the console, kept across a resume)."""
+    from sweeper.compat import result_grid_trial_numbers
+
+    numbers = result_grid_trial_numbers(grid)
     records = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -109,8 +119,11 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
             path=result.path,
             best_checkpoint=checkpoint,
             wall_time_s=history[-1].get("time_total_s") if history else None,
+            node=result.metrics.get("node_ip"),
+            number=numbers.get(trial_id),
         ))
-    return sorted(records, key=lambda record: record.trial_id)
+    return sorted(records, key=lambda record: (record.number is None, record.number or 0,
+                                               record.trial_id))
 
 
 def load_records(trials_dir: Path, metric: str, mode: str,
@@ -195,6 +208,7 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
         "search_space": dict(search_space or {}),
         "best": None if best is None else {
             "trial_id": best.trial_id,
+            "number": best.number,
             "config": best.config,
             "metric_value": best.best_value,
             "epoch": best.best_epoch,
@@ -216,6 +230,7 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
         "trials": [
             {
                 "trial_id": r.trial_id,
+                "number": r.number,
                 "config": r.config,
                 "status": r.status,
                 "epochs_trained": r.epochs_trained,
@@ -223,11 +238,34 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
                 "best_metric_value": _finite(r.best_value),
                 "best_epoch": r.best_epoch,
                 "wall_time_s": r.wall_time_s,
+                **_times(r.history),
+                "node": r.node,
+                **_scores_at(r.history, r.best_epoch),
                 "error": r.error,
             }
             for r in records
         ],
     }
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _times(history: list[dict[str, float]]) -> dict[str, str | None]:
+    """When a trial started and last reported, in UTC (ISO 8601), from Ray's per-report
+    ``timestamp`` (whole seconds) less the ``time_total_s`` trained by the first report."""
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    if "timestamp" not in first or "timestamp" not in last:
+        return {"started_at": None, "ended_at": None}
+    return {"started_at": _utc(first["timestamp"] - first.get("time_total_s", 0.0)),
+            "ended_at": _utc(last["timestamp"])}
+
+
+def _scores_at(history: list[dict[str, float]], epoch: int | None) -> dict[str, float | None]:
+    """Validation loss and accuracy at the trial's best epoch (None where not reported)."""
+    row = next((h for h in history if epoch is not None and int(h["epoch"]) == epoch), {})
+    return {name: _finite(row.get(name)) for name in ("val_loss", "val_accuracy")}
 
 
 def _no_result_message(metric: str, records: list[TrialRecord]) -> str:
@@ -239,11 +277,22 @@ def _no_result_message(metric: str, records: list[TrialRecord]) -> str:
 
 
 def trials_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial for trials.csv: id, each sampled parameter, status and scores."""
+    """One row per trial for trials.csv, best first (trials without a score last, failed ones
+    among them): id, each sampled parameter, status, scores at the best epoch, when and where
+    it ran. Summaries written before these columns existed leave them empty."""
     metric = summary["metric"]
     params = sorted({key for trial in summary["trials"] for key in trial["config"]})
+    sign = -1.0 if summary["mode"] == "max" else 1.0
+
+    def order(trial: dict[str, Any]) -> tuple[int, float, str]:
+        value = trial["best_metric_value"]
+        if value is None or trial["status"] == FAILED:
+            return (1, 0.0, trial["trial_id"])
+        return (0, sign * value, trial["trial_id"])
+
     return [
         {
+            "trial": trial.get("number"),
             "trial_id": trial["trial_id"],
             **{key: trial["config"].get(key) for key in params},
             "status": trial["status"],
@@ -251,10 +300,12 @@ def trials_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
             f"best_{metric}": trial["best_metric_value"],
             f"last_{metric}": trial["last_metric_value"],
             "best_epoch": trial["best_epoch"],
+            **{name: trial.get(name) for name in ("val_loss", "val_accuracy") if name != metric},
             "wall_time_s": trial["wall_time_s"],
+            **{name: trial.get(name) for name in ("started_at", "ended_at", "node")},
             "error": trial["error"],
         }
-        for trial in summary["trials"]
+        for trial in sorted(summary["trials"], key=order)
     ]
 
 
@@ -281,6 +332,13 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def trial_label(trial: dict[str, Any]) -> str:
+    """``3 (id 9fe9532e)``: the number people see on the console and in TensorBoard, and
+    Ray's id (folder ``trials/trial_<id>``); just the id for summaries without a number."""
+    number = trial.get("number")
+    return trial["trial_id"] if number is None else f"{number} (id {trial['trial_id']})"
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -293,9 +351,10 @@ def format_table(records: list[TrialRecord], metric: str, mode: str, limit: int 
     if not ranked:
         return "No trial reported a finite " + metric + "."
     params = sorted({k for r in ranked for k in r.config})
-    header = ["trial", metric, "epoch", "trained", "status", *params]
-    rows = [[r.trial_id, f"{r.best_value:.4f}", str(r.best_epoch), str(r.epochs_trained),
-             r.status, *(_format_value(r.config.get(p, "")) for p in params)] for r in ranked]
+    header = ["trial", "id", metric, "epoch", "trained", "status", *params]
+    rows = [[str(r.number or "?"), r.trial_id, f"{r.best_value:.4f}", str(r.best_epoch),
+             str(r.epochs_trained), r.status,
+             *(_format_value(r.config.get(p, "")) for p in params)] for r in ranked]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
              for line in [header, *rows]]

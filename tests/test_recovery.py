@@ -340,7 +340,8 @@ def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path):
     assert rows and len(rows) < 4
     assert all(epochs == [1] for epochs in rows.values()), rows  # paused at its next epoch
     # search.start_with_defaults: the first trial trained the configured learning rate.
-    assert summary["trials"][0]["config"] == {"train.lr": 0.00123}
+    first_trial = next(trial for trial in summary["trials"] if trial["number"] == 1)
+    assert first_trial["config"] == {"train.lr": 0.00123}
 
     resumed = run_cli([*args, "search.time_budget_s=null"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
