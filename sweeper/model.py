@@ -36,8 +36,8 @@ def cnn(input_shape: tuple[int, int, int], num_classes: int, name: str = "cnn",
         conv_dropout: float = 0.0) -> keras.Model:
     """The classic CNN as a model builder (``_target_: sweeper.model.cnn``).
 
-    With the defaults this is the classic network (:data:`module docstring <sweeper.model>`);
-    ``blocks`` >= 1 stacks that many blocks of ``convs_per_block`` convolutions of
+    With the defaults this is the classic network of this module's docstring; ``blocks`` >= 1
+    stacks that many blocks of ``convs_per_block`` convolutions of
     ``filters * 2**block`` channels instead, each block ending in 2x2 max pooling.
 
     Args:

@@ -218,15 +218,19 @@ def create_training_variables(model) -> None:
     model.reset_metrics()
 
 
-def compiled_settings(train_cfg: TrainConfig) -> TrainConfig:
-    """The training settings a built and compiled model holds: all of ``train_cfg`` but those
-    a fit sets anew (batch size, epochs to train, early stopping, the validation split) and,
-    when it is a plain float, the learning rate (a variable :class:`WarmModel` reassigns)."""
+def compiled_settings(train_cfg: TrainConfig) -> tuple[tuple[str, object], ...]:
+    """The training settings a built and compiled model holds, as a hashable key: all of
+    ``train_cfg`` but those a fit sets anew (batch size, early stopping, the validation split)
+    and, without a schedule, the learning rate (a variable :class:`WarmModel` reassigns) and
+    the epochs (which only a schedule reads)."""
     from sweeper.model import uses_schedule
 
-    lr = train_cfg.lr if uses_schedule(train_cfg) else 0.0
-    return dataclasses.replace(train_cfg, batch_size=0, patience=0, validation_fraction=0.5,
-                               lr=lr, epochs=train_cfg.epochs if uses_schedule(train_cfg) else 1)
+    settings = dataclasses.asdict(train_cfg)
+    fit_time = ["batch_size", "patience", "validation_fraction"]
+    if not uses_schedule(train_cfg):
+        fit_time += ["lr", "epochs"]
+    return tuple(sorted((name, value) for name, value in settings.items()
+                        if name not in fit_time))
 
 
 def draws_random_numbers(model) -> bool:
@@ -270,7 +274,7 @@ class WarmModel:
         from sweeper.model import jit_compile_setting, uses_schedule
 
         key = (repr(cfg.model), tuple(input_shape), num_classes,
-               repr(compiled_settings(cfg.train)), jit_compile_setting(cfg.train))
+               compiled_settings(cfg.train), jit_compile_setting(cfg.train))
         if key != self._key or draws_random_numbers(self._model):
             self._model = None
             keras.backend.clear_session()
