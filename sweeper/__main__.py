@@ -372,6 +372,11 @@ def hydra_main(cfg: DictConfig) -> None:
              f"{outcome.sweep_dir}. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     report_outcome(outcome)
+    if outcome.state == "time_budget":
+        counts = outcome.summary["trial_counts"]
+        _say(f"Time budget of {outcome.summary['time_budget_s']:g} s spent after "
+             f"{sum(counts.values())} trials ({counts}); the results above are the best so far. "
+             f"Continue the sweep with: {resume_command()}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -192,9 +192,11 @@ def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
 
 def retrain_here(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
     """:func:`retrain_model` in this process, returned as its saved archive."""
+    from sweeper.model import save_portable
+
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / BEST_MODEL
-        retrain_model(cfg, best, splits).save(path)
+        save_portable(retrain_model(cfg, best, splits), path)
         return RetrainedModel(path.read_bytes())
 
 
@@ -214,6 +216,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
     import keras
 
     from sweeper import checkpoint as trial_checkpoint
+    from sweeper.model import save_portable
     from sweeper.trainer import build_model
 
     path = sweep_dir / BEST_MODEL
@@ -231,7 +234,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
         model, _ = trial_checkpoint.restore(
             checkpoint,
             lambda: build_model(best_config(cfg, best), splits.input_shape, splits.num_classes))
-        model.save(path)
+        save_portable(model, path)
     write_best_config(cfg, best, sweep_dir)
 
     test = None

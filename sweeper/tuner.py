@@ -27,14 +27,15 @@ from ray.tune import Callback
 from ray.tune.execution import class_cache as tune_actor_classes
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
 from sweeper.compat import checkpoints_in_saved_state, snapshots_on_a_timer
 from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
 from sweeper.progress import DETAIL, TrialEvents
-from sweeper.scheduler import EarlierEpochsASHA
+from sweeper.scheduler import BudgetedASHA, BudgetedFIFO
 from sweeper.searcher import PruningOptunaSearch, make_sampler
+from sweeper.space import configured_point
 from sweeper.tensorboard import TensorBoardCallback
 from sweeper.trial import run_trial
 
@@ -84,6 +85,8 @@ def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
         study_name=cfg.name,
         max_epochs=cfg.train.epochs,
         max_concurrent=max_concurrent_trials(cfg),
+        points_to_evaluate=[configured_point(cfg, space)] if cfg.search.start_with_defaults
+        else None,
     )
     if warm_trials:
         searcher.add_warm_start(warm_trials)
@@ -94,8 +97,8 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
     """ASHA over epochs (sweeper's, which records its decisions; with
     ``scheduler.compare_earlier_epochs=false`` it decides as Ray's ASHA), or FIFO for none."""
     if cfg.scheduler.name == "none":
-        return FIFOScheduler()
-    return EarlierEpochsASHA(metric=cfg.search.metric, mode=cfg.search.mode,
+        return BudgetedFIFO()
+    return BudgetedASHA(metric=cfg.search.metric, mode=cfg.search.mode,
                              max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
                              reduction_factor=cfg.scheduler.reduction_factor,
                              compare_earlier_epochs=cfg.scheduler.compare_earlier_epochs)
