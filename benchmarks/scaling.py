@@ -51,8 +51,9 @@ def driver_seconds_per_result(workdir: Path) -> float:
     tuner = tune.Tuner(
         tune.with_resources(dummy_trial, {"cpu": 0.1}),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg, build_search_space(cfg),
-                                     open_storage(f"sqlite:///{root}/optuna.db")),
+            search_alg=make_searcher(cfg.search, build_search_space(cfg), cfg.name,
+                                     cfg.train.epochs,
+                                     storage=open_storage(f"sqlite:///{root}/optuna.db")),
             scheduler=scheduler, num_samples=DUMMY_TRIALS, reuse_actors=True),
         run_config=tune.RunConfig(name="trials", storage_path=str(root), verbose=0,
                                   callbacks=sweep_callbacks(root / "tensorboard", space,

@@ -19,6 +19,8 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 
+from sweeper import compat
+
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
 events = logging.getLogger(EVENTS_LOGGER)
@@ -173,7 +175,7 @@ class TrialEvents(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        where = trial.run_metadata.error_filename or "sweep.log"
+        where = compat.trial_error_file(trial) or "sweep.log"
         events.error("Trial %d failed (details: %s in %s)  %s", trial_number(trials, trial),
                      where, trial.path, self._status(trials, ended=trial))
 

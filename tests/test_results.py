@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sweeper.evaluate import classification_metrics
+from sweeper.layout import SweepLayout
 from sweeper.results import (
     COMPLETED,
     EARLY_STOPPED,
@@ -19,9 +20,11 @@ from sweeper.results import (
     all_trials_ended,
     build_summary,
     records_from_results,
-    write_summary,
-    write_trials_csv,
 )
+from sweeper.summary import TestScores, write_trials_csv
+
+TEST_SCORES = TestScores(num_samples=4, accuracy=0.75, precision_macro=0.5, recall_macro=0.5,
+                         f1_macro=0.5, per_class={}, confusion_matrix=[[3, 1], [0, 0]])
 
 
 def record(trial_id: str, lr: float, values: list[float], status: str = COMPLETED,
@@ -87,24 +90,25 @@ def test_macro_averages_cover_the_classes_present_as_scikit_learn_does(true_clas
 def test_summary_states_compute_saved_and_the_best_trial(tmp_path):
     records = [record("a", 1e-3, [0.5, 0.7, 0.8]), record("b", 1e-2, [0.4], EARLY_STOPPED),
                record("c", 1e-1, [0.3, math.nan], FAILED, "training loss became nan")]
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
-                            search_space={"train.lr": "tag(log, interval(1e-4, 1))"},
-                            test={"accuracy": 0.75})
+    typed = build_summary("exp", "val_accuracy", "max", 3, records, SweepLayout(tmp_path),
+                          search_space={"train.lr": "tag(log, interval(1e-4, 1))"},
+                          test=TEST_SCORES)
+    summary = typed.to_dict()
     assert (summary["epochs_trained"], summary["epochs_full_budget"]) == (6, 9)
     assert summary["epochs_saved"] == 3
     assert summary["epochs_ratio"] == pytest.approx(6 / 9, abs=1e-4)
     assert summary["best"]["trial_id"] == "a" and summary["best"]["metric_value"] == 0.8
-    assert summary["error"] is None and summary["test"] == {"accuracy": 0.75}
+    assert summary["error"] is None and summary["test"]["accuracy"] == 0.75
     assert summary["search_space"] == {"train.lr": "tag(log, interval(1e-4, 1))"}
     path = tmp_path / "summary.json"
-    write_summary(summary, path)
+    typed.write(path)
     # A diverged trial's NaN never reaches the file: strict JSON parsers must read it.
     json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
 
 
 def test_trials_csv_has_one_row_per_trial_with_params_status_and_scores(tmp_path):
     records = [record("a", 1e-3, [0.5, 0.7]), record("b", 1e-2, [0.4], EARLY_STOPPED)]
-    summary = build_summary("exp", "val_accuracy", "max", 2, records, tmp_path)
+    summary = build_summary("exp", "val_accuracy", "max", 2, records, SweepLayout(tmp_path))
     path = tmp_path / "trials.csv"
     write_trials_csv(summary, path)
     with path.open() as stream:
@@ -121,7 +125,8 @@ def test_trials_csv_has_one_row_per_trial_with_params_status_and_scores(tmp_path
 def test_a_sweep_whose_trials_all_failed_says_so(tmp_path):
     records = [record("a", 1.0, [math.nan], FAILED, "training loss became nan in epoch 1"),
                record("b", 2.0, [], FAILED, "worker died")]
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path)
+    summary = build_summary("exp", "val_accuracy", "max", 3, records,
+                            SweepLayout(tmp_path)).to_dict()
     assert summary["best"] is None and summary["test"] is None
     assert summary["trial_counts"][FAILED] == 2
     assert summary["error"] == ("all 2 trials failed "
@@ -132,7 +137,7 @@ def test_a_sweep_whose_trials_all_failed_says_so(tmp_path):
 def test_no_finite_score_without_failures_is_named_too(tmp_path):
     summary = build_summary("exp", "val_accuracy", "max", 3,
                             [record("a", 1.0, [math.nan]), record("b", 1.0, [0.5], FAILED, "x")],
-                            tmp_path)
+                            SweepLayout(tmp_path)).to_dict()
     assert summary["error"] == "no trial produced a finite val_accuracy (1 of 2 failed)"
 
 
