@@ -2,7 +2,7 @@
 
 Trials checkpoint every epoch, so writing one must cost little next to an epoch: the
 variables as an ``.npz`` cost a fraction of a Keras archive (``.keras``: h5py and zip
-bookkeeping; benchmarks/RESULTS.md, "fixed costs"). The architecture is not stored: the
+bookkeeping; benchmarks/fixed_costs.py measures both). The architecture is not stored: the
 trial's config rebuilds it (:func:`sweeper.trainer.build_model`), and the sweep exports the
 best trial's model as a ``.keras`` file anyone can load.
 

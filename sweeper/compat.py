@@ -57,7 +57,7 @@ def _attribute(owner: Any, name: str, workaround: str) -> Any:
 # PyTorch Lightning, Lightning-AI/pytorch-lightning#14292, which sweeper's trials don't use).
 # Any runtime env makes Ray start the actor's worker through its setup_worker.py shim: one more
 # Python process per trial worker that imports Ray only to exec the real one, CPU taken from
-# the workers starting beside it (benchmarks/RESULTS.md, "fixed costs"). Tune has no public
+# the workers starting beside it (benchmarks/utilization.py, with and without). Tune has no public
 # setting for it; no upstream issue found. Ray 2.60.
 _TUNE_ENV_WORKAROUND = "Tune's PL_DISABLE_FORK runtime env for trial actors"
 
@@ -244,10 +244,10 @@ def local_gpu_count() -> int:
     return min(detected, len(visible)) if visible is not None else detected
 
 
-# Ray starts an idle worker per CPU as the first driver connects; sweeper's trial actors do not
-# gain from them and their start takes CPU from the trials' (benchmarks/RESULTS.md, "fixed
-# costs"; ray-project/ray#40131 discusses the default). ray.init's _system_config is Ray's only
-# way to turn it off for an in-process Ray. Ray 2.60.
+# Ray starts an idle worker per CPU as the first driver connects; sweeper's trial actors gain
+# nothing from them, and their start takes CPU from the trials' own (benchmarks/utilization.py
+# splits where a worker's start goes; ray-project/ray#40131 discusses the default). ray.init's
+# _system_config is Ray's only way to turn it off for an in-process Ray. Ray 2.60.
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 

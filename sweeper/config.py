@@ -255,7 +255,7 @@ class SweepConfig:
 def register_configs() -> None:
     """Make the schema available to conf/config.yaml's defaults list."""
     # Imported here: every trial worker imports this module for the dataclasses, and Hydra's
-    # config store costs a fresh worker start-up time it never uses (benchmarks/RESULTS.md).
+    # config store costs a fresh worker start-up time it never uses.
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 

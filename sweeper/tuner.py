@@ -272,7 +272,7 @@ def connect(cluster: ClusterConfig, runtime_env: dict[str, Any] | None = None) -
     else:
         # "local" starts a fresh Ray even where `ray start` left a cluster running.
         # No idle workers prestarted for the driver: the trials gain nothing from them
-        # (sweeper.compat.LOCAL_RAY_SYSTEM_CONFIG; benchmarks/RESULTS.md, fixed costs).
+        # (sweeper.compat.LOCAL_RAY_SYSTEM_CONFIG).
         compat.init_local_ray(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                               include_dashboard=False, logging_level=logging.WARNING,
                               runtime_env=runtime_env)
