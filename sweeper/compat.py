@@ -378,7 +378,19 @@ def check_installed() -> list[str]:
     check("Ray's _system_config prestart_worker_first_driver", _system_config_known)
     check("OptunaSearch's _ot_study/_ot_trials/_completed_trials and optuna.Trial", optuna_search)
     check("TensorFlow's gradient registry", lambda: _gradient_registry() is not None)
+    check("ResultGrid._experiment_analysis.trials and Tune's experiment tags", _result_grid)
     return problems
+
+
+def _result_grid() -> bool:
+    """A ResultGrid still reaches its trials, whose experiment tags start with their number."""
+    import inspect
+
+    from ray.tune import ResultGrid
+    from ray.tune.search import search_generator
+
+    return ("_experiment_analysis" in inspect.getsource(ResultGrid.__init__)
+            and "experiment_tag" in inspect.getsource(search_generator.SearchGenerator))
 
 
 def _system_config_known() -> bool:
@@ -501,3 +513,35 @@ def import_tensorflow():
 
 
 _devices_found = False
+
+
+# Ray Tune numbers the trials a searcher creates, from 1, in the experiment tag it gives each
+# (SearchGenerator.create_trial: "<counter>_<sampled values>"). The tag is saved with the
+# experiment state, so the number holds across a resume, while the order of a ResultGrid does
+# not: a grid read back from the sweep folder lists the trials in another order than the one
+# Tuner.fit returned. Tune has no public accessor for the tag (a Result carries neither it nor
+# its Trial), hence ResultGrid._experiment_analysis.trials. Checked with Ray 2.60.
+def trial_creation_number(trial: object) -> int | None:
+    """The number Tune's searcher gave ``trial`` when it created it (from 1), or None for a
+    trial that was not created by a searcher (no numbered experiment tag)."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def result_grid_trial_numbers(grid: object) -> dict[str, int]:
+    """Trial id -> creation number for each trial of a Ray Tune ``ResultGrid``; empty for
+    other collections of results (which do not know their trials).
+
+    Raises:
+        RuntimeError: Ray Tune's ResultGrid no longer keeps its trials where Ray 2.60 did.
+    """
+    from ray.tune import ResultGrid
+
+    if not isinstance(grid, ResultGrid):
+        return {}
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
+    if trials is None:
+        raise CompatibilityError("ray.tune.ResultGrid._experiment_analysis.trials",
+                                 "trial numbers read back from a ResultGrid")
+    return {trial.trial_id: number for trial in trials
+            if (number := trial_creation_number(trial)) is not None}

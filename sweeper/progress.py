@@ -20,6 +20,7 @@ from ray.tune.experiment import Trial
 from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 
 from sweeper import compat
+from sweeper.compat import trial_creation_number
 
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
@@ -108,8 +109,9 @@ def short_values(params: dict[str, Any]) -> str:
 
 def trial_number(trials: list[Trial], trial: Trial) -> int:
     """A trial's number in its sweep, from 1, in the order Tune created the trials (kept on
-    resume): the number the console, sweep.log and TensorBoard's run names use."""
-    return trials.index(trial) + 1
+    resume): the number the console, sweep.log, TensorBoard and summary.json use."""
+    number = trial_creation_number(trial)
+    return trials.index(trial) + 1 if number is None else number
 
 
 class TrialEvents(Callback):
@@ -170,8 +172,8 @@ class TrialEvents(Callback):
         number = trial_number(trials, trial)
         took = time.time() - self._started_at.get(trial.trial_id, time.time())
         epochs = (trial.last_result or {}).get(TRAINING_ITERATION, 0)
-        events.info("Trial %d ended after %s epochs (%.0f s)  %s", number, epochs, took,
-                    self._status(trials, ended=trial))
+        events.info("Trial %d ended after %s epoch%s (%.0f s)  %s", number, epochs,
+                    "" if epochs == 1 else "s", took, self._status(trials, ended=trial))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from sweeper.summary import (
     BestTrial,
     Summary,
     TrialSummary,
+    finite,
 )
 
 __all__ = ["COMPLETED", "EARLY_STOPPED", "FAILED", "UNFINISHED", "TrialRecord",
@@ -49,6 +51,11 @@ class TrialRecord:
     best_checkpoint: str | None = None
     # Seconds the trial trained (Ray's time_total_s at its last report).
     wall_time_s: float | None = None
+    # The node the trial last ran on (Ray's node_ip), so a slow or failing node shows.
+    node: str | None = None
+    # From 1 in the order Tune created the trials: the number on the console, in sweep.log
+    # and in TensorBoard's run names (see sweeper.progress.trial_number).
+    number: int | None = None
 
 
 def trial_status(epochs: int, max_epochs: int, error: str | None, done: bool) -> str:
@@ -86,7 +93,7 @@ def all_trials_ended(records: list[TrialRecord], num_trials: int) -> bool:
 def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]],
                 metric: str, mode: str, max_epochs: int, error: str | None, done: bool,
                 last: dict[str, Any] | None = None, path: str | None = None,
-                checkpoint_at=None) -> TrialRecord:
+                checkpoint_at=None, number: int | None = None) -> TrialRecord:
     """One trial's record from its results, one dict per reported epoch, in order.
 
     Args:
@@ -96,6 +103,7 @@ def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]
         last: The trial's last result (default: the last of ``rows``); a diverged trial's
             says so (sweeper.metrics.DIVERGED) and why.
         checkpoint_at: ``epoch -> path`` of the trial's kept checkpoint of that epoch.
+        number: The trial's number in its sweep (from 1, as on the console), if known.
     """
     seen: set[float] = set()
     history: list[dict[str, float]] = []
@@ -125,12 +133,18 @@ def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]
         path=path,
         best_checkpoint=checkpoint_at(best[1]) if best and checkpoint_at else None,
         wall_time_s=history[-1].get("time_total_s") if history else None,
+        node=last.get("node_ip"),
+        number=number,
     )
 
 
 def records_from_results(grid, metric: str, mode: str, max_epochs: int,
                          sweep_done: bool) -> list[TrialRecord]:
-    """Turn Ray Tune's ResultGrid into TrialRecords, in trial order."""
+    """Turn Ray Tune's ResultGrid into TrialRecords, in the order Tune created the trials
+    (each trial's number as on the console, kept across a resume)."""
+    from sweeper.compat import result_grid_trial_numbers
+
+    numbers = result_grid_trial_numbers(grid)
     records = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -143,8 +157,10 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
             # Tune marks done the result on which the scheduler stopped a trial: in an
             # interrupted sweep that tells ASHA's stops from cut-off trials.
             done=sweep_done or bool(result.metrics.get("done")), last=result.metrics,
-            path=result.path, checkpoint_at=lambda epoch, r=result: _checkpoint_at(r, epoch)))
-    return sorted(records, key=lambda record: record.trial_id)
+            path=result.path, checkpoint_at=lambda epoch, r=result: _checkpoint_at(r, epoch),
+            number=numbers.get(trial_id)))
+    return sorted(records, key=lambda record: (record.number is None, record.number or 0,
+                                               record.trial_id))
 
 
 def records_from_trial_folders(trials_dir: Path, metric: str, mode: str,
@@ -217,14 +233,38 @@ def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
     best = scored[0] if scored else None
     return Summary(
         experiment=experiment, metric=metric, mode=mode, max_epochs=max_epochs,
-        trials=[TrialSummary(trial_id=r.trial_id, config=r.config, status=r.status,
-                             epochs_trained=r.epochs_trained, last_metric_value=r.last_value,
-                             best_metric_value=r.best_value, best_epoch=r.best_epoch,
-                             wall_time_s=r.wall_time_s, error=r.error) for r in records],
+        trials=[TrialSummary(trial_id=r.trial_id, number=r.number, config=r.config,
+                             status=r.status, epochs_trained=r.epochs_trained,
+                             last_metric_value=r.last_value, best_metric_value=r.best_value,
+                             best_epoch=r.best_epoch, wall_time_s=r.wall_time_s,
+                             **_times(r.history), node=r.node,
+                             **_scores_at(r.history, r.best_epoch), error=r.error)
+                for r in records],
         best=None if best is None else BestTrial(
-            trial_id=best.trial_id, config=best.config, metric_value=best.best_value,
+            trial_id=best.trial_id, number=best.number, config=best.config,
+            metric_value=best.best_value,
             epoch=best.best_epoch, epochs_trained=best.epochs_trained,
             checkpoint=layout.relative(best.best_checkpoint)),
         paths=layout.relative_paths(has_best=best is not None),
         **settings,
     )
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _times(history: list[dict[str, float]]) -> dict[str, str | None]:
+    """When a trial started and last reported, in UTC (ISO 8601), from Ray's per-report
+    ``timestamp`` (whole seconds) less the ``time_total_s`` trained by the first report."""
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    if "timestamp" not in first or "timestamp" not in last:
+        return {"started_at": None, "ended_at": None}
+    return {"started_at": _utc(first["timestamp"] - first.get("time_total_s", 0.0)),
+            "ended_at": _utc(last["timestamp"])}
+
+
+def _scores_at(history: list[dict[str, float]], epoch: int | None) -> dict[str, float | None]:
+    """Validation loss and accuracy at the trial's best epoch (None where not reported)."""
+    row = next((h for h in history if epoch is not None and int(h["epoch"]) == epoch), {})
+    return {name: finite(row.get(name)) for name in ("val_loss", "val_accuracy")}

@@ -33,6 +33,8 @@ class TrialSummary:
 
     Attributes:
         trial_id: Ray Tune's trial id (8 hex digits; ``trials/trial_<id>/``).
+        number: From 1 in the order Tune created the trials: the number on the console, in
+            sweep.log and in TensorBoard (None in summaries written before it was kept).
         config: The sampled values, ``{"train.lr": 0.001}``.
         status: completed, early_stopped, failed or unfinished.
         epochs_trained: Epochs the trial reported.
@@ -40,6 +42,9 @@ class TrialSummary:
         best_metric_value: Its best finite value of the search metric (None: none).
         best_epoch: The epoch (1-based) of ``best_metric_value``.
         wall_time_s: Seconds it trained (Ray's ``time_total_s`` at its last report).
+        started_at, ended_at: When it started and last reported (UTC, ISO 8601).
+        node: The node it last ran on (Ray's node IP).
+        val_loss, val_accuracy: At its best epoch.
         error: Why it failed, one line (None unless failed).
     """
 
@@ -50,7 +55,13 @@ class TrialSummary:
     last_metric_value: float | None
     best_metric_value: float | None
     best_epoch: int | None
+    number: int | None = None
     wall_time_s: float | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    node: str | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
     error: str | None = None
 
 
@@ -60,6 +71,7 @@ class BestTrial:
 
     Attributes:
         trial_id: Ray Tune's trial id.
+        number: Its number in the sweep, as on the console (None in older summaries).
         config: Its sampled values.
         metric_value: Its best value of the search metric (validation data only).
         epoch: The epoch that value came at.
@@ -73,6 +85,7 @@ class BestTrial:
     epoch: int
     epochs_trained: int
     checkpoint: str | None = None
+    number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,8 +214,9 @@ class Summary:
             "best": None if self.best is None else _as_dict(self.best),
             "test": None if self.test is None else _as_dict(self.test),
             "paths": dict(self.paths),
-            "trials": [{**_as_dict(t), "last_metric_value": _finite(t.last_metric_value),
-                        "best_metric_value": _finite(t.best_metric_value)}
+            "trials": [{"trial_id": t.trial_id, "number": t.number, **_as_dict(t),
+                        "last_metric_value": finite(t.last_metric_value),
+                        "best_metric_value": finite(t.best_metric_value)}
                        for t in self.trials],
             "state": self.state,
             "data": self.data,
@@ -253,9 +267,15 @@ def _from_dict(cls: type, content: dict[str, Any]):
     return cls(**{key: value for key, value in content.items() if key in names})
 
 
-def _finite(value: float | None) -> float | None:
+def finite(value: float | None) -> float | None:
     """None for a missing or non-finite figure, so summary.json stays strict JSON."""
     return value if value is not None and math.isfinite(value) else None
+
+
+def trial_label(trial: TrialSummary | BestTrial) -> str:
+    """``3 (id 9fe9532e)``: the number people see on the console and in TensorBoard, and
+    Ray's id (folder ``trials/trial_<id>``); just the id for summaries without a number."""
+    return trial.trial_id if trial.number is None else f"{trial.number} (id {trial.trial_id})"
 
 
 def ranked(trials: list[TrialSummary], mode: str) -> list[TrialSummary]:
@@ -280,7 +300,7 @@ def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
             lines.append(f"**The sweep failed:** {summary.error}.")
     else:
         values = ", ".join(f"{key}={cell(value)}" for key, value in best.config.items())
-        lines.append(f"Best: trial {code(best.trial_id)} {metric}={best.metric_value:.4f} at "
+        lines.append(f"Best: trial {code(trial_label(best))} {metric}={best.metric_value:.4f} at "
                      f"epoch {best.epoch} ({summary.mode}imized on validation only) with "
                      f"{code(values) if markdown else '{' + values + '}'}")
     if test:
@@ -336,9 +356,10 @@ def format_table(summary: Summary, limit: int = 5) -> str:
     if not best:
         return "No trial reported a finite " + summary.metric + "."
     params = sorted({key for t in best for key in t.config})
-    header = ["trial", summary.metric, "epoch", "trained", "status", *params]
-    rows = [[t.trial_id, f"{t.best_metric_value:.4f}", str(t.best_epoch), str(t.epochs_trained),
-             t.status, *(cell(t.config.get(p, "")) for p in params)] for t in best]
+    header = ["trial", "id", summary.metric, "epoch", "trained", "status", *params]
+    rows = [[str(t.number or "?"), t.trial_id, f"{t.best_metric_value:.4f}", str(t.best_epoch),
+             str(t.epochs_trained), t.status, *(cell(t.config.get(p, "")) for p in params)]
+            for t in best]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
              for line in [header, *rows]]
@@ -347,22 +368,38 @@ def format_table(summary: Summary, limit: int = 5) -> str:
 
 
 def trials_table(summary: Summary) -> list[dict[str, Any]]:
-    """One row per trial for trials.csv: id, each sampled parameter, status and scores."""
+    """One row per trial for trials.csv, best first (trials without a score last, failed ones
+    among them): number and id, each sampled parameter, status, scores at the best epoch, when
+    and where it ran. Summaries written before these columns existed leave them empty."""
     metric = summary.metric
     params = sorted({key for trial in summary.trials for key in trial.config})
+    sign = -1.0 if summary.mode == "max" else 1.0
+
+    def order(trial: TrialSummary) -> tuple[int, float, str]:
+        value = finite(trial.best_metric_value)
+        if value is None or trial.status == FAILED:
+            return (1, 0.0, trial.trial_id)
+        return (0, sign * value, trial.trial_id)
+
     return [
         {
+            "trial": trial.number,
             "trial_id": trial.trial_id,
             **{key: trial.config.get(key) for key in params},
             "status": trial.status,
             "epochs_trained": trial.epochs_trained,
-            f"best_{metric}": _finite(trial.best_metric_value),
-            f"last_{metric}": _finite(trial.last_metric_value),
+            f"best_{metric}": finite(trial.best_metric_value),
+            f"last_{metric}": finite(trial.last_metric_value),
             "best_epoch": trial.best_epoch,
+            **{name: getattr(trial, name) for name in ("val_loss", "val_accuracy")
+               if name != metric},
             "wall_time_s": trial.wall_time_s,
+            "started_at": trial.started_at,
+            "ended_at": trial.ended_at,
+            "node": trial.node,
             "error": trial.error,
         }
-        for trial in summary.trials
+        for trial in sorted(summary.trials, key=order)
     ]
 
 

@@ -8,7 +8,8 @@ each trial's parameters are written when it starts, so the HParams table shows r
 trials, and its status when it ends, with ``epochs_trained`` and ``stopped_early`` as
 metrics so that trials the scheduler stopped can be told apart. Each trial's run is named
 for people: its number in the sweep and its sampled values (``trial03 lr=0.00229``); its
-HParams session group is its Ray trial id, as in summary.json and trials.csv.
+HParams session group (the "Trial ID" column of the HParams view) is the number and the Ray
+trial id (``trial03 9fe9532e``), as on the console and in summary.json and trials.csv.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def run_name(number: int, params: dict[str, Any]) -> str:
     with no path separator."""
     name = f"trial{number:02d} {short_values(params)}".replace("/", "_").strip()
     return name if len(name) <= RUN_NAME_CHARS else name[:RUN_NAME_CHARS - 1] + "…"
+
+
+def session_group(number: int, trial_id: str) -> str:
+    """A trial's HParams session group, ``trial03 9fe9532e``: sorted by number in the HParams
+    table, with the Ray trial id that names its folder (``trials/trial_<id>``)."""
+    return f"trial{number:02d} {trial_id}"
 
 
 def metric_tags(objective: str) -> tuple[str, ...]:
@@ -247,7 +254,9 @@ class TensorBoardCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self._last_epoch:
             self._runs[trial.trial_id] = run_name(trial_number(trials, trial), trial.config)
-            self.events.start_trial(self._run(trial), trial.config, group=trial.trial_id)
+            self.events.start_trial(self._run(trial), trial.config,
+                                    group=session_group(trial_number(trials, trial),
+                                                        trial.trial_id))
             self._last_epoch[trial.trial_id] = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:

@@ -101,7 +101,8 @@ def trial_rows(sweep_dir: Path) -> dict[str, list[dict]]:
 
 def trial_tensorboard_run(sweep_dir: Path, trial_id: str):
     """A trial's TensorBoard run, reloaded (TensorBoard's EventAccumulator). Runs are named
-    for people (``trial03 lr=0.00229``); the trial id is their HParams session's group."""
+    for people (``trial03 lr=0.00229``); their HParams session's group ends with the trial id
+    (``trial03 9fe9532e``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -110,6 +111,6 @@ def trial_tensorboard_run(sweep_dir: Path, trial_id: str):
         run.Reload()
         start = run.PluginTagToContent("hparams").get("_hparams_/session_start_info")
         if start is not None and plugin_data_pb2.HParamsPluginData.FromString(
-                start).session_start_info.group_name == trial_id:
+                start).session_start_info.group_name.split()[-1] == trial_id:
             return run
     raise AssertionError(f"no TensorBoard run of trial {trial_id} in {sweep_dir / 'tensorboard'}")

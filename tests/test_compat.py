@@ -27,7 +27,7 @@ def test_no_other_module_reaches_into_ray_or_optuna_internals():
     private = re.compile(r"\b(_private|_internal|_ot_study|_ot_trials|_completed_trials|"
                          r"_num_stopped|_brackets|_rungs|_contains|_system_config|"
                          r"DEFAULT_ENV_VARS|get_json_state|run_metadata|experiment_fs_path|"
-                         r"_gradient_registry)\b")
+                         r"_gradient_registry|_experiment_analysis)\b")
     package = Path(compat.__file__).parent
     offenders = [f"{path.name}:{number}" for path in sorted(package.glob("*.py"))
                  if path.name != "compat.py"

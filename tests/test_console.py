@@ -52,6 +52,12 @@ def test_each_trial_event_is_one_line(console, smoke_sweep):
     started = events_of(console, "started")
     assert len(started) == num_trials
     assert all("lr=" in line for line in started)  # with its sampled value
+    # The number a trial has on the console is its number in summary.json and trials.csv.
+    numbers = {re.search(r"\(id (\w+)\)", line).group(1):
+               int(re.search(r"Trial (\d+) started", line).group(1)) for line in started}
+    assert numbers == {trial["trial_id"]: trial["number"] for trial in summary["trials"]}
+    best_line = f"Best: trial {summary['best']['number']} (id {summary['best']['trial_id']}) "
+    assert any(line.startswith(best_line) for line in console)
     rows = trial_rows(smoke_sweep.sweep_dir)
     epochs = events_of(console, "epoch")
     assert len(epochs) == sum(len(trial) for trial in rows.values()) == summary["epochs_trained"]

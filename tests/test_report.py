@@ -7,6 +7,7 @@ run through the real CLI); the all-failed sweep runs the CLI once more, on a tin
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -170,16 +172,22 @@ def test_every_plot_is_a_valid_nontrivial_png_linked_from_the_report(finished):
 def test_trials_csv_agrees_with_summary(finished):
     with (finished.sweep_dir / "trials.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    trials = finished.summary["trials"]
+    trials = {trial["trial_id"]: trial for trial in finished.summary["trials"]}
     assert len(rows) == len(trials) == finished.num_trials
-    for row, trial in zip(rows, trials, strict=True):
-        assert row["trial_id"] == trial["trial_id"]
+    scored = [float(row["best_val_accuracy"]) for row in rows if row["best_val_accuracy"]]
+    assert scored == sorted(scored, reverse=True)  # best first
+    for row in rows:
+        trial = trials[row["trial_id"]]
         assert row["status"] == trial["status"]
         assert int(row["epochs_trained"]) == trial["epochs_trained"]
         assert float(row["best_val_accuracy"]) == trial["best_metric_value"]
         assert float(row["last_val_accuracy"]) == trial["last_metric_value"]
         assert float(row["train.lr"]) == trial["config"]["train.lr"]
         assert float(row["wall_time_s"]) == trial["wall_time_s"] > 0
+        assert float(row["val_loss"]) > 0 and ipaddress.ip_address(row["node"])
+        assert int(row["trial"]) == trial["number"]
+        started, ended = (datetime.fromisoformat(row[key]) for key in ("started_at", "ended_at"))
+        assert started <= ended and (ended - started).total_seconds() >= trial["wall_time_s"] - 2
 
 
 @pytest.mark.slow

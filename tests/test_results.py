@@ -21,7 +21,7 @@ from sweeper.results import (
     build_summary,
     records_from_results,
 )
-from sweeper.summary import TestScores, write_trials_csv
+from sweeper.summary import Summary, TestScores, write_trials_csv
 
 TEST_SCORES = TestScores(num_samples=4, accuracy=0.75, precision_macro=0.5, recall_macro=0.5,
                          f1_macro=0.5, per_class={}, confusion_matrix=[[3, 1], [0, 0]])
@@ -106,20 +106,48 @@ def test_summary_states_compute_saved_and_the_best_trial(tmp_path):
     json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
 
 
-def test_trials_csv_has_one_row_per_trial_with_params_status_and_scores(tmp_path):
-    records = [record("a", 1e-3, [0.5, 0.7]), record("b", 1e-2, [0.4], EARLY_STOPPED)]
-    summary = build_summary("exp", "val_accuracy", "max", 2, records, SweepLayout(tmp_path))
+def test_trials_csv_has_one_row_per_trial_best_first_with_scores_times_and_node(tmp_path):
+    records = [record("a", 1e-3, [0.5, 0.7]), record("b", 1e-2, [0.4], EARLY_STOPPED),
+               record("c", 1.0, [math.nan], FAILED, "training loss became nan in epoch 1"),
+               record("d", 3e-3, [0.6, 0.9, 0.8])]
+    for r in records:
+        for row in r.history:
+            row["val_loss"] = 1.0 - row["val_accuracy"]
+    records[3].node = "10.0.0.7"
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, SweepLayout(tmp_path))
     path = tmp_path / "trials.csv"
     write_trials_csv(summary, path)
     with path.open() as stream:
         rows = list(csv.DictReader(stream))
-    assert [row["trial_id"] for row in rows] == ["a", "b"]
-    assert list(rows[0]) == ["trial_id", "train.lr", "status", "epochs_trained",
-                             "best_val_accuracy", "last_val_accuracy", "best_epoch",
-                             "wall_time_s", "error"]
-    assert float(rows[0]["train.lr"]) == 1e-3 and rows[1]["status"] == EARLY_STOPPED
-    assert float(rows[0]["best_val_accuracy"]) == 0.7 and int(rows[0]["epochs_trained"]) == 2
-    assert float(rows[0]["wall_time_s"]) == 4.0
+    assert [row["trial_id"] for row in rows] == ["d", "a", "b", "c"]  # best first, failed last
+    assert list(rows[0]) == ["trial", "trial_id", "train.lr", "status", "epochs_trained",
+                             "best_val_accuracy", "last_val_accuracy", "best_epoch", "val_loss",
+                             "wall_time_s", "started_at", "ended_at", "node", "error"]
+    best = rows[0]
+    assert float(best["train.lr"]) == 3e-3 and rows[2]["status"] == EARLY_STOPPED
+    assert float(best["best_val_accuracy"]) == 0.9 and int(best["best_epoch"]) == 2
+    assert float(best["last_val_accuracy"]) == 0.8 and int(best["epochs_trained"]) == 3
+    assert float(best["val_loss"]) == pytest.approx(0.1)  # at the best epoch, not the last
+    assert float(best["wall_time_s"]) == 6.0 and best["node"] == "10.0.0.7"
+    # The first report came at 1000 s after 2 s of training; the last at 1002 s (UTC).
+    assert best["started_at"] == "1970-01-01T00:16:38+00:00"
+    assert best["ended_at"] == "1970-01-01T00:16:42+00:00"
+    assert rows[3]["error"].startswith("training loss became nan")
+
+
+def test_trials_csv_of_a_summary_written_before_its_new_columns_leaves_them_empty(tmp_path):
+    content = build_summary("exp", "val_loss", "min", 2,
+                            [record("a", 1e-3, [0.5, 0.3]), record("b", 1e-2, [0.2])],
+                            SweepLayout(tmp_path)).to_dict()
+    for trial in content["trials"]:
+        for key in ("started_at", "ended_at", "node", "val_loss", "val_accuracy"):
+            del trial[key]
+    path = tmp_path / "trials.csv"
+    write_trials_csv(Summary.from_dict(content), path)  # read back as an older summary.json
+    with path.open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["trial_id"] for row in rows] == ["b", "a"]  # mode min: lowest first
+    assert rows[0]["started_at"] == "" and rows[0]["node"] == "" and rows[0]["val_accuracy"] == ""
 
 
 def test_a_sweep_whose_trials_all_failed_says_so(tmp_path):

@@ -105,8 +105,8 @@ def smoke_logs(smoke_sweep):
 
 
 def runs_by_trial(data) -> dict[str, str]:
-    """Trial id (the HParams session group) -> TensorBoard run name."""
-    return {tags[SESSION_START_TAG].session_start_info.group_name: run
+    """Trial id (the end of the HParams session group, ``trial03 9fe9532e``) -> run name."""
+    return {tags[SESSION_START_TAG].session_start_info.group_name.split()[-1]: run
             for run, tags in data.items() if SESSION_START_TAG in tags}
 
 
@@ -128,6 +128,12 @@ def test_one_run_per_trial_plus_the_experiment_named_for_people(smoke_logs):
     numbers = sorted(int(re.match(r"trial(\d\d) lr=[\d.e-]+$", run).group(1))
                      for run in runs.values())
     assert numbers == list(range(1, summary["num_trials"] + 1))
+    # The HParams table's "Trial ID" is the number the console shows, then Ray's id.
+    groups = {tags[SESSION_START_TAG].session_start_info.group_name
+              for tags in data.values() if SESSION_START_TAG in tags}
+    assert groups == {f"trial{t['number']:02d} {t['trial_id']}" for t in summary["trials"]}
+    for trial in summary["trials"]:
+        assert runs[trial["trial_id"]].startswith(f"trial{trial['number']:02d} ")
 
 
 @pytest.mark.slow
