@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks import (
+    cnn_tuned,
     data_loading,
     own_model,
     plots,
@@ -71,7 +72,8 @@ def main() -> None:
     ran.update({name: stamp for name in chosen})
     _draw(figures, args.out.parent)
     text = _render(figures)
-    for own_command in (data_loading, own_model):  # measured by their own commands
+    # Measured (or, for cnn_tuned, read from its sweep) by their own commands.
+    for own_command in (data_loading, own_model, cnn_tuned):
         kept = own_command.recorded_section(args.out)
         if kept:
             text = f"{text}\n{kept}"

@@ -46,7 +46,9 @@ class SweepResult:
         summary: The typed summary.json (:class:`sweeper.summary.Summary`).
         layout: Every path of the sweep folder (:class:`sweeper.layout.SweepLayout`).
         state: ``complete``; ``interrupted`` (re-running the same config resumes it);
-            ``already_complete`` (:func:`run` found it finished and trained nothing).
+            ``time_budget`` (search.time_budget_s ran out: the best so far, scored; running
+            it again continues); ``already_complete`` (:func:`run` found it finished and
+            trained nothing).
     """
 
     summary: Summary

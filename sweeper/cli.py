@@ -30,7 +30,14 @@ from sweeper.overrides import (
     quote_space_overrides,
     split_hydra_args,
 )
-from sweeper.summary import STATE_INTERRUPTED, Summary, file_lines, format_table, outcome_lines
+from sweeper.summary import (
+    STATE_INTERRUPTED,
+    STATE_TIME_BUDGET,
+    Summary,
+    file_lines,
+    format_table,
+    outcome_lines,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -223,6 +230,11 @@ def hydra_main(cfg: DictConfig) -> None:
              f"{outcome.sweep_dir}. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     report_outcome(outcome)
+    if outcome.state == STATE_TIME_BUDGET:
+        counts = outcome.summary.trial_counts
+        _say(f"Time budget of {outcome.summary.time_budget_s:g} s spent after "
+             f"{sum(counts.values())} trials ({counts}); the results above are the best so far. "
+             f"Continue the sweep with: {resume_command()}")
 
 
 def main(argv: list[str] | None = None) -> None:

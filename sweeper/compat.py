@@ -379,6 +379,9 @@ def check_installed() -> list[str]:
     check("OptunaSearch's _ot_study/_ot_trials/_completed_trials and optuna.Trial", optuna_search)
     check("TensorFlow's gradient registry", lambda: _gradient_registry() is not None)
     check("ResultGrid._experiment_analysis.trials and Tune's experiment tags", _result_grid)
+    check("Tune's Ctrl-C handler (search.time_budget_s ends a run through it)",
+          lambda: "def signal_interrupt_tune_run" in inspect.getsource(
+              __import__("ray.tune.tune", fromlist=["tune"])))
     return problems
 
 
@@ -545,3 +548,39 @@ def result_grid_trial_numbers(grid: object) -> dict[str, int]:
                                  "trial numbers read back from a ResultGrid")
     return {trial.trial_id: number for trial in trials
             if (number := trial_creation_number(trial)) is not None}
+
+
+# Ray Tune ends a run gracefully on Ctrl-C (SIGINT): the handler tune.run installs for it sets
+# the run's "experiment interrupted" event, the controller's loop ends after its current step,
+# the experiment is saved one last time and Tuner.restore resumes it (Ray 2.60,
+# ray/tune/tune.py _setup_signal_catching). Tune has no public call that ends a run that way
+# (Stopper.stop_all, behind Tune's own time_budget_s, terminates every trial and finishes the
+# searcher, so nothing is left to resume: ray-project/ray#19240, and #30584 for fail_fast), so
+# search.time_budget_s calls that handler. Where no such handler is installed (fit outside
+# the main thread) it warns instead and the run goes on to its end.
+def end_tune_run_gracefully() -> None:
+    """End the Ray Tune run in progress as Ctrl-C would, once; the caller is in its loop."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__name__", "") != "signal_interrupt_tune_run":
+        logger.warning("Cannot end the Ray Tune run before its end: Tune's Ctrl-C handler is "
+                       "not installed (checked with Ray 2.60); the sweep goes on")
+        return
+    tune_logger = logging.getLogger("ray.tune.tune")
+    # Its warning speaks of a stop signal and Ctrl+C; the caller says why the run ends.
+    not_a_signal = _WithoutMessage("Stop signal received")
+    tune_logger.addFilter(not_a_signal)
+    try:
+        handler(signal.SIGINT, None)
+    finally:
+        tune_logger.removeFilter(not_a_signal)
+
+
+class _WithoutMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)

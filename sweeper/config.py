@@ -27,7 +27,11 @@ DATASETS = ("mnist", "fashion_mnist", "image_folder", "npz", "cifar10", "cifar10
 LOCAL_DATASETS = ("fashion_mnist", "image_folder", "npz")
 COLOR_MODES = ("rgb", "grayscale")
 PADDINGS = ("valid", "same")
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+# Learning-rate schedules over the sweep's full budget (train.epochs), after linear warmup.
+SCHEDULES = ("constant", "cosine", "exponential", "step")
+FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+POOLINGS = ("flatten", "global_average")
 # Keras dtype policies: float16 compute suits GPUs with tensor cores, bfloat16 newer GPUs/CPUs.
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")  # auto: XLA on GPUs, not on CPUs (Keras' default)
@@ -111,6 +115,19 @@ class ModelConfig:
     # Convolutions and poolings: valid (the classic network; each layer shrinks the image)
     # or same (zero-padded: small images keep their size through the convolutions).
     padding: str = "valid"
+    # Depth: 0 is the classic network (three convolutions, two poolings); N >= 1 stacks N
+    # blocks of ``convs_per_block`` convolutions of filters * 2**block each, every block
+    # ending in a 2x2 max pooling (VGG-style; each block halves the image).
+    blocks: int = 0
+    convs_per_block: int = 1
+    # Batch normalization between every convolution and its ReLU.
+    batch_norm: bool = False
+    # How the last feature map becomes a vector: flatten (the classic network) or
+    # global_average (one value per channel: far fewer dense weights).
+    pooling: str = "flatten"
+    # Dropout placement: ``dropout`` before the output layer (the classic place);
+    # ``conv_dropout`` after every pooling (spatial regularization).
+    conv_dropout: float = 0.0
 
 
 @dataclass
@@ -129,6 +146,37 @@ class TrainConfig:
     seed: int = 0
     precision: str = "float32"
     jit_compile: str = "auto"
+    # Optimizer details: momentum of sgd and rmsprop (adam and adamw have their own betas and
+    # ignore it, so one search may sample both), Nesterov's variant for sgd, decoupled
+    # weight decay (Keras applies it to every optimizer: adamw is Adam with it, Loshchilov &
+    # Hutter), and clipping of the gradients' global norm (0: off).
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+    # Cross-entropy against labels smoothed toward the uniform distribution (0: off).
+    label_smoothing: float = 0.0
+    # Learning rate over the full budget train.epochs (a trial ASHA stops early saw the rates
+    # it would have seen going on): linear warmup from lr / warmup steps to lr over
+    # ``warmup_epochs``, then constant, cosine (to lr * min_lr_ratio), exponential (to
+    # lr * decay_rate at the end) or step (times decay_rate at 1/2 and 3/4 of the budget).
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    min_lr_ratio: float = 0.0
+    decay_rate: float = 0.1
+    # Augmentation, in training only (Keras preprocessing layers inside the model, inactive
+    # when it predicts): random flip; translation, zoom as a fraction of the image's size;
+    # rotation as a fraction of a full turn; contrast factor; erasing: the chance that a random
+    # patch of each image is replaced by noise (random erasing / cutout). 0 / none: off.
+    flip: str = "none"
+    translation: float = 0.0
+    rotation: float = 0.0
+    zoom: float = 0.0
+    contrast: float = 0.0
+    erasing: float = 0.0
+    # Within-trial early stopping: stop after this many epochs without a better
+    # search.metric (0: off; for sweeps without a scheduler, which stops trials itself).
+    patience: int = 0
 
 
 @dataclass
@@ -154,6 +202,13 @@ class SearchConfig:
     warm_start: str | None = None
     # The study to read from warm_start; None takes its only study.
     warm_start_study: str | None = None
+    # The first trial trains the config's own values of the searched settings (a recipe the
+    # experiment chose), before the sampler's: a time-limited search starts from it.
+    start_with_defaults: bool = False
+    # Seconds after which no new trial starts; running trials pause at their next epoch and
+    # the sweep ends with its results, resumable by a re-run (which gets the budget anew).
+    # None: no limit.
+    time_budget_s: float | None = None
     # Nested by config path, e.g. {"train": {"lr": "tag(log, interval(1e-4, 1e-1))"}}.
     space: dict[str, Any] = field(default_factory=dict)
 
@@ -341,6 +396,13 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
         _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
         _require(model.l2 >= 0.0, "model.l2", model.l2, "must be >= 0")
         _one_of("model.padding", model.padding, PADDINGS)
+        _require(0 <= model.blocks <= 8, "model.blocks", model.blocks,
+                 "must be 0 (the classic network) to 8 conv blocks")
+        _require(model.convs_per_block >= 1, "model.convs_per_block", model.convs_per_block,
+                 "must be >= 1")
+        _one_of("model.pooling", model.pooling, POOLINGS)
+        _require(0.0 <= model.conv_dropout < 1.0, "model.conv_dropout", model.conv_dropout,
+                 "must be in [0, 1)")
 
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
@@ -351,15 +413,49 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
              "must be a positive number")
     _require(0.0 < train.validation_fraction < 1.0, "train.validation_fraction",
              train.validation_fraction, "must be in (0, 1)")
+    _require(0.0 <= train.momentum < 1.0, "train.momentum", train.momentum, "must be in [0, 1)")
+    for key in ("weight_decay", "clip_norm"):
+        value = getattr(train, key)
+        _require(math.isfinite(value) and value >= 0, f"train.{key}", value,
+                 "must be >= 0 (0: off)")
+    _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing",
+             train.label_smoothing, "must be in [0, 1)")
+    _one_of("train.schedule", train.schedule, SCHEDULES)
+    _require(0 <= train.warmup_epochs < train.epochs, "train.warmup_epochs",
+             train.warmup_epochs, f"must be >= 0 and below train.epochs ({train.epochs})")
+    _require(0.0 <= train.min_lr_ratio <= 1.0, "train.min_lr_ratio", train.min_lr_ratio,
+             "must be in [0, 1]")
+    _require(0.0 < train.decay_rate <= 1.0, "train.decay_rate", train.decay_rate,
+             "must be in (0, 1]")
+    _one_of("train.flip", train.flip, FLIPS)
+    for key in ("translation", "rotation", "zoom", "contrast"):
+        value = getattr(train, key)
+        _require(0.0 <= value < 1.0, f"train.{key}", value, "must be in [0, 1) (0: off)")
+    _require(0.0 <= train.erasing <= 1.0, "train.erasing", train.erasing,
+             "must be in [0, 1] (the chance an image gets a patch erased; 0: off)")
+    _require(train.patience >= 0, "train.patience", train.patience,
+             "must be >= 0 epochs (0: no early stopping within a trial)")
+
+
+def cnn_stages(model: ModelConfig) -> list[str]:
+    """The CNN's layers that change the image's size, in order: "convolution" or "pooling"
+    names as :func:`sweeper.model.cnn` stacks them."""
+    if model.blocks == 0:  # the classic network: three convolutions, two poolings between
+        return ["first convolution", "first pooling", "second convolution", "second pooling",
+                "third convolution"]
+    stages = []
+    for block in range(1, model.blocks + 1):
+        stages += [f"block {block} convolution"] * model.convs_per_block
+        stages.append(f"block {block} pooling")
+    return stages
 
 
 def feature_map_size(model: ModelConfig, height: int, width: int) -> tuple[int, int, str]:
     """The smallest feature map of the CNN for ``height`` x ``width`` images, and the layer
-    where it is reached: plain arithmetic of the layers :func:`sweeper.model.build_cnn`
-    stacks (three convolutions with two 2x2 poolings between them)."""
+    where it is reached: plain arithmetic of the layers :func:`sweeper.model.cnn` stacks
+    (:func:`cnn_stages`)."""
     size = (height, width)
-    stages = ("first convolution", "first pooling", "second convolution", "second pooling",
-              "third convolution")
+    stages = cnn_stages(model)
     for stage in stages:
         if stage.endswith("convolution"):
             if model.padding == "valid":
@@ -377,14 +473,22 @@ def check_input_fits(model: ModelConfig, height: int, width: int) -> None:
     """Refuse images the CNN would shrink below one pixel, before any trial builds it.
 
     Raises:
-        ConfigError: naming model.padding, the image size and the size it reached.
+        ConfigError: naming model.padding (the classic network) or model.blocks, the image
+            size and the size it reached.
     """
     rows, cols, stage = feature_map_size(model, height, width)
-    if rows < 1 or cols < 1:
+    if rows >= 1 and cols >= 1:
+        return
+    if model.blocks == 0:
         raise ConfigError("model.padding", model.padding,
                           f"{height}x{width} images shrink to {rows}x{cols} pixels at the CNN's "
                           f"{stage} (kernel {model.kernel_size}); use model.padding=same, or "
                           "larger images with data.image_size=[height,width]")
+    raise ConfigError("model.blocks", model.blocks,
+                      f"{height}x{width} images shrink to {rows}x{cols} pixels at the CNN's "
+                      f"{stage} (convs_per_block {model.convs_per_block}, kernel "
+                      f"{model.kernel_size}, padding {model.padding}); use fewer blocks, "
+                      "model.padding=same, or larger images")
 
 
 def validate_sweep_settings(cfg: SweepConfig) -> None:
@@ -399,6 +503,9 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
     _require(search.num_trials >= 1, "search.num_trials", search.num_trials, "must be >= 1")
     _require(search.n_startup_trials >= 0, "search.n_startup_trials", search.n_startup_trials,
              "must be >= 0")
+    budget = search.time_budget_s
+    _require(budget is None or (math.isfinite(budget) and budget > 0), "search.time_budget_s",
+             budget, "must be a positive number of seconds, or null for no limit")
 
     scheduler = cfg.scheduler
     _one_of("scheduler.name", scheduler.name, SCHEDULERS)
@@ -527,16 +634,22 @@ class TrialSettings:
 
     Attributes:
         model: The CNN's settings, or a user's builder's (``_target_`` and its arguments).
-        train: Epochs, batch size, optimizer, learning rate, seed, precision, XLA.
+        train: Epochs, batch size, optimizer, learning rate, seed, precision, XLA, ...
+        metric, mode: What ``train.patience`` watches (the search's metric and mode).
     """
 
     model: ModelConfig | dict[str, Any] = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    metric: str = "val_accuracy"
+    mode: str = "max"
 
     @classmethod
-    def of(cls, cfg: SweepConfig) -> TrialSettings:
-        """The settings of a (trial's) sweep config."""
-        return cls(model=cfg.model, train=cfg.train)
+    def of(cls, cfg: SweepConfig | TrialSettings) -> TrialSettings:
+        """The settings of a (trial's) sweep config; TrialSettings come back as they are."""
+        if isinstance(cfg, TrialSettings):
+            return cfg
+        return cls(model=cfg.model, train=cfg.train, metric=cfg.search.metric,
+                   mode=cfg.search.mode)
 
 
 def apply_params(cfg: SweepConfig, params: Mapping[str, Any]) -> SweepConfig:

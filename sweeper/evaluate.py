@@ -189,9 +189,11 @@ def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
 
 def retrain_here(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
     """:func:`retrain_model` in this process, returned as its saved archive."""
+    from sweeper.model import save_portable
+
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / SweepLayout.BEST_MODEL
-        retrain_model(cfg, best, splits).save(path)
+        save_portable(retrain_model(cfg, best, splits), path)
         return RetrainedModel(path.read_bytes())
 
 
@@ -211,6 +213,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
     import keras
 
     from sweeper import checkpoint as trial_checkpoint
+    from sweeper.model import save_portable
     from sweeper.trainer import build_model
 
     layout = SweepLayout(Path(sweep_dir))
@@ -230,7 +233,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
             checkpoint,
             lambda: build_model(TrialSettings.of(best_config(cfg, best)), splits.input_shape,
                                 splits.num_classes))
-        model.save(path)
+        save_portable(model, path)
     write_best_config(cfg, best, sweep_dir)
 
     test = None

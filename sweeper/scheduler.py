@@ -21,15 +21,20 @@ two runs of one sweep can be compared decision by decision.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.result import TRAINING_ITERATION
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from sweeper import compat
+from sweeper.compat import end_tune_run_gracefully
+from sweeper.progress import EVENTS_LOGGER, trial_number
 
+events = logging.getLogger(EVENTS_LOGGER)
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
     """The epochs at which ASHA (one bracket) decides: grace_period * reduction_factor**k."""
@@ -68,6 +73,96 @@ def behind_earlier_results(own_best: float, others_best: list[float],
 # or the budget (the trial trained all train.epochs).
 BY_ASHA, BY_EARLIER_EPOCHS, BY_BUDGET = "asha", "earlier_epochs", "budget"
 CONTINUE, STOP, FULL_BUDGET = "continue", "stop", "full_budget"
+
+
+class TimeBudget:
+    """``search.time_budget_s`` of the sweep this driver runs: seconds from the first time
+    the scheduler is asked for a trial to start (a resumed sweep gets its budget anew).
+
+    One per driver process (:data:`TIME_BUDGET`), armed by the sweep before ``fit``: the
+    schedulers read it, so the budget of a re-run applies to a sweep restored from its
+    folder, whose scheduler Tune unpickles as it was.
+    """
+
+    def __init__(self) -> None:
+        self.arm(None)
+
+    def arm(self, seconds: float | None) -> None:
+        """Start counting anew, with ``seconds`` (None: no limit)."""
+        self.seconds, self.started, self.spent = seconds, None, False
+        self.ended = False  # the run was told to end
+
+    def expired(self) -> bool:
+        """Whether the budget is spent (starts the clock on its first call)."""
+        if self.seconds is None:
+            return False
+        if self.started is None:
+            self.started = time.monotonic()
+        self.spent = self.spent or time.monotonic() - self.started >= self.seconds
+        return self.spent
+
+
+TIME_BUDGET = TimeBudget()
+
+
+class BudgetedScheduling:
+    """What a scheduler does once the sweep's :data:`TIME_BUDGET` is spent: start no trial
+    (new, pending or paused), pause every running trial at its next epoch (Tune keeps its
+    checkpoint; a re-run resumes it), and, when none runs any more, end the run the way
+    Ctrl-C does, so the experiment is saved for a resume. Mixed into the schedulers below.
+
+    A trial counts as running from the moment it is chosen to start: its worker may still be
+    importing TensorFlow (Tune calls it PENDING until the worker is up), and it trains its
+    first epoch whatever the budget says by then.
+    """
+
+    def _in_flight(self) -> set[str]:
+        # Set lazily: a scheduler Tune restores from an older sweep was pickled without it.
+        if not hasattr(self, "_started_trials"):
+            self._started_trials: set[str] = set()
+        return self._started_trials
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        if not TIME_BUDGET.expired():
+            trial = super().choose_trial_to_run(tune_controller)
+            if trial is not None:
+                self._in_flight().add(trial.trial_id)
+            return trial
+        running = any(trial.status == Trial.RUNNING for trial in tune_controller.get_trials())
+        if not running and not self._in_flight() and not TIME_BUDGET.ended:
+            events.info("The time budget of %g s is spent and no trial runs: ending the sweep "
+                        "with its results so far", TIME_BUDGET.seconds)
+            TIME_BUDGET.ended = True
+            end_tune_run_gracefully()
+        return None
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.CONTINUE and TIME_BUDGET.expired():
+            events.info("Trial %d paused after epoch %s: the time budget of %g s is spent",
+                        trial_number(tune_controller.get_trials(), trial),
+                        result.get(TRAINING_ITERATION), TIME_BUDGET.seconds)
+            action = TrialScheduler.PAUSE
+        if action != TrialScheduler.CONTINUE:
+            self._in_flight().discard(trial.trial_id)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._in_flight().discard(trial.trial_id)
+
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_error(tune_controller, trial)
+        self._in_flight().discard(trial.trial_id)
+
+    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        super().on_trial_remove(tune_controller, trial)
+        self._in_flight().discard(trial.trial_id)
+
+
+class BudgetedFIFO(BudgetedScheduling, FIFOScheduler):
+    """Ray's FIFO scheduler (``scheduler=none``: every trial trains all its epochs) that
+    keeps the sweep's time budget."""
 
 
 class EarlierEpochsASHA(AsyncHyperBandScheduler):
@@ -155,3 +250,8 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
                 cutoff = bracket.cutoff(others)
                 return None if cutoff is None else float(self._metric_op * cutoff)
         return None
+
+
+class BudgetedASHA(BudgetedScheduling, EarlierEpochsASHA):
+    """:class:`EarlierEpochsASHA` that keeps the sweep's time budget: its decisions are
+    taken (and recorded) first, and a trial it lets go on pauses once the budget is spent."""

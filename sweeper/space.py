@@ -19,6 +19,7 @@ step=16)`` samples 16, 32, 48 or 64 and never 65.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -237,6 +238,36 @@ def build_search_space(cfg: SweepConfig) -> dict[str, BaseDistribution]:
         _check_bounds(cfg, key, expression, distribution)
         space[key] = distribution
     return space
+
+
+def configured_point(cfg: SweepConfig, space: Mapping[str, BaseDistribution]) -> dict[str, Any]:
+    """The config's own values of the searched settings, as a point of ``space``: the first
+    trial of a sweep with ``search.start_with_defaults``.
+
+    Raises:
+        ConfigError: A configured value lies outside its setting's search space (the searcher
+            would sample another value instead of trying it).
+    """
+    point = {}
+    for key, distribution in space.items():
+        group, _, name = key.partition(".")
+        section = getattr(cfg, group)
+        value = section.get(name) if isinstance(section, Mapping) else getattr(section, name)
+        if isinstance(distribution, CategoricalDistribution):
+            inside = value in distribution.choices
+        else:
+            inside = (_fits_type(value, float) and distribution.low <= value <= distribution.high
+                      and (distribution.step is None
+                           or math.isclose((value - distribution.low) / distribution.step,
+                                           round((value - distribution.low) / distribution.step))))
+        if not inside:
+            expression = flatten_space(cfg.search.space).get(key)
+            raise ConfigError("search.start_with_defaults", True,
+                              f"the first trial trains the configured {key}={value!r}, which "
+                              f"is outside its search space {expression}; set {key} to a value "
+                              "the space holds")
+        point[key] = value
+    return point
 
 
 def declared_type(cfg: SweepConfig, group: str, name: str) -> type | None:

@@ -23,8 +23,9 @@ FAILED = "failed"
 UNFINISHED = "unfinished"
 STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, UNFINISHED)
 
-# summary.json's ``state``: every trial ended, or the sweep was cut off (a resume continues it).
-STATE_COMPLETE, STATE_INTERRUPTED = "complete", "interrupted"
+# summary.json's ``state``: every trial ended; the sweep was cut off (a resume continues it);
+# search.time_budget_s ran out (results of the trials so far, best model scored; resumable).
+STATE_COMPLETE, STATE_INTERRUPTED, STATE_TIME_BUDGET = "complete", "interrupted", "time_budget"
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class Summary:
         best: The best trial, None when no trial produced a finite metric.
         test: The best model's test scores, None when not evaluated.
         search_space: The flat search space as written, ``{"train.lr": "tag(log, ...)"}``.
-        state: complete or interrupted.
+        state: complete, interrupted or time_budget.
+        time_budget_s: The time budget that ran out (None unless state is time_budget).
         data: The data's description (name, input shape, classes, split sizes).
         study: The Optuna study's storage (relative to the folder for a SQLite file) and name.
         reproducible: Whether search.reproducible was on.
@@ -152,6 +154,7 @@ class Summary:
     test: TestScores | None = None
     search_space: dict[str, str] = field(default_factory=dict)
     state: str = STATE_COMPLETE
+    time_budget_s: float | None = None
     data: dict[str, Any] | None = None
     study: dict[str, str] | None = None
     reproducible: bool = False
@@ -219,6 +222,8 @@ class Summary:
                         "best_metric_value": finite(t.best_metric_value)}
                        for t in self.trials],
             "state": self.state,
+            # Only where the budget ran out, as summaries have held it since issue 24.
+            **({} if self.time_budget_s is None else {"time_budget_s": self.time_budget_s}),
             "data": self.data,
             "study": self.study,
             "reproducible": self.reproducible,
@@ -242,6 +247,7 @@ class Summary:
             test=None if test is None else TestScores.from_dict(test),
             search_space=dict(content.get("search_space") or {}),
             state=content.get("state", STATE_COMPLETE),
+            time_budget_s=content.get("time_budget_s"),
             data=content.get("data"), study=content.get("study"),
             reproducible=bool(content.get("reproducible", False)),
             scheduler_decisions=content.get("scheduler_decisions"),

@@ -37,7 +37,7 @@ from sweeper.data import Splits, check_source, load_splits
 from sweeper.layout import SweepLayout
 from sweeper.report import publish
 from sweeper.results import all_trials_ended, build_summary, rank, records_from_results
-from sweeper.space import build_search_space, flatten_space
+from sweeper.space import build_search_space, configured_point, flatten_space
 from sweeper.study import (
     earlier_trials,
     open_storage,
@@ -45,7 +45,13 @@ from sweeper.study import (
     storage_url,
     study_url_in_sweep,
 )
-from sweeper.summary import STATE_COMPLETE, STATE_INTERRUPTED, Summary, TestScores
+from sweeper.summary import (
+    STATE_COMPLETE,
+    STATE_INTERRUPTED,
+    STATE_TIME_BUDGET,
+    Summary,
+    TestScores,
+)
 
 if TYPE_CHECKING:
     from sweeper.api import SweepResult
@@ -62,11 +68,14 @@ class SweepFailed(RuntimeError):
 RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery", "final",
                 "verbose")
 NEW, INTERRUPTED, COMPLETE = "new", STATE_INTERRUPTED, STATE_COMPLETE
+TIME_BUDGET_SPENT = STATE_TIME_BUDGET
 
 
 def config_fingerprint(cfg: SweepConfig) -> dict[str, Any]:
     """The settings that define a sweep's results; resuming needs all of them unchanged."""
     plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    # A re-run may give the rest of a sweep another time budget (null: run it to the end).
+    plain["search"].pop("time_budget_s", None)
     return {key: value for key, value in plain.items() if key not in RUNTIME_KEYS}
 
 
@@ -166,6 +175,8 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
                 if key.startswith("model.")}
     check_builder(typed.model, searched)
     space = build_search_space(typed)
+    if typed.search.start_with_defaults:
+        configured_point(typed, space)  # refuses a configured value the space does not hold
     if image_size is not None:
         check_model_fits(typed, space, image_size)
     return typed, space
@@ -195,23 +206,41 @@ def mark_validated(cfg: SweepConfig, space: dict[str, BaseDistribution]) -> None
 
 def check_model_fits(cfg: SweepConfig, space: dict[str, BaseDistribution],
                      image_size: tuple[int, ...]) -> None:
-    """Refuse images the CNN would shrink below one pixel with the configured padding and
-    kernel, or with any padding or (largest) kernel the search may sample."""
+    """Refuse images the CNN would shrink below one pixel with the configured padding, kernel
+    and depth, or with any padding or (largest) kernel, block count and convolutions per
+    block the search may sample."""
     if not isinstance(cfg.model, ModelConfig):
         return  # a user's model is built once on the driver instead (check_network)
-    paddings, kernels = {cfg.model.padding}, {cfg.model.kernel_size}
+    paddings = {cfg.model.padding}
     searched_padding = space.get("model.padding")
     if isinstance(searched_padding, CategoricalDistribution):
         paddings |= set(searched_padding.choices)
-    searched_kernel = space.get("model.kernel_size")
-    if isinstance(searched_kernel, CategoricalDistribution):
-        kernels |= {int(choice) for choice in searched_kernel.choices}
-    elif searched_kernel is not None:
-        kernels.add(int(searched_kernel.high))
+    largest = {name: _largest(space.get(f"model.{name}"), getattr(cfg.model, name))
+               for name in ("kernel_size", "blocks", "convs_per_block")}
+    depths = {largest["blocks"]}
+    searched_blocks = space.get("model.blocks")
+    if cfg.model.blocks == 0 or (searched_blocks is not None and _smallest(searched_blocks) == 0):
+        depths.add(0)  # the classic network's three convolutions
     for padding in sorted(paddings, reverse=True):  # valid first: it shrinks the most
-        for kernel in sorted(kernels, reverse=True):
-            check_input_fits(dataclasses.replace(cfg.model, padding=padding, kernel_size=kernel),
+        for blocks in sorted(depths):
+            check_input_fits(dataclasses.replace(cfg.model, padding=padding,
+                                                 **{**largest, "blocks": blocks}),
                              int(image_size[0]), int(image_size[1]))
+
+
+def _largest(distribution: BaseDistribution | None, configured: int) -> int:
+    """The largest integer a searched setting may take (its configured value if not searched)."""
+    if distribution is None:
+        return configured
+    if isinstance(distribution, CategoricalDistribution):
+        return max(configured, *(int(choice) for choice in distribution.choices))
+    return max(configured, int(distribution.high))
+
+
+def _smallest(distribution: BaseDistribution) -> int:
+    if isinstance(distribution, CategoricalDistribution):
+        return min(int(choice) for choice in distribution.choices)
+    return int(distribution.low)
 
 
 def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
@@ -232,6 +261,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         cfg_t = fresh_variant(cfg_t)
     import ray
 
+    from sweeper.scheduler import TIME_BUDGET
     from sweeper.tuner import build_tuner, connect, read_scheduler_decisions, tune_settings
 
     layout = SweepLayout.for_config(cfg_t)
@@ -261,15 +291,19 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         if joins_cluster(cfg_t.cluster):
             log_cluster()
         tuner = build_tuner(cfg_t, space, splits, layout, storage, warm_trials)
+        TIME_BUDGET.arm(cfg_t.search.time_budget_s)
         with tune_settings(cfg_t):
             grid = tuner.fit()
         # Once all trials have ended no record is unfinished, so sweep_done changes nothing.
         records = records_from_results(grid, cfg_t.search.metric, cfg_t.search.mode,
                                        cfg_t.train.epochs, sweep_done=False)
         done = all_trials_ended(records, cfg_t.search.num_trials)
+        budget_spent = not done and TIME_BUDGET.spent
         ranked = rank(records, cfg_t.search.mode)
-        # Still on Ray: a retrain of the best config runs where the trials ran.
-        test = export_final(cfg_t, ranked[0], splits, layout.root) if ranked and done else None
+        # Still on Ray: a retrain of the best config runs where the trials ran. A sweep whose
+        # time budget ran out is scored too: its best so far is the answer it had time for.
+        test = (export_final(cfg_t, ranked[0], splits, layout.root)
+                if ranked and (done or budget_spent) else None)
     finally:
         if started_ray:
             ray.shutdown()
@@ -277,7 +311,9 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         cfg_t.name, cfg_t.search.metric, cfg_t.search.mode, cfg_t.train.epochs, records, layout,
         search_space=flatten_space(cfg_t.search.space),
         test=None if test is None else TestScores.from_dict(test),
-        state=COMPLETE if done else INTERRUPTED, data=splits.describe(),
+        state=COMPLETE if done else TIME_BUDGET_SPENT if budget_spent else INTERRUPTED,
+        time_budget_s=cfg_t.search.time_budget_s if budget_spent else None,
+        data=splits.describe(),
         study={"storage": study_url_in_sweep(storage.url, layout.root),
                "study_name": cfg_t.name},
         reproducible=cfg_t.search.reproducible,

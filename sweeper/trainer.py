@@ -8,6 +8,7 @@ compiled training step are built once per trial.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sweeper.compat import custom_gradient_names, forget_custom_gradients, import_tensorflow
-from sweeper.config import TrialSettings
+from sweeper.config import SweepConfig, TrainConfig, TrialSettings
 from sweeper.data import Splits
 from sweeper.metrics import METRIC_NAMES
 
@@ -188,13 +189,13 @@ def build_model(cfg: TrialSettings, input_shape: tuple[int, ...], num_classes: i
     import keras
 
     from sweeper.builder import from_logits
-    from sweeper.model import build_cnn, compile_model
+    from sweeper.model import augmentation, build_cnn, compile_model
 
     keras.utils.set_random_seed(cfg.train.seed)
     # The policy is global to the process: set it for every build, a reused worker included.
     keras.mixed_precision.set_dtype_policy(cfg.train.precision)
-    model = compile_model(build_cnn(cfg.model, input_shape, num_classes), cfg.train,
-                          logits=from_logits(cfg.model))
+    network = build_cnn(cfg.model, input_shape, num_classes, augment=augmentation(cfg.train))
+    model = compile_model(network, cfg.train, logits=from_logits(cfg.model))
     create_training_variables(model)
     return model
 
@@ -215,6 +216,21 @@ def create_training_variables(model) -> None:
     model.compute_loss(images, labels, predictions)
     model.compute_metrics(images, labels, predictions)
     model.reset_metrics()
+
+
+def compiled_settings(train_cfg: TrainConfig) -> tuple[tuple[str, object], ...]:
+    """The training settings a built and compiled model holds, as a hashable key: all of
+    ``train_cfg`` but those a fit sets anew (batch size, early stopping, the validation split)
+    and, without a schedule, the learning rate (a variable :class:`WarmModel` reassigns) and
+    the epochs (which only a schedule reads)."""
+    from sweeper.model import uses_schedule
+
+    settings = dataclasses.asdict(train_cfg)
+    fit_time = ["batch_size", "patience", "validation_fraction"]
+    if not uses_schedule(train_cfg):
+        fit_time += ["lr", "epochs"]
+    return tuple(sorted((name, value) for name, value in settings.items()
+                        if name not in fit_time))
 
 
 def draws_random_numbers(model) -> bool:
@@ -255,10 +271,10 @@ class WarmModel:
         """A model as :func:`build_model` would build it for these arguments."""
         import keras
 
-        from sweeper.model import jit_compile_setting
+        from sweeper.model import jit_compile_setting, uses_schedule
 
-        key = (repr(cfg.model), tuple(input_shape), num_classes, cfg.train.optimizer,
-               cfg.train.seed, cfg.train.precision, jit_compile_setting(cfg.train))
+        key = (repr(cfg.model), tuple(input_shape), num_classes,
+               compiled_settings(cfg.train), jit_compile_setting(cfg.train))
         if key != self._key or draws_random_numbers(self._model):
             self._model = None
             keras.backend.clear_session()
@@ -280,17 +296,20 @@ class WarmModel:
         optimizer = self._model.optimizer
         for variable in optimizer.variables:
             variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
-        optimizer.learning_rate = cfg.train.lr
+        if not uses_schedule(cfg.train):  # a schedule's learning rate is part of the key
+            optimizer.learning_rate = cfg.train.lr
         return self._model
 
 
-def train(cfg: TrialSettings, splits: Splits, on_epoch_end: EpochCallback | None = None,
-          model=None, initial_epoch: int = 0, should_stop: Callable[[], bool] | None = None):
+def train(cfg: TrialSettings | SweepConfig, splits: Splits,
+          on_epoch_end: EpochCallback | None = None, model=None, initial_epoch: int = 0,
+          should_stop: Callable[[], bool] | None = None):
     """Train the CNN of ``cfg`` on ``splits`` for ``cfg.train.epochs`` epochs.
 
     Args:
         cfg: The trial's model and training settings (sampled values filled in); a
-            SweepConfig has both. Nothing else of a sweep's config is read.
+            SweepConfig has both. Nothing else of a sweep's config is read (the search
+            metric and mode only by ``train.patience``).
         splits: uint8 arrays; only train and validation are used.
         on_epoch_end: Called after every epoch with its metrics and the model.
         model: A model to continue (e.g. restored from a checkpoint); None builds one.
@@ -298,20 +317,34 @@ def train(cfg: TrialSettings, splits: Splits, on_epoch_end: EpochCallback | None
         should_stop: Asked after every batch; True ends training at once (the trial was
             stopped and its worker is wanted for the next one).
 
+    With ``train.patience`` > 0 training also ends after that many epochs without a better
+    ``search.metric`` (Keras' EarlyStopping; a trial continued from a checkpoint counts its
+    patience afresh from there).
+
     Returns:
         The trained keras.Model.
 
     Raises:
         TrialDiverged: The training loss became NaN or infinite.
     """
+    import keras
+
+    from sweeper.model import set_steps_per_epoch
+
     if model is None:
         model = build_model(cfg, splits.input_shape, splits.num_classes)
+    set_steps_per_epoch(model, math.ceil(len(splits.y_train) / cfg.train.batch_size))
     train_data = make_dataset(splits.x_train, splits.y_train, cfg.train.batch_size,
                               shuffle_seed=cfg.train.seed + initial_epoch)
     val_data = make_dataset(splits.x_val, splits.y_val, max(cfg.train.batch_size, 256))
     callbacks = [_epoch_callback(on_epoch_end)]
     if should_stop is not None:
         callbacks.append(_stop_callback(should_stop))
+    if cfg.train.patience > 0:
+        settings = TrialSettings.of(cfg)  # the metric patience watches
+        # After the epoch's report, so the last epoch is reported and checkpointed.
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=settings.metric, mode=settings.mode, patience=cfg.train.patience))
     if initial_epoch < cfg.train.epochs:
         try:
             model.fit(

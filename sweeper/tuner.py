@@ -25,15 +25,16 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 
 from sweeper import compat
 from sweeper.config import ClusterConfig, SearchConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
 from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout, write_json
 from sweeper.progress import DETAIL, TrialEvents
-from sweeper.scheduler import EarlierEpochsASHA
+from sweeper.scheduler import BudgetedASHA, BudgetedFIFO
 from sweeper.searcher import PruningOptunaSearch, make_sampler
+from sweeper.space import configured_point
 from sweeper.tensorboard import TensorBoardCallback
 from sweeper.trial import run_trial
 
@@ -42,7 +43,8 @@ logger = logging.getLogger(__name__)
 def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], study_name: str,
                   max_epochs: int, max_concurrent: int | None = None,
                   storage: optuna.storages.BaseStorage | None = None,
-                  warm_trials: list | None = None) -> PruningOptunaSearch:
+                  warm_trials: list | None = None,
+                  points_to_evaluate: list[dict] | None = None) -> PruningOptunaSearch:
     """The Optuna searcher of a new sweep, its study in ``storage`` (None: in memory).
 
     Args:
@@ -51,6 +53,8 @@ def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], stud
         study_name: The Optuna study's name (the sweep's).
         max_epochs: A trial's full budget: fewer epochs at its end mean early-stopped.
         max_concurrent: Trials running at once (None: no limit).
+        points_to_evaluate: Configurations to train first, before sampling
+            (``search.start_with_defaults``: the config's own recipe).
     """
     searcher = PruningOptunaSearch(
         space=space,
@@ -62,6 +66,7 @@ def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], stud
         study_name=study_name,
         max_epochs=max_epochs,
         max_concurrent=max_concurrent,
+        points_to_evaluate=points_to_evaluate,
     )
     if warm_trials:
         searcher.add_warm_start(warm_trials)
@@ -72,8 +77,8 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
     """ASHA over epochs (sweeper's, which records its decisions; with
     ``scheduler.compare_earlier_epochs=false`` it decides as Ray's ASHA), or FIFO for none."""
     if cfg.scheduler.name == "none":
-        return FIFOScheduler()
-    return EarlierEpochsASHA(metric=cfg.search.metric, mode=cfg.search.mode,
+        return BudgetedFIFO()
+    return BudgetedASHA(metric=cfg.search.metric, mode=cfg.search.mode,
                              max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
                              reduction_factor=cfg.scheduler.reduction_factor,
                              compare_earlier_epochs=cfg.scheduler.compare_earlier_epochs)
@@ -389,8 +394,11 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg.search, space, cfg.name, cfg.train.epochs,
-                                     max_concurrent_trials(cfg), storage, warm_trials),
+            search_alg=make_searcher(
+                cfg.search, space, cfg.name, cfg.train.epochs, max_concurrent_trials(cfg),
+                storage, warm_trials,
+                points_to_evaluate=[configured_point(cfg, space)]
+                if cfg.search.start_with_defaults else None),
             scheduler=scheduler,
             num_samples=cfg.search.num_trials,
             trial_dirname_creator=_trial_dirname,

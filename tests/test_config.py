@@ -107,6 +107,13 @@ MISTAKES = [
     (["resources.cpu_per_trial=4096"], "resources.cpu_per_trial"),
     (["resume.errored=maybe"], "resume.errored"),
     (["recovery.max_failures=-1"], "recovery.max_failures"),
+    # Issue 24: the knobs that move accuracy, the time budget, a depth the images cannot hold.
+    (["train.schedule=linear"], "train.schedule"),
+    (["train.warmup_epochs=10"], "train.warmup_epochs"),
+    (["train.erasing=1.5"], "train.erasing"),
+    (["search.time_budget_s=0"], "search.time_budget_s"),
+    (["data=fashion_mnist", "data.path=/usr/share/datasets/fashion-mnist",
+      "data.max_train_samples=100", "model.blocks=4"], "model.blocks=4 is invalid: 28x28 images"),
 ]
 
 
@@ -232,7 +239,7 @@ def test_joining_a_cluster_without_shared_storage_is_refused(compose):
 
 
 def test_the_experiments_the_issue_names_exist():
-    assert {"cnn_lr", "smoke"} <= set(EXPERIMENTS)
+    assert {"cnn_lr", "smoke", "cnn_tuned"} <= set(EXPERIMENTS)
     assert len(EXPERIMENTS) >= 3
 
 
@@ -242,6 +249,15 @@ def test_the_smoke_experiment_is_tiny_and_runs_on_fashion_mnist(compose, fashion
     assert cfg.train.epochs <= 3
     assert cfg.search.num_trials <= 8
     assert cfg.data.max_train_samples is not None and cfg.data.max_train_samples <= 5000
+
+
+def test_cnn_tuned_searches_the_new_knobs_for_an_hour(compose):
+    cfg, space = validate(compose("+experiment=cnn_tuned", "data=fashion_mnist"))
+    assert cfg.search.time_budget_s == 3600
+    assert {"model.blocks", "model.batch_norm", "model.pooling", "model.conv_dropout",
+            "train.optimizer", "train.weight_decay", "train.label_smoothing",
+            "train.translation", "train.erasing"} <= set(space)
+    assert cfg.train.schedule == "cosine" and cfg.train.warmup_epochs == 1
 
 
 def test_a_command_line_group_choice_beats_the_experiments(compose):

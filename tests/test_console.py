@@ -126,7 +126,7 @@ def test_help_says_what_the_tool_does_its_subcommand_and_most_used_settings(tmp_
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("sweeper: hyperparameter search")
     for text in ("python -m sweeper report SWEEP_DIR", "+experiment=", "search.num_trials=N",
-                 "verbose=0|1|2", "experiment: cnn_lr, cnn_wide, smoke", "README"):
+                 "verbose=0|1|2", "experiment: cnn_lr, cnn_tuned, cnn_wide, smoke", "README"):
         assert text in result.stdout, text
     assert "powered by Hydra" not in result.stdout
 

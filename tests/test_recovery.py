@@ -318,3 +318,36 @@ def test_trials_all_ended_but_no_summary_yet_completes_without_training(tmp_path
     assert [trial["status"] for trial in summary["trials"]] == ["completed", "completed"]
     assert trial_rows(sweep_dir) == rows  # nothing trained again
     assert (sweep_dir / "best_model.keras").is_file()
+
+
+def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path):
+    """search.time_budget_s: no trial starts after it; a running trial pauses at its next
+    epoch; the sweep ends with a summary, the best model and its test score; the same
+    command with no budget continues the paused trials from their checkpoints."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=4", "scheduler=none",
+            "train.epochs=3", "data.max_train_samples=600", "search.start_with_defaults=true",
+            "train.lr=0.00123"]
+    # One second: spent long before any trial's first epoch ends (a worker imports TensorFlow).
+    first = run_cli([*args, "search.time_budget_s=1"], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Time budget of 1 s spent after" in first.stdout
+    assert "Continue the sweep with: python -m sweeper" in first.stdout
+    summary = _summary(sweep_dir)
+    assert summary["state"] == "time_budget" and summary["time_budget_s"] == 1
+    assert summary["test"]["accuracy"] > 0.1 and (sweep_dir / "best_model.keras").is_file()
+    rows = {trial: [row["epoch"] for row in epochs]
+            for trial, epochs in trial_rows(sweep_dir).items() if epochs}
+    assert rows and len(rows) < 4
+    assert all(epochs == [1] for epochs in rows.values()), rows  # paused at its next epoch
+    # search.start_with_defaults: the first trial trained the configured learning rate.
+    first_trial = next(trial for trial in summary["trials"] if trial["number"] == 1)
+    assert first_trial["config"] == {"train.lr": 0.00123}
+
+    resumed = run_cli([*args, "search.time_budget_s=null"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = _summary(sweep_dir)
+    assert summary["state"] == "complete" and summary["num_trials"] == 4
+    after = {trial: [row["epoch"] for row in epochs]
+             for trial, epochs in trial_rows(sweep_dir).items()}
+    assert len(after) == 4 and all(epochs == [1, 2, 3] for epochs in after.values()), after

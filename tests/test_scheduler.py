@@ -185,3 +185,52 @@ def test_every_decision_is_recorded_in_order_with_who_took_it():
     assert scheduler.decisions[0]["cutoff"] is None  # nobody to compare with yet
     assert scheduler.decisions[2]["value"] == 0.1
     assert scheduler.decisions[2]["cutoff"] == pytest.approx(0.5)
+
+
+class FakeController:
+    """What the budget reads of Tune's controller: its trials."""
+
+    def __init__(self, trials_: list[Trial]) -> None:
+        self.trials = trials_
+
+    def get_trials(self) -> list[Trial]:
+        return self.trials
+
+
+def test_a_spent_time_budget_pauses_trials_asha_lets_go_on_and_starts_none(monkeypatch):
+    from sweeper import scheduler as scheduler_module
+    from sweeper.scheduler import TIME_BUDGET, BudgetedASHA
+
+    ended = []
+    monkeypatch.setattr(scheduler_module, "end_tune_run_gracefully", lambda: ended.append(1))
+    asha = BudgetedASHA(metric="val_accuracy", mode="max", max_t=9, grace_period=1,
+                        reduction_factor=3)
+    first, second = trials(2)
+    controller = FakeController([first, second])
+    try:
+        TIME_BUDGET.arm(3600)
+        assert asha.choose_trial_to_run(controller) is first  # PENDING trials start in order
+        first.set_status(Trial.RUNNING)
+        assert asha.choose_trial_to_run(controller) is second
+        asha.on_trial_add(None, first)
+        asha.on_trial_add(None, second)
+        assert asha.on_trial_result(controller, first, {"training_iteration": 1,
+                                                        "val_accuracy": 0.8}) == CONTINUE
+        TIME_BUDGET.arm(1e-9)
+        # The second trial's worker is still starting: Tune calls it PENDING, the budget
+        # counts it as running (it trains its first epoch), so the run does not end yet.
+        assert asha.choose_trial_to_run(controller) is None and not ended
+        # ASHA's own decision stands and is recorded; only a trial it lets go on pauses.
+        assert asha.on_trial_result(controller, second, {"training_iteration": 1,
+                                                         "val_accuracy": 0.1}) == STOP
+        assert asha.on_trial_result(controller, first, {"training_iteration": 2,
+                                                        "val_accuracy": 0.9}) == \
+            TrialScheduler.PAUSE
+        assert [d["decision"] for d in asha.decisions] == ["continue", "stop"]
+        assert asha.choose_trial_to_run(controller) is None and not ended  # first: RUNNING
+        first.set_status(Trial.PAUSED)
+        assert asha.choose_trial_to_run(controller) is None and ended == [1]
+        asha.choose_trial_to_run(controller)
+        assert ended == [1]  # told once
+    finally:
+        TIME_BUDGET.arm(None)

@@ -15,6 +15,16 @@ SEARCHABLE = {
     "train.batch_size": (16, 128), "train.lr": (1e-4, 1e-1), "train.seed": (1, 8),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_bfloat16"),
     "train.jit_compile": ("true", "false"),
+    # Issue 24: the knobs that move accuracy.
+    "model.blocks": (1, 4), "model.convs_per_block": (1, 3), "model.batch_norm": (True, False),
+    "model.pooling": ("flatten", "global_average"), "model.conv_dropout": (0.1, 0.5),
+    "train.momentum": (0.3, 0.9), "train.nesterov": (True, False),
+    "train.weight_decay": (1e-5, 1e-2), "train.clip_norm": (0.5, 5.0),
+    "train.label_smoothing": (0.05, 0.2), "train.schedule": ("constant", "cosine"),
+    "train.warmup_epochs": (1, 5), "train.min_lr_ratio": (0.01, 0.5),
+    "train.decay_rate": (0.01, 0.5), "train.flip": ("none", "horizontal"),
+    "train.translation": (0.05, 0.2), "train.rotation": (0.01, 0.1), "train.zoom": (0.05, 0.2),
+    "train.contrast": (0.1, 0.5), "train.erasing": (0.1, 0.5), "train.patience": (1, 5),
 }
 
 
@@ -108,10 +118,24 @@ def text_forms(key: str) -> list[tuple[str, object]]:
     ]
 
 
+def true_false_forms(key: str) -> list[tuple[str, object]]:
+    return [
+        ("choice(true, false)", CategoricalDistribution([True, False])),
+        ("choice(1, 2)", "true/false setting; 1 is not one"),
+        ("interval(0, 1)", "true/false setting; sample it with choice"),
+    ]
+
+
+def forms(key: str) -> list[tuple[str, object]]:
+    first = SEARCHABLE[key][0]
+    if isinstance(first, bool):
+        return true_false_forms(key)
+    return text_forms(key) if isinstance(first, str) else number_forms(key)
+
+
 FORMS_TABLE = [(key, expression, expected)
                for key in SEARCHABLE
-               for expression, expected in (text_forms(key) if isinstance(SEARCHABLE[key][0], str)
-                                            else number_forms(key))] + INTEGER_WRITTEN
+               for expression, expected in forms(key)] + INTEGER_WRITTEN
 
 
 @pytest.mark.parametrize(("key", "expression", "expected"), FORMS_TABLE,
