@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--search-trials", type=int, default=search_efficiency.NUM_TRIALS,
                         metavar="N", help="trials per search in the search benchmark "
                         f"(default {search_efficiency.NUM_TRIALS})")
+    parser.add_argument("--scaling-sizes", type=_sizes, default=scaling.DEFAULT_SIZES,
+                        metavar="N:S,...", help="concurrent dummy trials and seconds between "
+                        "their reports in the scaling benchmark (default "
+                        + ",".join(f"{n}:{s:g}" for n, s in scaling.DEFAULT_SIZES) + ")")
     args = parser.parse_args()
     chosen = args.benchmarks or list(ALL)
     unknown = sorted(set(chosen) - set(ALL))
@@ -66,7 +70,7 @@ def main() -> None:
         if "search" in chosen:
             figures["search"] = search_efficiency.measure(workdir, args.search_trials)
         if "scaling" in chosen:
-            figures["scaling"] = _scaling(workdir, figures.get("utilization"))
+            figures["scaling"] = _scaling(workdir, args.scaling_sizes)
         if "memory" in chosen:
             figures["worker_memory"] = worker_memory.measure()
     ran.update({name: stamp for name in chosen})
@@ -81,6 +85,14 @@ def main() -> None:
     args.out.write_text(text + "\n")
     raw.write_text(json.dumps(figures, indent=1) + "\n")
     print(f"\nWritten to {args.out}; every figure in {raw}")
+
+
+def _sizes(text: str) -> tuple[tuple[int, float], ...]:
+    try:
+        return tuple((int(n), float(s)) for n, s in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give N:SECONDS pairs, e.g. 64:0.5,256:1") from None
 
 
 def _draw(figures: dict, folder: Path) -> None:
@@ -277,26 +289,69 @@ def _search_section(result: dict) -> str:
             f"({plots.SEARCH_PNG})\n")
 
 
-def _scaling(workdir: Path, utilization_rows: list[dict] | None) -> dict:
-    per_result = scaling.driver_seconds_per_result(workdir)
-    short = [r for r in utilization_rows or [] if r["sweep"] == "sweeper"
-             and r["experiment"] == utilization.EXPERIMENTS[1].name]  # the default experiment
-    base = short[-1]["utilization"] if short else 1.0
-    return {"seconds_per_result": per_result, "base_utilization": base,
-            "projections": {f"{epoch:g} s epochs": scaling.project(per_result, epoch, base)
-                            for epoch in (1.0, 10.0, 60.0)}}
+def _scaling(workdir: Path, sizes: tuple) -> dict:
+    import os
+
+    rows = scaling.measure(workdir, sizes)
+    after = [row for row in rows if row["driver"] == "sweeper"]
+    return {"rows": rows, "profiles": scaling.profiles(workdir, *sizes[0]),
+            "searcher": scaling.searcher_cost(),
+            "projections": {f"{epoch:g} s": scaling.project(after[-1]["ms_per_result"], epoch)
+                            for epoch in (1.0, 4.0, 10.0)},
+            "load": os.getloadavg()}
 
 
 def _scaling_section(result: dict) -> str:
-    parts = [f"## 5. Scaling on paper\n\n{scaling.__doc__.split(chr(10), 2)[2].strip()}\n\n"
-             f"Measured driver CPU time per result: "
-             f"{result['seconds_per_result'] * 1000:.1f} ms; "
-             f"u1 = {result['base_utilization']:.2f}.\n"]
-    for label, rows in result["projections"].items():
-        parts.append(f"\nTrials reporting every {label}:\n\n" + markdown_table(
-            ["concurrent trials", "driver busy (rho)", "expected utilization"],
-            [[r["concurrent_trials"], r["driver_busy"], r["utilization"]] for r in rows]))
-    return "\n".join(parts) + "\n"
+    if "rows" not in result:  # figures of the on-paper benchmark before issue 26
+        return ""
+    doc = scaling.__doc__.split(chr(10), 2)[2].strip()
+    by_size: dict = {}
+    for row in result["rows"]:
+        by_size.setdefault((row["concurrent"], row["interval_s"]), []).append(row)
+    tables = []
+    for (concurrent, interval), rows in by_size.items():
+        plain = next(row for row in rows if row["driver"] == "Ray Tune, no loggers")
+        tables.append(f"{concurrent} trials at once, each reporting every {interval:g} s:\n\n"
+                      + markdown_table(
+                          ["driver", "results", "results/s", "driver CPU ms a result",
+                           "against Ray Tune without loggers"],
+                          [[row["driver"], row["results"], f"{row['results_per_s']:.1f}",
+                            f"{row['ms_per_result']:.2f}",
+                            f"{row['ms_per_result'] / plain['ms_per_result']:.2f}x"]
+                           for row in rows]))
+    profiles = result["profiles"]
+    labels = list(profiles["before"]["parts"])
+    profile = markdown_table(
+        ["part of the driver", "before: CPU ms a result", "after: CPU ms a result"],
+        [[label, *(f"{1000 * profiles[when]['parts'][label] / profiles[when]['results']:.2f}"
+                   for when in ("before", "after"))] for label in labels])
+    searcher = markdown_table(
+        ["finished trials", "Optuna's TPE (ms a suggestion)", "sweeper's (window of "
+         f"{scaling_window()} trials)"],
+        [[row["finished_trials"], f"{row['optuna_tpe_ms']:.1f}", f"{row['sweeper_ms']:.1f}"]
+         for row in result["searcher"]])
+    projection = "\n".join(
+        f"- epochs of {label}: " + ", ".join(
+            f"{row['concurrent_trials']} trials busy {row['driver_busy']:.2f}"
+            for row in rows) for label, rows in result["projections"].items())
+    load = ", ".join(f"{value:.1f}" for value in result["load"])
+    return (f"## 5. The driver's cost per result\n\n{doc}\n\nLoad average at the end "
+            f"(other sessions shared this 2-core machine): {load}.\n\n"
+            + "\n\n".join(tables)
+            + "\n\nWhere the driver's CPU goes (cProfile, CPU time, sweeper at the first size; "
+            "profiling slows it, so parts are shares of a slower whole; the callbacks' lines "
+            "are parts of \"callbacks\"):\n\n" + profile
+            + "\n\nTPE's suggestion as the study grows (wide space, in-memory study):\n\n"
+            + searcher
+            + "\n\nProjection from sweeper's measured cost per result: the driver is busy "
+            "rho = trials x cost / epoch of the time (past 1 the trials wait for it):\n\n"
+            + projection + "\n")
+
+
+def scaling_window() -> int:
+    from sweeper.searcher import TPE_WINDOW
+
+    return TPE_WINDOW
 
 
 if __name__ == "__main__":

@@ -1,78 +1,326 @@
-"""Benchmark 5: expected utilization at 8, 64 and 512 concurrent GPU trials, on paper.
+"""Benchmark 5: the driver's cost per result with many trials at once, measured side by side.
 
-Model (as Ray's own release tests measure driver throughput): every epoch of every trial is
-one result the driver must process (searcher, ASHA, TensorBoard events, experiment state).
-Measured here: the driver's CPU time per result ``c`` (user + system time of the driver
-process, which runs Tune's loop, the searcher, ASHA and the callbacks; the trials run in other
-processes), with many fast-reporting dummy trials going through sweeper's own searcher
-(SQLite study), scheduler and callbacks (TensorBoard events, result files).
-With N concurrent trials each reporting every ``e`` seconds the driver is busy
-rho = N * c / e of the time; a trial waits for the driver once rho > 1, so
-
-    utilization(N) = u1 * min(1, 1 / rho)
-
-where u1 is the utilization measured with 2 concurrent trials (benchmark 1), which holds
-the per-trial start/stop overheads.
+Every epoch of every trial is one result the driver must process (Tune's loop, the searcher
+and its study, ASHA, TensorBoard events, result files, the experiment-state snapshots). Dummy
+trials that report like sweeper's trainer (metrics and a small checkpoint every epoch, every
+``interval`` seconds, resumable from their checkpoint) run through the driver a sweep builds
+(:func:`sweeper.tuner.build_tuner`: sweeper's searcher with its SQLite study, its ASHA, its
+callbacks, its checkpoint settings) and through plain Ray Tune (random search, FIFO, its
+default loggers on and off). Each trial asks for ``2 / concurrency`` CPUs, so all of them run
+at once on 2 cores. Measured: the driver process's CPU time (user + system, over ``fit()``)
+per result, and results per second sustained over the run.
 """
 
 from __future__ import annotations
 
+import cProfile
+import json
+import os
+import pstats
 import resource
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.common import sweeper_config
 
-DUMMY_TRIALS = 16
-RESULTS_PER_TRIAL = 40
+# (concurrent trials, seconds between reports) of the default run; larger behind --scaling-sizes.
+DEFAULT_SIZES = ((16, 0.5), (32, 0.5))
+EPOCHS = 20  # results a trial reports at most; sweeper's ASHA stops some at epoch 10
+GRACE = 10
 
 
 def dummy_trial(config: dict) -> None:
+    """Report like sweeper's trainer: every epoch its metrics and a checkpoint; a restored trial
+    continues after its checkpoint's epoch."""
+    import tempfile
+
     from ray import tune
 
-    for epoch in range(1, RESULTS_PER_TRIAL + 1):
-        tune.report({"val_accuracy": config["train.lr"] * epoch, "accuracy": 0.5, "loss": 1.0,
-                     "val_loss": 1.0, "epoch": epoch})
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = json.loads((Path(folder) / "state.json").read_text())["epoch"]
+    for epoch in range(start + 1, config["epochs"] + 1):
+        time.sleep(config["interval"])
+        value = min(0.99, config["train.lr"] * 30 * epoch)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report({"val_accuracy": value, "accuracy": value, "loss": 1.0 - value,
+                         "val_loss": 1.0 - value, "epoch": epoch},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def driver_seconds_per_result(workdir: Path) -> float:
-    from ray import tune
+@dataclass
+class DriverRun:
+    """One driver's figures: CPU time and results over its ``fit()``."""
 
-    from sweeper.space import build_search_space
-    from sweeper.study import open_storage
-    from sweeper.sweep import validate
-    from sweeper.tuner import make_scheduler, make_searcher, sweep_callbacks, tune_settings
+    driver: str
+    concurrent: int
+    interval_s: float
+    trials: int
+    results: int
+    wall_s: float
+    cpu_s: float
 
-    cfg, space = validate(sweeper_config(["+experiment=smoke", "data=fashion_mnist",
-                                          f"train.epochs={RESULTS_PER_TRIAL}",
-                                          f"search.num_trials={DUMMY_TRIALS}",
-                                          "resources.max_concurrent_trials=16"]))
-    root = workdir / "scaling"
-    scheduler = make_scheduler(cfg)
-    tuner = tune.Tuner(
-        tune.with_resources(dummy_trial, {"cpu": 0.1}),
-        tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg.search, build_search_space(cfg), cfg.name,
-                                     cfg.train.epochs,
-                                     storage=open_storage(f"sqlite:///{root}/optuna.db")),
-            scheduler=scheduler, num_samples=DUMMY_TRIALS, reuse_actors=True),
-        run_config=tune.RunConfig(name="trials", storage_path=str(root), verbose=0,
-                                  callbacks=sweep_callbacks(root / "tensorboard", space,
-                                                            cfg.search.metric, scheduler)),
-    )
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    with tune_settings(cfg):  # as run_sweep drives Tune
-        grid = tuner.fit()
+    @property
+    def ms_per_result(self) -> float:
+        return 1000 * self.cpu_s / max(self.results, 1)
+
+    @property
+    def results_per_s(self) -> float:
+        return self.results / self.wall_s
+
+    def row(self) -> dict:
+        return {**asdict(self), "ms_per_result": self.ms_per_result,
+                "results_per_s": self.results_per_s}
+
+
+def _measured(fit, profile: Path | None = None) -> tuple[float, float, object]:
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    # CPU time, not wall time: the driver mostly waits in ray.wait for the next result.
+    profiler = cProfile.Profile(time.process_time) if profile else None
+    if profiler:
+        profiler.enable()
+    grid = fit()
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    results = sum(len(result.metrics_dataframe) for result in grid)
-    return cpu_seconds / results
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), grid
 
 
-def project(seconds_per_result: float, epoch_seconds: float, base_utilization: float,
-            concurrency: tuple[int, ...] = (8, 64, 512)) -> list[dict]:
+def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
+                epochs: int = EPOCHS, grace: int = GRACE):
+    """(config, Tuner) of a sweep whose trials are :func:`dummy_trial`: the driver ``python -m
+    sweeper`` builds for the smoke experiment (searcher and study, ASHA, callbacks, checkpoint
+    settings), restored from ``sweep_dir`` when a run there was interrupted."""
+    from ray import tune
+
+    from sweeper.layout import SweepLayout
+    from sweeper.study import open_storage, storage_url
+    from sweeper.sweep import validated
+    from sweeper.tuner import build_tuner
+
+    cfg, space = validated(sweeper_config([
+        "+experiment=smoke", "data=fashion_mnist", f"train.epochs={epochs}",
+        f"search.num_trials={trials}", f"resources.max_concurrent_trials={concurrent}",
+        f"resources.cpu_per_trial={2 / concurrent}", f"scheduler.grace_period={grace}",
+        f"sweep_dir={sweep_dir}", "name=scaling"]))
+    layout = SweepLayout.for_config(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(_with_settings, epochs=epochs, interval=interval),
+        {"cpu": 2 / concurrent})
+    return cfg, build_tuner(cfg, space, None, layout,
+                            open_storage(storage_url(None, layout.root)), trainable=trainable)
+
+
+def sweeper_driver(workdir: Path, concurrent: int, interval: float, trials: int | None = None,
+                   profile: Path | None = None, forced_snapshots: bool = False) -> DriverRun:
+    """Dummy trials through sweeper's driver (:func:`dummy_sweep`).
+
+    ``forced_snapshots``: as before issue 26, Tune saves the experiment state at every trial
+    checkpoint (sweeper.compat.snapshots_on_a_timer left out).
+    """
+    import contextlib
+    from unittest import mock
+
+    from sweeper.tuner import tune_settings
+
+    trials = trials or 2 * concurrent
+    label = "sweeper, a state save per checkpoint (before)" if forced_snapshots else "sweeper"
+    folder = workdir / f"sweeper{'-forced' * forced_snapshots}-{concurrent}-{interval:g}"
+    cfg, tuner = dummy_sweep(folder, concurrent, interval, trials)
+
+    def fit():
+        before = (mock.patch("sweeper.tuner.snapshots_on_a_timer", contextlib.nullcontext)
+                  if forced_snapshots else contextlib.nullcontext())
+        with before, tune_settings(cfg):
+            return tuner.fit()
+
+    wall, cpu, grid = _measured(fit, profile)
+    results = sum(len(result.metrics_dataframe) for result in grid
+                  if result.metrics_dataframe is not None)
+    return DriverRun(label, concurrent, interval, trials, results, wall, cpu)
+
+
+def _with_settings(config: dict, epochs: int, interval: float) -> None:
+    dummy_trial({**config, "epochs": epochs, "interval": interval})
+
+
+def _results_counter():
+    """A Tune callback that counts results (plain Tune without loggers writes no result files
+    to count them from afterwards)."""
+    from ray.tune import Callback
+
+    class ResultsCounter(Callback):
+        count = 0
+
+        def on_trial_result(self, *args, **kwargs) -> None:
+            self.count += 1
+
+    return ResultsCounter()
+
+
+def plain_tune_driver(workdir: Path, concurrent: int, interval: float, loggers: bool,
+                      trials: int | None = None) -> DriverRun:
+    """The same dummy trials through plain Ray Tune: random search, FIFO, Tune's defaults."""
+    from ray import tune
+
+    trials = trials or 2 * concurrent
+    counter = _results_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(dummy_trial, {"cpu": 2 / concurrent}),
+        param_space={"train.lr": tune.loguniform(1e-4, 3e-2), "epochs": EPOCHS,
+                     "interval": interval},
+        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name="plain", verbose=0, callbacks=[counter], storage_path=str(
+            workdir / f"plain-{loggers}-{concurrent}-{interval:g}")),
+    )
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    saved = os.environ.get(key)
+    os.environ[key] = "0" if loggers else "1"
+    try:
+        wall, cpu, _ = _measured(tuner.fit)
+    finally:
+        os.environ.pop(key) if saved is None else os.environ.update({key: saved})
+    results = counter.count
+    label = "Ray Tune, default loggers" if loggers else "Ray Tune, no loggers"
+    return DriverRun(label, concurrent, interval, trials, results, wall, cpu)
+
+
+def measure(workdir: Path, sizes=DEFAULT_SIZES) -> list[dict]:
+    """All drivers at each size, one after the other in this process."""
+    rows = []
+    for concurrent, interval in sizes:
+        rows.append(plain_tune_driver(workdir, concurrent, interval, loggers=False).row())
+        rows.append(plain_tune_driver(workdir, concurrent, interval, loggers=True).row())
+        rows.append(sweeper_driver(workdir, concurrent, interval, forced_snapshots=True).row())
+        rows.append(sweeper_driver(workdir, concurrent, interval).row())
+    return rows
+
+
+SEARCHER_SIZES = (100, 1000, 5000)
+
+
+def _wide_space() -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    return {"train.lr": FloatDistribution(1e-4, 1e-2, log=True),
+            "train.batch_size": CategoricalDistribution([32, 64, 128]),
+            "model.filters": CategoricalDistribution([16, 32, 48]),
+            "model.dense_units": CategoricalDistribution([32, 64, 128]),
+            "model.dropout": FloatDistribution(0.0, 0.5),
+            "model.l2": FloatDistribution(1e-6, 1e-3, log=True)}
+
+
+def _finished_trials(count: int, space: dict, seed: int = 0) -> list:
+    """Finished trials of the wide space as ASHA leaves them: a quarter trained the full 20
+    epochs (COMPLETE), the others stopped at a rung (PRUNED), each with its epochs' values."""
+    import random
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    rng = random.Random(seed)
+    trials = []
+    for _ in range(count):
+        params = {name: rng.choice(d.choices) if isinstance(d, CategoricalDistribution)
+                  else d.low + rng.random() * (d.high - d.low) for name, d in space.items()}
+        epochs = rng.choice([1, 3, 9, 20])
+        state = optuna.trial.TrialState.COMPLETE if epochs == 20 else (
+            optuna.trial.TrialState.PRUNED)
+        trials.append(optuna.trial.create_trial(
+            state=state, value=rng.random() if epochs == 20 else None, params=params,
+            distributions=space,
+            intermediate_values={epoch: rng.random() for epoch in range(1, epochs + 1)}))
+    return trials
+
+
+def searcher_cost(sizes=SEARCHER_SIZES, repeats: int = 5) -> list[dict]:
+    """Milliseconds a TPE suggestion takes on a study of N finished trials (the wide space, an
+    in-memory study: the sampler's own cost), Optuna's TPE as sweeper configures it against
+    sweeper's sampler (the same, modelling a window of TPE_WINDOW trials), side by side."""
+    import warnings
+
+    import optuna
+
+    from sweeper.searcher import make_sampler
+
+    space = _wide_space()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    for size in sizes:
+        trials = _finished_trials(size, space)
+        row = {"finished_trials": size}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            samplers = {"optuna_tpe_ms": optuna.samplers.TPESampler(
+                seed=0, n_startup_trials=5, constant_liar=True, multivariate=True),
+                "sweeper_ms": make_sampler("tpe", 0, 5, True)}
+        for label, sampler in samplers.items():
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+            study.add_trials(trials)
+            study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)  # warm caches
+            started = time.perf_counter()
+            for _ in range(repeats):
+                study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
+            row[label] = 1000 * (time.perf_counter() - started) / repeats
+        rows.append(row)
+    return rows
+
+
+def project(ms_per_result: float, epoch_seconds: float,
+            concurrency: tuple[int, ...] = (64, 256, 512)) -> list[dict]:
+    """How busy a driver that spends ``ms_per_result`` on a result would be with N trials each
+    reporting every ``epoch_seconds``: rho = N * c / e; past 1, trials wait for the driver and
+    the sweep runs at most 1 / rho of its speed."""
     rows = []
     for n in concurrency:
-        rho = n * seconds_per_result / epoch_seconds
-        rows.append({"concurrent_trials": n, "driver_busy": rho,
-                     "utilization": base_utilization * min(1.0, 1.0 / rho)})
+        rho = n * ms_per_result / 1000 / epoch_seconds
+        rows.append({"concurrent_trials": n, "driver_busy": rho, "speed": min(1.0, 1.0 / rho)})
     return rows
+
+
+def profile_parts(path: Path) -> dict[str, float]:
+    """CPU seconds of a driver's cProfile dump by component (cumulative; the callbacks' lines
+    are parts of "callbacks"), and the whole ``fit()``."""
+    stats = pstats.Stats(str(path)).stats
+
+    def cumulative(match) -> float:
+        return sum(entry[3] for (file, _, name), entry in stats.items() if match(file, name))
+
+    parts = {
+        "experiment-state saves": lambda f, n: f.endswith("tune_controller.py")
+        and n == "checkpoint",
+        "searcher: suggestions (TPE)": lambda f, n: f.endswith("search_generator.py")
+        and n == "next_trial",
+        "searcher: results, study writes": lambda f, n: f.endswith("search_generator.py")
+        and n in ("on_trial_result", "on_trial_complete"),
+        "scheduler (ASHA)": lambda f, n: f.endswith("sweeper/scheduler.py")
+        and n in ("on_trial_result", "on_trial_complete", "on_trial_add", "choose_trial_to_run"),
+        "callbacks": lambda f, n: f.endswith("tune/callback.py") and n.startswith("on_"),
+        "callbacks: TensorBoard": lambda f, n: f.endswith("sweeper/tensorboard.py")
+        and n.startswith("on_"),
+        "callbacks: result.json, progress.csv": lambda f, n: f.endswith("sweeper/tuner.py")
+        and n in ("log_trial_result", "log_trial_start"),
+        "callbacks: console lines": lambda f, n: f.endswith("sweeper/progress.py")
+        and n.startswith("on_"),
+    }
+    found = {label: cumulative(match) for label, match in parts.items()}
+    found["fit() in all"] = max(entry[3] for entry in stats.values())
+    return found
+
+
+def profiles(workdir: Path, concurrent: int, interval: float) -> dict:
+    """cProfile (CPU time) of sweeper's driver before issue 26's saves and after, by part."""
+    found = {}
+    for label, forced in (("before", True), ("after", False)):
+        dump = workdir / f"profile-{label}.out"
+        run = sweeper_driver(workdir / label, concurrent, interval, profile=dump,
+                             forced_snapshots=forced)
+        found[label] = {"results": run.results, "parts": profile_parts(dump)}
+    return found

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -291,10 +292,20 @@ def running_trial(study: Any, frozen: Any):
     return optuna.Trial(study, _attribute(frozen, "_trial_id", _SEARCH_WORKAROUND))
 
 
+def study_storage(study: Any):
+    """The storage an Optuna study reads and writes (Optuna keeps it private)."""
+    return _attribute(study, "_storage", _SEARCH_WORKAROUND)
+
+
+def storage_id(trial: Any) -> int:
+    """A trial's id in its study's storage (``optuna.Trial`` and FrozenTrial keep it private;
+    the public ``number`` counts within the study, the storage's methods take this id)."""
+    return _attribute(trial, "_trial_id", _SEARCH_WORKAROUND)
+
+
 def stored_trial(study: Any, trial: Any):
     """The FrozenTrial the study's storage holds for ``trial`` (one read, by id)."""
-    storage = _attribute(study, "_storage", _SEARCH_WORKAROUND)
-    return storage.get_trial(_attribute(trial, "_trial_id", _SEARCH_WORKAROUND))
+    return study_storage(study).get_trial(storage_id(trial))
 
 
 def check_installed() -> list[str]:
@@ -379,10 +390,35 @@ def check_installed() -> list[str]:
     check("OptunaSearch's _ot_study/_ot_trials/_completed_trials and optuna.Trial", optuna_search)
     check("TensorFlow's gradient registry", lambda: _gradient_registry() is not None)
     check("ResultGrid._experiment_analysis.trials and Tune's experiment tags", _result_grid)
+    check("Tune's experiment-state saving (snapshots_on_a_timer)", _snapshot_internals)
+    check("Optuna's table of intermediate values (add_intermediate_values)", _study_table)
+    check("Optuna's TPESampler._sample and Study._get_trials (WindowedTPESampler)",
+          lambda: callable(getattr(__import__("optuna").samplers.TPESampler, "_sample", None))
+          and callable(getattr(__import__("optuna").Study, "_get_trials", None)))
     check("Tune's Ctrl-C handler (search.time_budget_s ends a run through it)",
           lambda: "def signal_interrupt_tune_run" in inspect.getsource(
               __import__("ray.tune.tune", fromlist=["tune"])))
     return problems
+
+
+def _snapshot_internals() -> bool:
+    """What snapshots_on_a_timer replaces is still there (it warns and does nothing if not)."""
+    import importlib
+
+    checkpoints = importlib.import_module(_RAY_CHECKPOINT_MANAGER)
+    manager = getattr(importlib.import_module(_RAY_EXPERIMENT_STATE),
+                      "_ExperimentCheckpointManager", None)
+    return (callable(getattr(checkpoints, "_delete_fs_path", None))
+            and callable(getattr(manager, "on_trial_checkpoint", None))
+            and callable(getattr(manager, "sync_up_experiment_state", None)))
+
+
+def _study_table() -> bool:
+    """Optuna's intermediate-value table has the columns add_intermediate_values writes."""
+    from optuna.storages._rdb import models
+
+    table = models.TrialIntermediateValueModel.__table__
+    return set(table.columns.keys()) >= _INTERMEDIATE_COLUMNS
 
 
 def _result_grid() -> bool:
@@ -516,6 +552,214 @@ def import_tensorflow():
 
 
 _devices_found = False
+
+
+# ray-project/ray#31613 (open as a TODO in ray/tune/execution/experiment_state.py: "a
+# non-performant workaround"; the forcing came with ray-project/ray#30187 for #30073).
+# With num_to_keep set, Tune saves the whole experiment state (every trial, the searcher, the
+# callbacks: O(trials)) whenever a trial has checkpointed num_to_keep times since the last
+# save, so that the saved state never names a checkpoint Tune has since deleted. sweeper keeps
+# one checkpoint per trial and checkpoints every epoch, so every result forced a save: 146
+# saves for 143 results with 16 dummy trials (benchmarks/scaling.py), O(trials) per result,
+# and Tune's "snapshotting has been triggered multiple times" warning. The same guarantee
+# without the forced saves: the state is saved on Tune's timer (TUNE_GLOBAL_CHECKPOINT_S,
+# "auto": every max(10 s, 19 x the time a save takes)), and a checkpoint Tune drops is deleted
+# only once a state saved after the drop (which no longer names it) has reached the storage.
+# A driver killed in between leaves those folders behind; nothing a resume reads is missing.
+# Checked with Ray 2.60.
+_RAY_CHECKPOINT_MANAGER = "ray.train._internal.checkpoint_manager"
+_RAY_EXPERIMENT_STATE = "ray.tune.execution.experiment_state"
+
+
+@contextlib.contextmanager
+def snapshots_on_a_timer():
+    """While Tune runs: no experiment-state save forced by trial checkpoints, and dropped
+    checkpoints deleted only after the next save has been stored (see above)."""
+    import importlib
+
+    checkpoints = importlib.import_module(_RAY_CHECKPOINT_MANAGER)
+    state = importlib.import_module(_RAY_EXPERIMENT_STATE)
+    manager = getattr(state, "_ExperimentCheckpointManager", None)
+    needed = (getattr(checkpoints, "_delete_fs_path", None),
+              getattr(manager, "on_trial_checkpoint", None),
+              getattr(manager, "sync_up_experiment_state", None))
+    if not all(callable(part) for part in needed):
+        logger.warning("Ray Tune's experiment-state saving has changed (checked with Ray 2.60): "
+                       "a save is forced at every trial checkpoint (ray-project/ray#41455)")
+        yield
+        return
+    delete, on_trial_checkpoint, sync_up = needed
+    dropped: list[tuple] = []  # (filesystem, path) of checkpoints Tune no longer names
+
+    def defer_delete(fs, fs_path: str) -> None:
+        dropped.append((fs, fs_path))
+
+    def save_then_delete(self, save_fn, force: bool = False, wait: bool = False) -> None:
+        saved_before = self._last_save_time
+        droppable = len(dropped)  # dropped before this save: the saved state does not name them
+        sync_up(self, save_fn, force=force, wait=wait)
+        if self._last_save_time == saved_before or not droppable:
+            return  # no save this time (Tune's timer), or nothing to delete
+        try:
+            self._storage.syncer.wait()  # the saved state has reached the storage
+        except Exception as error:  # keep the checkpoints; Tune logs the failed sync itself
+            logger.debug("Experiment state not stored (%s); checkpoints kept", error)
+            return
+        for fs, fs_path in dropped[:droppable]:
+            delete(fs=fs, fs_path=fs_path)
+        del dropped[:droppable]
+
+    checkpoints._delete_fs_path = defer_delete
+    manager.on_trial_checkpoint = lambda self, trial: None
+    manager.sync_up_experiment_state = save_then_delete
+    try:
+        yield
+    finally:
+        checkpoints._delete_fs_path = delete
+        manager.on_trial_checkpoint = on_trial_checkpoint
+        manager.sync_up_experiment_state = sync_up
+
+
+def checkpoints_in_saved_state(state_file: Path) -> dict[str, set[str]]:
+    """Trial id -> the names of the checkpoint folders (``checkpoint_000003``) that a saved
+    experiment state of Tune names for that trial (its best ones and its latest): what a
+    resume restores from. Read with Tune's own classes (Ray 2.60: the trial's run metadata
+    holds its checkpoint manager); a Tune that stores them elsewhere raises here, loudly."""
+    from ray.tune.experiment import Trial
+
+    state = json.loads(Path(state_file).read_text())
+    named: dict[str, set[str]] = {}
+    for trial_json, run_metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(run_metadata)
+        manager = trial.run_metadata.checkpoint_manager
+        results = [*manager.best_checkpoint_results, manager.latest_checkpoint_result]
+        named[trial.trial_id] = {Path(result.checkpoint.path).name
+                                 for result in results if result is not None}
+    return named
+
+
+# Optuna's RDB storage writes an intermediate value as one ORM transaction (look up the trial,
+# check its state, look up the step, insert, commit): 2.3-3.5 ms of CPU each on the 2-core test
+# machine (SQLite, Optuna 5.0), more than the whole budget of a result; Optuna has no batch API
+# for them (optuna/optuna#3478 and #3048: slow reports and RDB writes). The searcher buffers a
+# second of values and adds them here in one INSERT of Optuna's own table (schema checked
+# with Optuna 5.0; any other storage, or a changed table, is written the ordinary way).
+_INTERMEDIATE_COLUMNS = {"trial_id", "step", "intermediate_value", "intermediate_value_type"}
+_warned_study_table_changed = False
+
+
+def add_intermediate_values(storage, values: list[tuple[int, int, float]]) -> None:
+    """Write finite intermediate values ``(Optuna trial id, step, value)`` of running trials,
+    steps not yet in the study, in one transaction where ``storage`` is Optuna's RDB storage
+    (or its cache in front of one)."""
+    global _warned_study_table_changed
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+
+    backend = getattr(storage, "_backend", storage)
+    model = getattr(models, "TrialIntermediateValueModel", None)
+    table = getattr(model, "__table__", None)
+    usable = table is not None and set(table.columns.keys()) >= _INTERMEDIATE_COLUMNS
+    if not isinstance(backend, RDBStorage) or not usable:
+        if isinstance(backend, RDBStorage) and not _warned_study_table_changed:
+            logger.warning("Optuna's table of intermediate values has changed (checked with "
+                           "Optuna 5.0); each epoch is written in a transaction of its own")
+            _warned_study_table_changed = True
+        for trial_id, step, value in values:
+            storage.set_trial_intermediate_value(trial_id, step, value)
+        return
+    finite = model.TrialIntermediateValueType.FINITE
+    with backend.engine.begin() as connection:
+        connection.execute(table.insert(), [
+            {"trial_id": trial_id, "step": step, "intermediate_value": value,
+             "intermediate_value_type": finite} for trial_id, step, value in values])
+
+
+# Optuna's TPE models every trial of the study at every suggestion (no option to limit them,
+# Optuna 5.0; optuna/optuna#3048 shows the cost growing with the study): 35 ms a suggestion at
+# 1 000 trials of the wide space, 131 ms at 5 000, against 38-43 ms at any size with 500
+# trials shown (benchmarks/RESULTS.md section 5). WindowedTPESampler shows TPE the best
+# finished trials (as many as TPE's "good" group can hold) and the most recent ones, up to a
+# window, plus the running ones its constant liar needs. It hands TPE a view of the study in
+# TPESampler._sample, Optuna's private step where the trials are read; an Optuna without it
+# gets plain TPE and a warning.
+TPE_GOOD_TRIALS = 25  # Optuna's default_gamma: the good group holds at most 25 trials
+
+
+def tpe_window(trials: list, window: int, maximize: bool) -> list:
+    """The trials TPE models: all when at most ``window`` have finished; else the
+    :data:`TPE_GOOD_TRIALS` best completed ones, the most recent finished ones up to
+    ``window`` in all, and every running one (in study order)."""
+    from optuna.trial import TrialState
+
+    finished = [trial for trial in trials if trial.state != TrialState.RUNNING]
+    if len(finished) <= window:
+        return trials
+    completed = [trial for trial in finished if trial.state == TrialState.COMPLETE]
+    best = sorted(completed, key=lambda trial: trial.value, reverse=maximize)[:TPE_GOOD_TRIALS]
+    chosen = {trial.number for trial in best}
+    for trial in reversed(finished):
+        if len(chosen) >= window:
+            break
+        chosen.add(trial.number)
+    return [trial for trial in trials
+            if trial.number in chosen or trial.state == TrialState.RUNNING]
+
+
+class _StudyWindow:
+    """A study whose trials, as TPE reads them, are :func:`tpe_window`'s."""
+
+    def __init__(self, study, window: int) -> None:
+        self._study, self._window = study, window
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = False, states=None, use_cache: bool = False):
+        from optuna.study import StudyDirection
+
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        maximize = self._study.direction == StudyDirection.MAXIMIZE
+        return tpe_window(trials, self._window, maximize)
+
+
+def _windowed_tpe_class() -> type:
+    import optuna
+
+    class WindowedTPESampler(optuna.samplers.TPESampler):
+        """Optuna's TPESampler modelling at most ``window`` finished trials (see above)."""
+
+        def __init__(self, window: int, **tpe_options: Any) -> None:
+            super().__init__(**tpe_options)
+            self.window = window
+
+        def _sample(self, study, trial, search_space):
+            return super()._sample(_StudyWindow(study, self.window), trial, search_space)
+
+    WindowedTPESampler.__module__, WindowedTPESampler.__qualname__ = __name__, "WindowedTPESampler"
+    return WindowedTPESampler
+
+
+def __getattr__(name: str) -> Any:
+    """``WindowedTPESampler`` is made on first use (and found by pickle when Tune restores the
+    searcher): the trial workers import this module and need no Optuna."""
+    if name == "WindowedTPESampler":
+        globals()[name] = _windowed_tpe_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def windowed_tpe_sampler(window: int, **tpe_options: Any):
+    """A TPE sampler modelling at most ``window`` finished trials (WindowedTPESampler), or
+    Optuna's own TPE where its ``_sample`` has gone."""
+    import optuna
+
+    if not callable(getattr(optuna.samplers.TPESampler, "_sample", None)):
+        logger.warning("Optuna's TPESampler has changed (checked with Optuna 5.0): it models "
+                       "every trial, and its suggestions slow down as the study grows")
+        return optuna.samplers.TPESampler(**tpe_options)
+    return __getattr__("WindowedTPESampler")(window, **tpe_options)
 
 
 # Ray Tune numbers the trials a searcher creates, from 1, in the experiment tag it gives each

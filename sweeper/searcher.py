@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from typing import Any
 
@@ -32,11 +33,19 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeper import compat
+from sweeper.compat import add_intermediate_values, windowed_tpe_sampler
 from sweeper.metrics import diverged
 
 logger = logging.getLogger(__name__)
 
 RAY_TRIAL_ID = "ray_trial_id"
+# Epochs reach the study in batches at most this far apart (one SQLite transaction an epoch
+# cost more driver CPU than all of Tune's own work on a result, benchmarks/RESULTS.md section 5).
+STUDY_WRITE_EVERY_S = 1.0
+# Finished trials TPE models at most: its 25 best and the most recent. Optuna's TPE reads and
+# models every trial at each suggestion, O(trials); past this many a suggestion costs what it
+# cost here (benchmarks/RESULTS.md section 5: at 5 000 trials 3x less, the same at 1 000).
+TPE_WINDOW = 1000
 
 
 def make_sampler(name: str, seed: int, n_startup_trials: int,
@@ -47,9 +56,10 @@ def make_sampler(name: str, seed: int, n_startup_trials: int,
             # Optuna marks multivariate TPE experimental; search.multivariate chooses it (on by
             # default: it found better models in fewer epochs in the search benchmark).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # constant_liar keeps parallel workers from all sampling the same point.
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials,
-                                              constant_liar=True, multivariate=multivariate)
+            # constant_liar keeps parallel workers from all sampling the same point; the window
+            # keeps a suggestion's cost flat past TPE_WINDOW finished trials.
+            return windowed_tpe_sampler(TPE_WINDOW, seed=seed, n_startup_trials=n_startup_trials,
+                                        constant_liar=True, multivariate=multivariate)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {name!r}")
@@ -132,28 +142,67 @@ class PruningOptunaSearch(OptunaSearch):
         if value is None or step is None or not math.isfinite(float(value)):
             return  # Optuna refuses NaN intermediate values; the trial will be told FAILED
         # A trial retried from its checkpoint reports some epochs again: keep the first value.
-        if int(step) in self._stored(ot_trial).intermediate_values:
+        steps = self._stored_steps(ot_trial)
+        if int(step) in steps:
             return
-        ot_trial.report(float(value), int(step))
+        steps.add(int(step))
+        unwritten = self.__dict__.setdefault("_unwritten", [])
+        unwritten.append((compat.storage_id(ot_trial), int(step), float(value)))
+        if time.monotonic() - self.__dict__.get("_written_at", 0.0) >= STUDY_WRITE_EVERY_S:
+            self.write_study()
+
+    def write_study(self) -> None:
+        """Add the epochs reported since the last write to the study, in one transaction.
+
+        Called at most every :data:`STUDY_WRITE_EVERY_S` seconds as results come, before a
+        trial is told finished, and before every save of the searcher (Tune saves it with the
+        experiment state): whatever a resume restores from is in the study, and
+        optuna-dashboard shows an epoch a second after it was reported.
+        """
+        unwritten = self.__dict__.get("_unwritten")
+        if unwritten:
+            add_intermediate_values(compat.study_storage(self.study), unwritten)
+            unwritten.clear()
+        self._written_at = time.monotonic()
+
+    def _stored_steps(self, ot_trial: optuna.Trial) -> set[int]:
+        """The epochs the study holds for a trial: read from the storage once per trial and
+        driver, then kept here (one database read per result was a third of the searcher's
+        cost per result, benchmarks/RESULTS.md section 5)."""
+        known = self.__dict__.setdefault("_known_steps", {})
+        steps = known.get(compat.storage_id(ot_trial))
+        if steps is None:
+            steps = known[compat.storage_id(ot_trial)] = set(
+                self._stored(ot_trial).intermediate_values)
+        return steps
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         ot_trial = self._trial_for(trial_id)
         if trial_id in self._completed or ot_trial is None:
             return
-        if result and self._stored(ot_trial).state == TrialState.RUNNING:
+        running = self._stored(ot_trial).state == TrialState.RUNNING  # one read a trial
+        if result and running:
             self._report_epoch(ot_trial, result)  # the result the scheduler stopped it on
         value = result.get(self.metric) if result else None
         epochs = int(result.get(TRAINING_ITERATION, 0)) if result else 0
         state = final_state(value, epochs, self._max_epochs, error or diverged(result))
-        if self._stored(ot_trial).state == TrialState.RUNNING:
+        if running:
+            self.write_study()  # its epochs, before it is told finished
             told_value = float(value) if state == TrialState.COMPLETE else None
             self.study.tell(ot_trial, told_value, state=state)
         self._completed.add(trial_id)
         logger.debug("Told Optuna trial %s %s after %d epochs", trial_id, state.name, epochs)
 
+    def save(self, checkpoint_path: str) -> None:
+        self.write_study()
+        super().save(checkpoint_path)
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        # The saved state may be older than the study: read each trial's epochs anew.
+        self.__dict__.pop("_known_steps", None)
+        self.__dict__.pop("_written_at", None)  # a time of the driver that saved it
         self._fail_orphans()
 
     def _fail_orphans(self) -> None:

@@ -28,6 +28,7 @@ from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERA
 from ray.tune.schedulers import TrialScheduler
 
 from sweeper import compat
+from sweeper.compat import checkpoints_in_saved_state, snapshots_on_a_timer
 from sweeper.config import ClusterConfig, SearchConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
 from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout, write_json
@@ -170,6 +171,21 @@ def record_failed_trials(layout: SweepLayout, retry: bool) -> None:
         record.unlink()
     else:
         compat.put_into_saved_state(layout.trials, json.loads(record.read_text()))
+
+
+def remove_unnamed_checkpoints(layout: SweepLayout) -> None:
+    """Before a resume: delete the trial checkpoints that the saved experiment state does not
+    name. A killed driver leaves them: checkpoints Tune dropped whose deletion waited for the
+    next save (:func:`sweeper.compat.snapshots_on_a_timer`), and those written after the last
+    save. The resumed trials restore from the named ones; Tune would never delete the others."""
+    saved_state = compat.newest_experiment_state(layout.trials)
+    if saved_state is None:
+        return
+    for trial_id, names in checkpoints_in_saved_state(saved_state).items():
+        for folder in layout.trial(trial_id).glob("checkpoint_*"):
+            if folder.is_dir() and folder.name not in names:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.debug("Removed %s, which no saved state names", folder)
 
 
 def last_recorded_epoch(path: Path) -> int:
@@ -328,6 +344,9 @@ def tune_settings(cfg: SweepConfig):
     - SIGTERM (a preempted job, ``kill``, ``docker stop``) stops the trials as Ctrl-C does: Tune
       saves the experiment one last time and the caller learns it was interrupted. Ray's own
       handler ended the driver at once (exit 1, a stack dump, no last save).
+    - Experiment-state saves on Tune's timer only, not forced by every trial checkpoint
+      (:func:`sweeper.compat.snapshots_on_a_timer`: with one checkpoint kept per trial, Tune
+      saved the whole state at every result).
     - Tune's default runtime env for trial actors is left out
       (:func:`sweeper.compat.tune_actor_env_cleared`): any runtime env starts each trial
       worker through Ray's ``setup_worker.py`` shim, one more Python process per worker.
@@ -350,7 +369,7 @@ def tune_settings(cfg: SweepConfig):
     if in_main_thread:
         signal.signal(signal.SIGTERM, _as_ctrl_c)
     try:
-        with compat.tune_actor_env_cleared():
+        with compat.tune_actor_env_cleared(), snapshots_on_a_timer():
             yield
     finally:
         for key in ours:
@@ -379,14 +398,20 @@ def _trial_dirname(trial) -> str:
     return f"{TRIAL_FOLDER_PREFIX}{trial.trial_id}"
 
 
-def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Splits,
+def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Splits | None,
                 layout: SweepLayout, storage: optuna.storages.BaseStorage | None = None,
-                warm_trials: list | None = None) -> tune.Tuner:
-    """A new Tuner for the sweep, or the interrupted one restored from its folder."""
-    trainable = _trainable(cfg, splits)
+                warm_trials: list | None = None, trainable=None) -> tune.Tuner:
+    """A new Tuner for the sweep, or the interrupted one restored from its folder.
+
+    ``trainable``: what each trial runs (default: sweeper's trainer on ``splits`` with the
+    config's resources); the scaling benchmark and the recovery tests pass dummy trials that
+    report like the trainer, so the driver does exactly what a sweep's driver does.
+    """
+    trainable = trainable or _trainable(cfg, splits)
     if tune.Tuner.can_restore(str(layout.trials)):
         logger.info("==== Resuming the interrupted sweep in %s ====", layout.trials)
         record_failed_trials(layout, retry=cfg.resume.errored == "retry")
+        remove_unnamed_checkpoints(layout)
         return tune.Tuner.restore(str(layout.trials), trainable=trainable,
                                   resume_errored=cfg.resume.errored == "retry")
     metric, mode = cfg.search.metric, cfg.search.mode

@@ -186,3 +186,12 @@ def test_the_own_model_table_sets_the_users_model_against_the_cnn(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Benchmark results\n\n{own_model.SECTION}\n\nfigures\n\n## Later\n")
     assert own_model.recorded_section(results) == f"{own_model.SECTION}\n\nfigures\n"
+
+
+def test_scaling_projection_is_trials_times_cost_over_epoch():
+    from benchmarks.scaling import project
+
+    fits, saturated = project(1.0, 1.0, (512,))[0], project(4.0, 1.0, (512,))[0]
+    assert fits["driver_busy"] == pytest.approx(0.512) and fits["speed"] == 1.0
+    assert saturated["driver_busy"] == pytest.approx(2.048)
+    assert saturated["speed"] == pytest.approx(1 / 2.048)

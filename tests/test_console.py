@@ -92,6 +92,9 @@ def test_sweep_log_records_every_trial_event_with_its_time_and_the_summary(conso
         assert line in log
     # Ray's and TensorFlow's warnings are not on the console.
     assert [line for line in console if "WARNING" in line] == []
+    # Issue 26: the cause of Tune's snapshot warning is gone (no save forced per checkpoint),
+    # not only its line from the console.
+    assert "snapshotting has been triggered" not in log
 
 
 @pytest.mark.slow

@@ -7,10 +7,14 @@ import os
 import pickle
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
 from cli_helpers import (
+    cli_env,
     kill_tree,
     run_cli,
     start_cli,
@@ -18,6 +22,8 @@ from cli_helpers import (
     trial_tensorboard_run,
     wait_for,
 )
+
+from sweeper.compat import checkpoints_in_saved_state, newest_experiment_state
 
 pytestmark = pytest.mark.slow
 
@@ -318,6 +324,94 @@ def test_trials_all_ended_but_no_summary_yet_completes_without_training(tmp_path
     assert [trial["status"] for trial in summary["trials"]] == ["completed", "completed"]
     assert trial_rows(sweep_dir) == rows  # nothing trained again
     assert (sweep_dir / "best_model.keras").is_file()
+
+
+# A driver like `python -m sweeper`'s (sweeper.tuner.build_tuner, tune_settings) whose trials are
+# the scaling benchmark's dummy trials: 60 epochs of 0.25 s, a checkpoint each, resumable (Tune
+# saves the state as the sweep starts and 10 s later: the kill comes after the second save).
+DUMMY_DRIVER = """
+import sys
+from pathlib import Path
+
+import ray
+
+from benchmarks.scaling import dummy_sweep
+from sweeper.tuner import tune_settings
+
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+cfg, tuner = dummy_sweep(Path(sys.argv[1]), concurrent=4, interval=0.25, trials=4, epochs=60,
+                         grace=60)
+with tune_settings(cfg):
+    tuner.fit()
+"""
+
+
+def _checkpoint_epoch(name: str) -> int:
+    return int(name.removeprefix("checkpoint_")) + 1  # Tune numbers them from 0
+
+
+def test_driver_killed_while_dropped_checkpoints_wait_for_the_next_save(tmp_path):
+    """Issue 26: Tune saves the experiment state on its timer, no longer at every trial
+    checkpoint, and a checkpoint Tune drops (one kept per trial besides the latest) is deleted
+    only once a newer saved state is stored. The worst moment to kill the driver: trials have
+    checkpointed (and dropped) at least twice since the last save. Every checkpoint that saved
+    state names is still there, the resume finishes every trial from them, each epoch is
+    recorded once, and the checkpoints the killed driver left behind are removed."""
+    sweep_dir = tmp_path / "sweep"
+    script = tmp_path / "driver.py"
+    script.write_text(DUMMY_DRIVER)
+    env = cli_env()
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+
+    def start(log: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(sweep_dir)], cwd=tmp_path,
+                                env=env, stdout=(tmp_path / log).open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def saved_state_behind():
+        """The saved state's checkpoints once a trial has written two checkpoints past the one
+        the saved state names for it (Tune has dropped that one since)."""
+        state = newest_experiment_state(sweep_dir / "trials")
+        if state is None:
+            return None
+        try:
+            named = checkpoints_in_saved_state(state)
+        except (OSError, ValueError):  # being replaced right now
+            return None
+        for trial_id, names in named.items():
+            written = [_checkpoint_epoch(path.name) for path in
+                       (sweep_dir / "trials" / f"trial_{trial_id}").glob("checkpoint_*")]
+            if names and max(written, default=0) >= max(map(_checkpoint_epoch, names)) + 2:
+                return named
+        return None
+
+    process = start("first.log")
+    try:
+        named = wait_for(saved_state_behind, 300, "a saved state behind the trials", every=0.1)
+    finally:
+        kill_tree(process)
+    assert process.returncode == -signal.SIGKILL
+    for trial_id, names in named.items():  # what the resume restores from is all there
+        for name in names:
+            assert (sweep_dir / "trials" / f"trial_{trial_id}" / name).is_dir(), (trial_id, name)
+
+    resumed = start("resumed.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    rows = trial_rows(sweep_dir)
+    assert len(rows) == 4
+    for trial_id, trial in rows.items():
+        assert [row["epoch"] for row in trial] == list(range(1, 61)), trial_id
+        # One checkpoint kept (the best, here also the latest): none left behind by the kill.
+        kept = sorted(path.name for path in (sweep_dir / "trials" / f"trial_{trial_id}")
+                      .glob("checkpoint_*"))
+        assert len(kept) == 1, (trial_id, kept)
+    study = optuna.load_study(study_name="scaling", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    finished = [trial for trial in study.trials
+                if trial.user_attrs.get("ray_trial_id") in rows]
+    assert len(finished) == 4
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in finished)
+    assert all(sorted(trial.intermediate_values) == list(range(1, 61)) for trial in finished)
 
 
 def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path):

@@ -178,3 +178,108 @@ def test_multivariate_tpe_is_a_seeded_joint_model():
     assert joint[:5] == independent[:5]  # the same seeded random start
     assert joint[5:] != independent[5:]
     assert proposals(True) == joint
+
+
+def _sqlite_searcher(tmp_path) -> PruningOptunaSearch:
+    from sweeper.study import open_storage
+
+    return PruningOptunaSearch(space=SPACE, metric="val_accuracy", mode="max",
+                               sampler=optuna.samplers.RandomSampler(seed=0),
+                               storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"),
+                               study_name="s", max_epochs=MAX_EPOCHS)
+
+
+def _stored_epochs(tmp_path) -> dict[int, float]:
+    """The intermediate values a reader of the database (optuna-dashboard) sees now."""
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    return study.trials[0].intermediate_values
+
+
+def test_epochs_reach_the_study_in_a_batch_a_second_and_before_every_save(tmp_path):
+    """Issue 26: epochs are written in one transaction at most every STUDY_WRITE_EVERY_S,
+    before the trial is told finished and before the searcher is saved (Tune saves it with the
+    experiment state that a resume restores from), so a resume never lacks an epoch."""
+    searcher = _sqlite_searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 0.5))  # the first write of this driver: at once
+    searcher.on_trial_result("a", result(2, 0.6))  # within the second: buffered
+    assert _stored_epochs(tmp_path) == {1: 0.5}
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    assert _stored_epochs(tmp_path) == {1: 0.5, 2: 0.6}
+    searcher.on_trial_result("a", result(3, 0.7))
+    searcher.on_trial_complete("a", result(3, 0.7))
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.trials[0].state == TrialState.COMPLETE
+    assert study.trials[0].intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7}
+
+
+def test_a_restored_searcher_reads_the_epochs_the_study_holds(tmp_path):
+    """A searcher restored from an older save learns the epochs from the study, not from its
+    save: an epoch reported after the save and re-trained after the resume is kept once."""
+    searcher = _sqlite_searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 0.5))
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.on_trial_result("a", result(2, 0.6))
+    searcher.write_study()
+    restored = _sqlite_searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("a", result(2, 0.65))  # epoch 2 trained again after the resume
+    restored.on_trial_complete("a", result(3, 0.7))
+    assert _stored_epochs(tmp_path) == {1: 0.5, 2: 0.6, 3: 0.7}
+
+
+def _finished_trials(count: int) -> list:
+    """``count`` finished trials; trial 7 is the best by far, the others pruned or middling."""
+    trials = []
+    for number in range(count):
+        value = 0.99 if number == 7 else 0.5 + (number % 10) / 100
+        state = TrialState.PRUNED if number % 3 == 0 and number != 7 else TrialState.COMPLETE
+        trials.append(optuna.trial.create_trial(
+            state=state, value=value if state == TrialState.COMPLETE else None,
+            params={"train.lr": 10 ** -(1 + number % 30 / 10)}, distributions=SPACE,
+            intermediate_values={1: value}))
+    return trials
+
+
+def test_tpe_models_a_window_of_the_best_and_the_most_recent_trials():
+    """Issue 26: past TPE_WINDOW finished trials, TPE sees the best 25 completed ones and the
+    most recent others (its cost then stays flat as the study grows), plus running trials."""
+    from sweeper.compat import TPE_GOOD_TRIALS, tpe_window
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(_finished_trials(1200))
+    running = study.ask().number
+    trials = study.get_trials(deepcopy=False)
+    assert tpe_window(trials, 1500, maximize=True) == trials  # small studies: all of them
+    window = tpe_window(trials, 1000, maximize=True)
+    finished = [trial for trial in window if trial.state != TrialState.RUNNING]
+    assert len(finished) == 1000
+    assert 7 in {trial.number for trial in window}  # the best, long ago
+    assert running in [trial.number for trial in window]  # the constant liar's
+    recent = {trial.number for trial in trials[-(1000 - TPE_GOOD_TRIALS):]}
+    assert recent <= {trial.number for trial in window}
+
+
+def test_sweeper_tpe_suggests_from_its_window_on_a_large_study():
+    """The sampler sweeper builds samples inside the space on a study past its window, and
+    models the window's trials, not all of them."""
+    from unittest import mock
+
+    from sweeper import compat
+    from sweeper.searcher import TPE_WINDOW
+
+    sampler = make_sampler("tpe", seed=0, n_startup_trials=5)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.add_trials(_finished_trials(TPE_WINDOW + 200))
+    modelled = []
+
+    def window(trials, size, maximize):
+        modelled.append(len(chosen := compat_window(trials, size, maximize)))
+        return chosen
+
+    compat_window = compat.tpe_window
+    with mock.patch.object(compat, "tpe_window", window):
+        trial = study.ask(SPACE)
+    assert SPACE["train.lr"].low <= trial.params["train.lr"] <= SPACE["train.lr"].high
+    assert modelled and all(count <= TPE_WINDOW + 1 for count in modelled)  # + itself, running
