@@ -4,7 +4,7 @@
     python -m benchmarks utilization throughput scaling   # a subset
 
 Every comparison is measured in this one invocation, on this machine, as ratios or medians;
-the same code path as `python -m sweeper` is measured (sweeper.sweep.run_sweep).
+the same code path as `python -m sweeper` is measured (sweeper.run).
 """
 
 from __future__ import annotations

@@ -242,22 +242,23 @@ def read_rows(experiment_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def sweeper_config(overrides: list[str]):
-    """The composed config of `python -m sweeper OVERRIDES` (same composition, same checks)."""
-    from sweeper.__main__ import compose_config, quote_space_overrides
+    """The validated config of `python -m sweeper OVERRIDES` (sweeper.compose: the same
+    composition, the same checks)."""
+    import sweeper
 
-    return compose_config(quote_space_overrides(overrides))
+    return sweeper.compose(overrides)
 
 
 def run_sweeper(label: str, overrides: list[str], workdir: Path, concurrency: int) -> SweepRun:
-    """Run a sweep through sweeper.sweep.run_sweep, the function `python -m sweeper` calls."""
-    from sweeper.sweep import run_sweep
+    """Run a sweep through sweeper.run, the function `python -m sweeper` calls."""
+    import sweeper
 
     sweep_dir = workdir / label
     cfg = sweeper_config([*overrides, f"sweep_dir={sweep_dir}", f"name={label}",
                           "final.evaluate=false"])
     with CpuSampler() as cpu:
         started = time.time()
-        run_sweep(cfg)
+        sweeper.run(cfg)
     return measured_run(label, started, read_rows(sweep_dir / "trials"), concurrency, cpu)
 
 
@@ -280,12 +281,11 @@ def ray_session(num_cpus: int = 2):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from sweeper.tuner import LOCAL_RAY_SYSTEM_CONFIG
+    from sweeper.compat import init_local_ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False,
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)  # as sweeper starts its Ray
+        init_local_ray(num_cpus=num_cpus, include_dashboard=False,  # as sweeper starts its Ray
+                       logging_level="ERROR", log_to_driver=False)
     return ray
 
 

@@ -90,7 +90,7 @@ def failed_attempts(trials_dir: Path) -> tuple[int, list[str]]:
     """How many trial attempts failed in a sweep, retried ones included, as Tune's newest saved
     experiment state counts them, and the distinct errors they ended with (the last line of
     each trial's error.txt). A retried trial that then finished leaves no other trace."""
-    from sweeper.tuner import newest_experiment_state
+    from sweeper.compat import newest_experiment_state
 
     saved_state = newest_experiment_state(trials_dir)
     failures = 0

@@ -49,11 +49,10 @@ DATA = ["data=fashion_mnist", f"data.path={FASHION_MNIST}", "data.max_train_samp
 
 
 def child_preflight(model: str) -> dict:
-    from sweeper.__main__ import compose_config, quote_space_overrides
-    from sweeper.sweep import validate
+    import sweeper
 
     started = time.perf_counter()
-    cfg, _ = validate(compose_config(quote_space_overrides([*DATA, *MODELS[model]])))
+    cfg = sweeper.compose([*DATA, *MODELS[model]])
     checks = time.perf_counter() - started
     tensorflow = "tensorflow" in sys.modules
     build = 0.0
@@ -67,15 +66,13 @@ def child_preflight(model: str) -> dict:
 
 
 def child_trials(model: str) -> dict:
-    from sweeper.__main__ import compose_config, quote_space_overrides
+    import sweeper
     from sweeper.config import apply_params
     from sweeper.data import load_splits
-    from sweeper.sweep import validate
     from sweeper.trainer import WarmModel, configure_tensorflow, train
 
     configure_tensorflow(num_cpus=1, use_gpu=False)
-    cfg, _ = validate(compose_config(quote_space_overrides(
-        [*DATA, *MODELS[model], "train.epochs=1"])))
+    cfg = sweeper.compose([*DATA, *MODELS[model], "train.epochs=1"])
     splits = load_splits(cfg.data, cfg.train.validation_fraction, cfg.train.seed)
     warm, seconds = WarmModel(), []
     for trial in range(TRIALS):

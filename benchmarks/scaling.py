@@ -99,21 +99,22 @@ def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
     settings), restored from ``sweep_dir`` when a run there was interrupted."""
     from ray import tune
 
+    from sweeper.layout import SweepLayout
     from sweeper.study import open_storage, storage_url
-    from sweeper.sweep import validate
-    from sweeper.tuner import SweepPaths, build_tuner
+    from sweeper.sweep import validated
+    from sweeper.tuner import build_tuner
 
-    cfg, space = validate(sweeper_config([
+    cfg, space = validated(sweeper_config([
         "+experiment=smoke", "data=fashion_mnist", f"train.epochs={epochs}",
         f"search.num_trials={trials}", f"resources.max_concurrent_trials={concurrent}",
         f"resources.cpu_per_trial={2 / concurrent}", f"scheduler.grace_period={grace}",
         f"sweep_dir={sweep_dir}", "name=scaling"]))
-    paths = SweepPaths.for_config(cfg)
+    layout = SweepLayout.for_config(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_with_settings, epochs=epochs, interval=interval),
         {"cpu": 2 / concurrent})
-    return cfg, build_tuner(cfg, space, None, paths,
-                            open_storage(storage_url(None, paths.root)), trainable=trainable)
+    return cfg, build_tuner(cfg, space, None, layout,
+                            open_storage(storage_url(None, layout.root)), trainable=trainable)
 
 
 def sweeper_driver(workdir: Path, concurrent: int, interval: float, trials: int | None = None,

@@ -1,21 +1,449 @@
-"""Workarounds of other libraries' internals, in one place.
+"""Every use of another library's internals, in one room.
 
-Each names the upstream issue it works around and the versions it was checked with, and says
-what happens when a new version no longer has what it relies on.
+Each workaround names the upstream issue it works around (or says that none was found), the
+versions it was checked with (:data:`CHECKED_WITH`), and fails loudly when a new version no
+longer has what it relies on: :class:`CompatibilityError` names the internal that moved, never
+a silently wrong result. :func:`check_installed` runs every check against the installed
+versions (tests/test_compat.py does, so an upgrade of Ray, Optuna or TensorFlow shows at once
+which workaround to revisit). Everything else in sweeper uses the libraries' public APIs.
+
+Ray and Optuna are imported inside the functions that need them: :mod:`sweeper.trainer`
+imports this module on workers, and :func:`sweeper.load` reads a sweep without Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+# The versions every workaround below was checked with.
+CHECKED_WITH = {"ray": "2.60.0", "optuna": "5.0.0", "tensorflow": "2.21.0", "keras": "3.15.1"}
+
+
+class CompatibilityError(RuntimeError):
+    """A library no longer has an internal that a workaround here relies on."""
+
+    def __init__(self, what: str, workaround: str) -> None:
+        super().__init__(f"{what} has changed (checked with {_checked_versions()}); "
+                         f"sweeper's workaround of {workaround} needs revisiting in "
+                         "sweeper/compat.py")
+
+
+def _checked_versions() -> str:
+    return ", ".join(f"{name} {version}" for name, version in CHECKED_WITH.items())
+
+
+def _attribute(owner: Any, name: str, workaround: str) -> Any:
+    """``owner.name``, or a CompatibilityError naming the workaround that needs it."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        owner_name = getattr(owner, "__name__", type(owner).__name__)
+        raise CompatibilityError(f"{owner_name}.{name}", workaround) from None
+
+
+# --- Ray Tune: the actors' runtime env -------------------------------------------------------
+# Tune gives every trial actor the runtime env {"env_vars": {"PL_DISABLE_FORK": "1"}} (for
+# PyTorch Lightning, Lightning-AI/pytorch-lightning#14292, which sweeper's trials don't use).
+# Any runtime env makes Ray start the actor's worker through its setup_worker.py shim: one more
+# Python process per trial worker that imports Ray only to exec the real one, CPU taken from
+# the workers starting beside it (benchmarks/utilization.py, with and without). Tune has no public
+# setting for it; no upstream issue found. Ray 2.60.
+_TUNE_ENV_WORKAROUND = "Tune's PL_DISABLE_FORK runtime env for trial actors"
+
+
+@contextlib.contextmanager
+def tune_actor_env_cleared() -> Iterator[None]:
+    """While it runs, Tune starts trial actors without its default runtime env."""
+    from ray.tune.execution import class_cache
+
+    defaults = _attribute(class_cache, "DEFAULT_ENV_VARS", _TUNE_ENV_WORKAROUND)
+    if not isinstance(defaults, dict):
+        raise CompatibilityError("ray.tune.execution.class_cache.DEFAULT_ENV_VARS",
+                                 _TUNE_ENV_WORKAROUND)
+    saved = dict(defaults)
+    defaults.clear()
+    try:
+        yield
+    finally:
+        defaults.update(saved)
+
+
+# --- Ray Tune: the scheduler's state across a restore ----------------------------------------
+# ray-project/ray#30838 (open): Tuner.restore restores the scheduler as it was pickled when the
+# experiment started, so ASHA's rungs would come back empty. Its state rides along with a
+# callback's (which Tune does save), through ASHA's public save/restore. Ray 2.60.
+
+def scheduler_state(scheduler: Any) -> bytes | None:
+    """The scheduler's state as bytes (its public ``save``), or None for one without state."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    if not isinstance(scheduler, AsyncHyperBandScheduler):
+        return None  # FIFO: nothing to keep
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scheduler.pkl"
+        scheduler.save(str(path))
+        return path.read_bytes()
+
+
+def restore_scheduler_state(scheduler: Any, state: bytes | None) -> None:
+    """Put a :func:`scheduler_state` back (its public ``restore``)."""
+    if state is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scheduler.pkl"
+        path.write_bytes(state)
+        scheduler.restore(str(path))
+
+
+# --- Ray Tune: ASHA's internals read by sweeper's scheduler ----------------------------------
+# sweeper.scheduler.EarlierEpochsASHA stops trials Ray's ASHA would continue, and records what
+# ASHA compared with. Ray's ASHA keeps its count of stopped trials and its rungs private (one
+# bracket: ``_brackets[0]._rungs``, [(milestone, {trial id: signed value})]). No upstream issue
+# asks for a public view; Ray 2.60.
+_ASHA_WORKAROUND = "ASHA's rung records (sweeper.scheduler)"
+
+
+def count_stopped(scheduler: Any) -> None:
+    """Count one more stopped trial in Ray's ASHA, as its own stop would."""
+    scheduler._num_stopped = _attribute(scheduler, "_num_stopped", _ASHA_WORKAROUND) + 1
+
+
+def asha_rungs(scheduler: Any) -> tuple[Any, list[tuple[int, dict[str, float]]]]:
+    """ASHA's one bracket and its rungs: ``[(milestone, {trial id: signed value})]``."""
+    bracket = _attribute(scheduler, "_brackets", _ASHA_WORKAROUND)[0]
+    rungs = _attribute(bracket, "_rungs", _ASHA_WORKAROUND)
+    _attribute(bracket, "cutoff", _ASHA_WORKAROUND)
+    return bracket, rungs
+
+
+# --- Ray Tune: trials that failed for good, in the saved experiment state --------------------
+# Ray Tune does not save the status of a trial whose worker process died: the trial is detached
+# from its actor before the failure is handled, and only attached trials are queued for the
+# state snapshot, so the saved state keeps it RUNNING and a resume runs it again whatever
+# resume_errored says. No upstream issue found (ray-project/ray#16891 is the closest, closed);
+# seen in Ray 2.60. sweeper.tuner.FailedTrialsSaved records such trials in Tune's own JSON
+# format and writes them into the newest experiment_state-*.json.
+_FAILED_WORKAROUND = "failed trials' status in Tune's saved experiment state"
+EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+
+
+def trial_experiment_folder(trial: Any) -> Path:
+    """Where Tune saves the experiment a trial belongs to (its StorageContext)."""
+    storage = _attribute(trial, "storage", _FAILED_WORKAROUND)
+    return Path(_attribute(storage, "experiment_fs_path", _FAILED_WORKAROUND))
+
+
+def stored_locally(trial: Any) -> bool:
+    """Whether the trial's experiment folder is on this machine's file system."""
+    from pyarrow.fs import LocalFileSystem
+
+    storage = _attribute(trial, "storage", _FAILED_WORKAROUND)
+    return isinstance(_attribute(storage, "storage_filesystem", _FAILED_WORKAROUND),
+                      LocalFileSystem)
+
+
+def trial_json_state(trial: Any) -> list[str]:
+    """The trial as Tune saves it in the experiment state: [trial JSON, runtime metadata]."""
+    return list(_attribute(trial, "get_json_state", _FAILED_WORKAROUND)())
+
+
+def trial_error_files(trial: Any) -> list[tuple[Path, Path]]:
+    """(where Tune wrote the trial's error, the trial's folder copy) for each error file."""
+    metadata = _attribute(trial, "run_metadata", _FAILED_WORKAROUND)
+    names = (_attribute(metadata, "error_filename", _FAILED_WORKAROUND),
+             _attribute(metadata, "pickled_error_filename", _FAILED_WORKAROUND))
+    return [(Path(trial.local_path, name), Path(trial.path, name)) for name in names if name]
+
+
+def trial_error_file(trial: Any) -> str | None:
+    """The name of the file Tune wrote the trial's last error to (None: none yet)."""
+    metadata = _attribute(trial, "run_metadata", _FAILED_WORKAROUND)
+    return _attribute(metadata, "error_filename", _FAILED_WORKAROUND)
+
+
+def newest_experiment_state(trials_dir: Path) -> Path | None:
+    """The saved experiment state that Tune restores from ``trials_dir`` (None if none): the
+    newest, whose name ends in the time it was written."""
+    states = sorted(Path(trials_dir).glob(EXPERIMENT_STATE_GLOB))
+    return states[-1] if states else None
+
+
+def put_into_saved_state(trials_dir: Path, failed: dict[str, list[str]]) -> None:
+    """Replace the saved entries of ``failed`` trials (id -> :func:`trial_json_state`) whose
+    status differs, in the newest experiment state."""
+    import json
+
+    from sweeper.layout import write_json
+
+    saved_state = newest_experiment_state(trials_dir)
+    if saved_state is None:
+        logger.debug("No experiment state in %s to record failed trials in", trials_dir)
+        return
+    state = json.loads(saved_state.read_text())
+    if "trial_data" not in state:
+        raise CompatibilityError(f"Tune's experiment state ({saved_state.name})",
+                                 _FAILED_WORKAROUND)
+    changed = False
+    for index, (trial_json, _) in enumerate(state["trial_data"]):
+        saved = json.loads(trial_json)
+        entry = failed.get(saved["trial_id"])
+        if entry is not None and saved["status"] != json.loads(entry[0])["status"]:
+            state["trial_data"][index] = entry
+            changed = True
+    if changed:
+        write_json(saved_state, state)
+        logger.debug("Recorded failed trials in %s", saved_state)
+
+
+# --- Ray Train: a stopped trial's stop event -------------------------------------------------
+# A trainable's thread learns that Tune stopped its trial only at its next report; a reused
+# worker then waits TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s) for it before failing the next trial.
+# The session's stop event, checked per training batch, ends it at once. Private in Ray Train
+# (ray.train._internal.session); no upstream issue found. Ray 2.60.
+_STOP_WORKAROUND = "the per-batch stop check of a stopped trial (sweeper.trial)"
+
+
+def trial_stop_check() -> Callable[[], bool] | None:
+    """A cheap ``() -> bool``: whether Tune has stopped the trial running in this thread
+    (None outside a trial)."""
+    from ray.train._internal import session
+
+    current = _attribute(session, "get_session", _STOP_WORKAROUND)()
+    if current is None:
+        return None
+    return _attribute(current, "stop_event", _STOP_WORKAROUND).is_set
+
+
+# --- Ray core ---------------------------------------------------------------------------------
+# How many GPUs an in-process Ray would find: Ray's own detection (CUDA_VISIBLE_DEVICES, the
+# driver's devices), public only once Ray runs; validation runs before Ray starts, to refuse
+# resources.gpu_per_trial a machine cannot give. No upstream issue found; Ray 2.60.
+_GPU_WORKAROUND = "counting GPUs before Ray starts (sweeper.tuner.local_capacity)"
+
+
+def local_gpu_count() -> int:
+    """GPUs Ray would detect on this machine for an in-process Ray."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+    except ImportError:
+        raise CompatibilityError("ray._private.accelerators", _GPU_WORKAROUND) from None
+    manager = get_accelerator_manager_for_resource("GPU")
+    visible = manager.get_current_process_visible_accelerator_ids()
+    detected = manager.get_current_node_num_accelerators()
+    return min(detected, len(visible)) if visible is not None else detected
+
+
+# Ray starts an idle worker per CPU as the first driver connects; sweeper's trial actors gain
+# nothing from them, and their start takes CPU from the trials' own (benchmarks/utilization.py
+# splits where a worker's start goes; ray-project/ray#40131 discusses the default). ray.init's
+# _system_config is Ray's only way to turn it off for an in-process Ray. Ray 2.60.
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+
+
+def init_local_ray(**kwargs: Any) -> None:
+    """``ray.init(address="local", ...)`` without idle workers prestarted for the driver."""
+    import ray
+
+    ray.init(address="local", _system_config=LOCAL_RAY_SYSTEM_CONFIG, **kwargs)
+
+
+# --- Optuna through Ray's OptunaSearch --------------------------------------------------------
+# sweeper.searcher.PruningOptunaSearch tells Optuna what Ray's OptunaSearch does not (early-
+# stopped trials as PRUNED, every epoch as an intermediate value; ray-project/ray#15283 set
+# the states Ray tells, not these) and finds its trials in the storage after a restore. It
+# reads OptunaSearch's study and trial maps (``_ot_study``, ``_ot_trials``,
+# ``_completed_trials``), which Ray keeps private; re-attaches a running Optuna trial by
+# constructing ``optuna.Trial(study, trial_id)``, and reads a trial from the study's storage by
+# its id (Optuna's public get_trials reads every trial). Ray 2.60, Optuna 5.0.
+_SEARCH_WORKAROUND = "OptunaSearch's study and trials (sweeper.searcher)"
+
+
+def searcher_study(searcher: Any):
+    """The Optuna study of a Ray OptunaSearch."""
+    return _attribute(searcher, "_ot_study", _SEARCH_WORKAROUND)
+
+
+def searcher_trials(searcher: Any) -> dict:
+    """A Ray OptunaSearch's live map: Tune trial id -> optuna.Trial."""
+    return _attribute(searcher, "_ot_trials", _SEARCH_WORKAROUND)
+
+
+def searcher_completed(searcher: Any) -> set:
+    """The Tune trial ids a Ray OptunaSearch has been told are complete."""
+    return _attribute(searcher, "_completed_trials", _SEARCH_WORKAROUND)
+
+
+def running_trial(study: Any, frozen: Any):
+    """An ``optuna.Trial`` to report to and tell, for a RUNNING trial read from storage."""
+    import optuna
+
+    return optuna.Trial(study, _attribute(frozen, "_trial_id", _SEARCH_WORKAROUND))
+
+
+def study_storage(study: Any):
+    """The storage an Optuna study reads and writes (Optuna keeps it private)."""
+    return _attribute(study, "_storage", _SEARCH_WORKAROUND)
+
+
+def storage_id(trial: Any) -> int:
+    """A trial's id in its study's storage (``optuna.Trial`` and FrozenTrial keep it private;
+    the public ``number`` counts within the study, the storage's methods take this id)."""
+    return _attribute(trial, "_trial_id", _SEARCH_WORKAROUND)
+
+
+def stored_trial(study: Any, trial: Any):
+    """The FrozenTrial the study's storage holds for ``trial`` (one read, by id)."""
+    return study_storage(study).get_trial(storage_id(trial))
+
+
+def check_installed() -> list[str]:
+    """Run every check above against the installed Ray, Optuna and TensorFlow.
+
+    Returns:
+        One line per internal that has changed (empty: every workaround still fits).
+    """
+    problems: list[str] = []
+
+    def check(what: str, ok: Callable[[], Any]) -> None:
+        try:
+            if ok() is False:
+                problems.append(f"{what}: not as checked with {_checked_versions()}")
+        except Exception as error:  # any failure means the internal moved
+            problems.append(f"{what}: {type(error).__name__}: {error}")
+
+    def tune_env() -> bool:
+        with tune_actor_env_cleared():
+            from ray.tune.execution import class_cache
+
+            return class_cache.DEFAULT_ENV_VARS == {}
+
+    def asha() -> bool:
+        from ray.tune.schedulers import AsyncHyperBandScheduler
+
+        scheduler = AsyncHyperBandScheduler(metric="m", mode="max", max_t=4, grace_period=1)
+        count_stopped(scheduler)
+        bracket, rungs = asha_rungs(scheduler)
+        state = scheduler_state(scheduler)
+        fresh = AsyncHyperBandScheduler(metric="m", mode="max", max_t=4, grace_period=1)
+        restore_scheduler_state(fresh, state)
+        return (fresh._num_stopped == 1 and [m for m, _ in rungs] == [4, 1]
+                and isinstance(pickle.loads(state), dict))
+
+    def trial_internals() -> bool:
+        from ray.train._internal.storage import StorageContext
+        from ray.tune.experiment import Trial
+        from ray.tune.experiment.trial import _TrainingRunMetadata
+
+        metadata = inspect.getsource(_TrainingRunMetadata)
+        storage = inspect.getsource(StorageContext)
+        return (all(hasattr(Trial, name) for name in ("get_json_state", "local_path", "path"))
+                and "self.run_metadata" in inspect.getsource(Trial.__init__)
+                and "error_filename" in metadata and "pickled_error_filename" in metadata
+                and "experiment_fs_path" in storage and "storage_filesystem" in storage)
+
+    def experiment_state() -> bool:
+        from ray.tune.execution import tune_controller
+
+        source = inspect.getsource(tune_controller)
+        return "trial_data" in source and "experiment_state-" in source
+
+    def stop_event() -> bool:
+        from ray.train._internal import session
+
+        return (callable(session.get_session)
+                and "self.stop_event = threading.Event()" in inspect.getsource(session))
+
+    def optuna_search() -> bool:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)},
+                                metric="m", mode="max")
+        searcher.suggest("t1")
+        study, trials = searcher_study(searcher), searcher_trials(searcher)
+        frozen = study.get_trials(deepcopy=False)[0]
+        again = running_trial(study, frozen)
+        again.report(0.5, 1)
+        return (isinstance(searcher_completed(searcher), set) and set(trials) == {"t1"}
+                and stored_trial(study, again).intermediate_values == {1: 0.5})
+
+    check("Tune's trial actor env (class_cache.DEFAULT_ENV_VARS)", tune_env)
+    check("ASHA's stopped count, rungs and save/restore", asha)
+    check("Tune's Trial and StorageContext attributes", trial_internals)
+    check("Tune's experiment_state-*.json layout", experiment_state)
+    check("Ray Train's session stop_event", stop_event)
+    check("Ray's GPU detection (ray._private.accelerators)", local_gpu_count)
+    check("Ray's _system_config prestart_worker_first_driver", _system_config_known)
+    check("OptunaSearch's _ot_study/_ot_trials/_completed_trials and optuna.Trial", optuna_search)
+    check("TensorFlow's gradient registry", lambda: _gradient_registry() is not None)
+    check("ResultGrid._experiment_analysis.trials and Tune's experiment tags", _result_grid)
+    check("Tune's experiment-state saving (snapshots_on_a_timer)", _snapshot_internals)
+    check("Optuna's table of intermediate values (add_intermediate_values)", _study_table)
+    check("Optuna's TPESampler._sample and Study._get_trials (WindowedTPESampler)",
+          lambda: callable(getattr(__import__("optuna").samplers.TPESampler, "_sample", None))
+          and callable(getattr(__import__("optuna").Study, "_get_trials", None)))
+    check("Tune's Ctrl-C handler (search.time_budget_s ends a run through it)",
+          lambda: "def signal_interrupt_tune_run" in inspect.getsource(
+              __import__("ray.tune.tune", fromlist=["tune"])))
+    return problems
+
+
+def _snapshot_internals() -> bool:
+    """What snapshots_on_a_timer replaces is still there (it warns and does nothing if not)."""
+    import importlib
+
+    checkpoints = importlib.import_module(_RAY_CHECKPOINT_MANAGER)
+    manager = getattr(importlib.import_module(_RAY_EXPERIMENT_STATE),
+                      "_ExperimentCheckpointManager", None)
+    return (callable(getattr(checkpoints, "_delete_fs_path", None))
+            and callable(getattr(manager, "on_trial_checkpoint", None))
+            and callable(getattr(manager, "sync_up_experiment_state", None)))
+
+
+def _study_table() -> bool:
+    """Optuna's intermediate-value table has the columns add_intermediate_values writes."""
+    from optuna.storages._rdb import models
+
+    table = models.TrialIntermediateValueModel.__table__
+    return set(table.columns.keys()) >= _INTERMEDIATE_COLUMNS
+
+
+def _result_grid() -> bool:
+    """A ResultGrid still reaches its trials, whose experiment tags start with their number."""
+    import inspect
+
+    from ray.tune import ResultGrid
+    from ray.tune.search import search_generator
+
+    return ("_experiment_analysis" in inspect.getsource(ResultGrid.__init__)
+            and "experiment_tag" in inspect.getsource(search_generator.SearchGenerator))
+
+
+def _system_config_known() -> bool:
+    """Whether Ray's C++ core (``_raylet``, where RayConfig lives) still has every key of
+    :data:`LOCAL_RAY_SYSTEM_CONFIG` (ray.init would refuse an unknown one)."""
+    import mmap
+
+    import ray
+
+    for library in Path(ray.__file__).parent.glob("_raylet*.so"):
+        with library.open("rb") as stream, mmap.mmap(stream.fileno(), 0,
+                                                     access=mmap.ACCESS_READ) as content:
+            return all(content.find(key.encode()) >= 0 for key in LOCAL_RAY_SYSTEM_CONFIG)
+    return False
 
 # tensorflow/tensorflow#97697 (also #27492, keras-team/tf-keras#286 and its proposed fix
 # keras-team/tf-keras#898): tf.custom_gradient, traced in a graph, registers its gradient
@@ -360,9 +788,8 @@ def result_grid_trial_numbers(grid: object) -> dict[str, int]:
         return {}
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
     if trials is None:
-        raise RuntimeError("Ray Tune's ResultGrid no longer holds its trials in "
-                           "_experiment_analysis.trials (checked with Ray 2.60): "
-                           "sweeper.compat.result_grid_trial_numbers needs a new way to them")
+        raise CompatibilityError("ray.tune.ResultGrid._experiment_analysis.trials",
+                                 "trial numbers read back from a ResultGrid")
     return {trial.trial_id: number for trial in trials
             if (number := trial_creation_number(trial)) is not None}
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, get_type_hints
 
+from sweeper.metrics import METRIC_NAMES
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -38,7 +40,6 @@ SCHEDULERS = ("asha", "none")
 MODES = ("min", "max")
 # The builder of the classic CNN; a model config's _target_ names any other (sweeper.builder).
 CNN_TARGET = "sweeper.model.cnn"
-METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,15 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
+
+    @classmethod
+    def from_line(cls, line: str) -> ConfigError:
+        """A ConfigError whose message is ``line``, already in the ``KEY=VALUE is invalid:
+        ...`` form (Hydra's composition errors, put in one line by sweeper.overrides)."""
+        setting, _, allowed = line.partition(" is invalid: ")
+        error = cls(setting.partition("=")[0], None, allowed)
+        error.args = (line,)  # the message as it came, value and all
+        return error
 
 
 # Field metadata: why a setting may not be sampled by search.space (absent: it may). The one
@@ -219,7 +229,6 @@ class SchedulerConfig:
 class ClusterConfig:
     """Where trials run: a Ray started inside this process, or an existing cluster."""
 
-    name: str = "local"
     # None starts Ray in-process; "auto" or "ray://host:10001" joins a cluster.
     address: str | None = None
     # Limits for the in-process Ray; None uses what the machine has.
@@ -301,7 +310,7 @@ class SweepConfig:
 def register_configs() -> None:
     """Make the schema available to conf/config.yaml's defaults list."""
     # Imported here: every trial worker imports this module for the dataclasses, and Hydra's
-    # config store costs a fresh worker about 0.25 s it never uses.
+    # config store costs a fresh worker start-up time it never uses.
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -489,7 +498,7 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
     _require(cfg.verbose in (0, 1, 2), "verbose", cfg.verbose, "must be one of 0, 1, 2")
     search = cfg.search
     _one_of("search.sampler", search.sampler, SAMPLERS)
-    _one_of("search.metric", search.metric, METRICS)
+    _one_of("search.metric", search.metric, tuple(reversed(METRIC_NAMES)))
     _one_of("search.mode", search.mode, MODES)
     _require(search.num_trials >= 1, "search.num_trials", search.num_trials, "must be >= 1")
     _require(search.n_startup_trials >= 0, "search.n_startup_trials", search.n_startup_trials,
@@ -520,7 +529,6 @@ def validate_sweep_settings(cfg: SweepConfig) -> None:
         _require("://" in search.storage, "search.storage", search.storage,
                  "must be a database URL such as sqlite:///path.db or postgresql://host/db")
 
-    _one_of("cluster.name", cfg.cluster.name, ("local", "remote"))
     for key in ("num_cpus", "num_gpus"):
         value = getattr(cfg.cluster, key)
         _require(value is None or value >= 0, f"cluster.{key}", value, "must be >= 0 or null")
@@ -615,6 +623,33 @@ def closest_setting(key: str) -> str:
             return ""
     match = difflib.get_close_matches(name, [item.name for item in fields(section)], n=1)
     return f"; did you mean {group + '.' if group else ''}{match[0]}?" if match else ""
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What the trainer needs of a config: the model's and the training's settings (the data
+    comes as arrays, sweeper.data.Splits). A script trains one configuration with
+    ``train(TrialSettings(ModelConfig(), TrainConfig(epochs=2)), splits)``; a SweepConfig,
+    which has both, may stand in for it.
+
+    Attributes:
+        model: The CNN's settings, or a user's builder's (``_target_`` and its arguments).
+        train: Epochs, batch size, optimizer, learning rate, seed, precision, XLA, ...
+        metric, mode: What ``train.patience`` watches (the search's metric and mode).
+    """
+
+    model: ModelConfig | dict[str, Any] = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metric: str = "val_accuracy"
+    mode: str = "max"
+
+    @classmethod
+    def of(cls, cfg: SweepConfig | TrialSettings) -> TrialSettings:
+        """The settings of a (trial's) sweep config; TrialSettings come back as they are."""
+        if isinstance(cfg, TrialSettings):
+            return cfg
+        return cls(model=cfg.model, train=cfg.train, metric=cfg.search.metric,
+                   mode=cfg.search.mode)
 
 
 def apply_params(cfg: SweepConfig, params: Mapping[str, Any]) -> SweepConfig:

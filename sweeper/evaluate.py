@@ -13,7 +13,6 @@ again as ``best_config.yaml``. The scores themselves are plain numpy
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -25,15 +24,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from sweeper.builder import from_logits, model_target
-from sweeper.config import SweepConfig, apply_params
+from sweeper.config import SweepConfig, TrialSettings, apply_params
 from sweeper.data import Splits
-from sweeper.results import TrialRecord, in_sweep
+from sweeper.layout import SweepLayout, write_json
+from sweeper.results import TrialRecord
 
 logger = logging.getLogger(__name__)
 
-BEST_MODEL = "best_model.keras"
-BEST_MODEL_INFO = "best_model.json"
-BEST_CONFIG = "best_config.yaml"
 PREDICT_BATCH = 256
 
 SOURCE_CHECKPOINT = "checkpoint"
@@ -141,7 +138,7 @@ def _hydra_literal(value: Any) -> str:
 
 
 def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> Path:
-    path = sweep_dir / BEST_CONFIG
+    path = SweepLayout(sweep_dir).best_config
     header = (
         f"# The best trial ({best.trial_id}) of sweep '{cfg.name}': the composed config with its\n"
         "# sampled values filled in and pinned. Train it again in a sweep of its own with\n"
@@ -187,7 +184,7 @@ def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
     )
     logger.info("Retraining trial %s on train+validation for %d epochs", best.trial_id,
                 cfg_best.train.epochs)
-    return train(cfg_best, merged)
+    return train(TrialSettings.of(cfg_best), merged)
 
 
 def retrain_here(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
@@ -195,7 +192,7 @@ def retrain_here(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> Retrain
     from sweeper.model import save_portable
 
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / BEST_MODEL
+        path = Path(folder) / SweepLayout.BEST_MODEL
         save_portable(retrain_model(cfg, best, splits), path)
         return RetrainedModel(path.read_bytes())
 
@@ -219,7 +216,8 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
     from sweeper.model import save_portable
     from sweeper.trainer import build_model
 
-    path = sweep_dir / BEST_MODEL
+    layout = SweepLayout(Path(sweep_dir))
+    path = layout.best_model
     checkpoint = Path(best.best_checkpoint) if best.best_checkpoint else None
     retrain = cfg.final.retrain
     if not retrain and (checkpoint is None or not trial_checkpoint.exists(checkpoint)):
@@ -233,7 +231,8 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
     else:
         model, _ = trial_checkpoint.restore(
             checkpoint,
-            lambda: build_model(best_config(cfg, best), splits.input_shape, splits.num_classes))
+            lambda: build_model(TrialSettings.of(best_config(cfg, best)), splits.input_shape,
+                                splits.num_classes))
         save_portable(model, path)
     write_best_config(cfg, best, sweep_dir)
 
@@ -246,7 +245,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
                     source=SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT)
     info = {"trial_id": best.trial_id, "epoch": best.best_epoch,
             "source": SOURCE_RETRAIN if retrain else SOURCE_CHECKPOINT,
-            "checkpoint": None if retrain else in_sweep(str(checkpoint), sweep_dir),
+            "checkpoint": None if retrain else layout.relative(checkpoint),
             # What the model takes and gives: raw uint8 images of this shape, and one
             # probability per class in this order.
             "input_shape": list(splits.input_shape), "input_dtype": "uint8",
@@ -258,11 +257,5 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
             "outputs": "logits" if from_logits(cfg.model) else "probabilities"}
     if retrained is not None and retrained.node_id is not None:
         info["retrained_on"] = {"node_id": retrained.node_id, "gpu_ids": retrained.gpu_ids}
-    (sweep_dir / BEST_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(layout.best_model_info, info, indent=2)
     return test
-
-
-def read_test_block(sweep_dir: Path) -> dict[str, Any] | None:
-    """The test scores an earlier :func:`export_best` saved, or None."""
-    path = sweep_dir / BEST_MODEL_INFO
-    return json.loads(path.read_text()).get("test") if path.is_file() else None

@@ -19,6 +19,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 
+from sweeper import compat
 from sweeper.compat import trial_creation_number
 
 EVENTS_LOGGER = "sweeper.events"
@@ -176,7 +177,7 @@ class TrialEvents(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        where = trial.run_metadata.error_filename or "sweep.log"
+        where = compat.trial_error_file(trial) or "sweep.log"
         events.error("Trial %d failed (details: %s in %s)  %s", trial_number(trials, trial),
                      where, trial.path, self._status(trials, ended=trial))
 

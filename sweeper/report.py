@@ -9,6 +9,7 @@ cannot be drawn is skipped with a warning and never fails the sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,24 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sweeper.evaluate import read_test_block
-from sweeper.results import (
+from sweeper.layout import SweepLayout
+from sweeper.results import TrialRecord, build_summary, load_records
+from sweeper.summary import (
     FAILED,
-    REPORT_DIRNAME,
-    TRIALS_CSV,
-    TrialRecord,
-    build_summary,
-    load_records,
-    trial_label,
+    Summary,
+    TestScores,
+    cell,
+    outcome_lines,
     trials_table,
-    write_summary,
     write_trials_csv,
 )
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"
-REPORT_FILE = "report.md"
 
 
 class SkipPlot(Exception):
@@ -75,9 +71,9 @@ def _running_best(values: list[float], mode: str) -> list[float]:
     return best
 
 
-def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
+def plot_best_so_far(summary: Summary, records: list[TrialRecord]):
     """Best validation score found so far, against wall time and against trial number."""
-    metric, mode = summary["metric"], summary["mode"]
+    metric, mode = summary.metric, summary.mode
     reports = [(row["timestamp"], row[metric]) for r in _scored(records) for row in r.history
                if "timestamp" in row and math.isfinite(row.get(metric, math.nan))]
     if not reports:
@@ -105,7 +101,7 @@ def plot_best_so_far(summary: dict[str, Any], records: list[TrialRecord]):
 MARKERS = "osD^vP*Xh<>"
 
 
-def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
+def plot_learning_curves(summary: Summary, records: list[TrialRecord]):
     """Every trial's validation curve, coloured by its sampled value of the most important
     parameter, its last point marked by how many epochs it trained, the rungs where the
     scheduler decided drawn as dotted lines."""
@@ -114,7 +110,7 @@ def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.lines import Line2D
 
-    metric, max_epochs = summary["metric"], summary["max_epochs"]
+    metric, max_epochs = summary.metric, summary.max_epochs
     curves = [r for r in records if r.history]
     if not curves:
         raise SkipPlot("no trial reported an epoch")
@@ -150,7 +146,7 @@ def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
                   linestyle="--" if failed else "-", alpha=0.85)
         axes.plot(epochs[-1:], series[-1:], marker=marker[record.epochs_trained], markersize=7,
                   color=shade, linestyle="")
-    for epoch, rung in _rungs(summary, curves, max_epochs):
+    for epoch, rung in _rung_epochs(summary, curves, max_epochs):
         axes.axvline(epoch, color="grey", linestyle=":", linewidth=1)
         axes.annotate(f"rung {rung}", (epoch, 1), xycoords=("data", "axes fraction"),
                       xytext=(2, -10), textcoords="offset points", fontsize=8, color="grey")
@@ -172,11 +168,11 @@ def plot_learning_curves(summary: dict[str, Any], records: list[TrialRecord]):
     return figure
 
 
-def _rungs(summary: dict[str, Any], curves: list[TrialRecord],
+def _rung_epochs(summary: Summary, curves: list[TrialRecord],
            max_epochs: int) -> list[tuple[int, int]]:
     """(epoch, rung number) of each rung where the scheduler decided; for a summary without
     decisions, the epochs where trials stopped short of the budget."""
-    decisions = summary.get("scheduler_decisions") or []
+    decisions = summary.scheduler_decisions or []
     rungs = {(int(d["epoch"]), int(d["rung"])) for d in decisions if d.get("rung")}
     if rungs or decisions:
         return sorted(rungs)
@@ -184,10 +180,10 @@ def _rungs(summary: dict[str, Any], curves: list[TrialRecord],
     return [(epoch, number) for number, epoch in enumerate(stops, 1)]
 
 
-def _searched_log(summary: dict[str, Any], key: str) -> bool:
+def _searched_log(summary: Summary, key: str) -> bool:
     from sweeper.space import parse_distribution
 
-    text = (summary.get("search_space") or {}).get(key)
+    text = summary.search_space.get(key)
     try:
         return bool(text) and bool(getattr(parse_distribution(key, text), "log", False))
     except Exception:  # a search space written by another version: a linear scale will do
@@ -198,9 +194,9 @@ def _searched_log(summary: dict[str, Any], key: str) -> bool:
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
-def _importance_skipped(summary: dict[str, Any], records: list[TrialRecord]) -> str | None:
+def _importance_skipped(summary: Summary, records: list[TrialRecord]) -> str | None:
     """Why parameter importance says nothing for this sweep, or None when it does."""
-    space = summary.get("search_space") or {}
+    space = summary.search_space
     if len(space) < 2:
         searched = ", ".join(space) or "none"
         return (f"one parameter was searched ({searched}); importance compares two or more "
@@ -214,12 +210,12 @@ def _importance_skipped(summary: dict[str, Any], records: list[TrialRecord]) -> 
     return None
 
 
-def most_important_parameter(summary: dict[str, Any], records: list[TrialRecord]) -> str | None:
+def most_important_parameter(summary: Summary, records: list[TrialRecord]) -> str | None:
     """The searched parameter that matters most for the metric (Optuna's importance, where it
     can say; else the first searched parameter), or None without a search space."""
     import optuna
 
-    space = summary.get("search_space") or {}
+    space = summary.search_space
     if not space:
         return None
     if _importance_skipped(summary, records) is None:
@@ -230,18 +226,18 @@ def most_important_parameter(summary: dict[str, Any], records: list[TrialRecord]
     return sorted(space)[0]
 
 
-def _study(summary: dict[str, Any], records: list[TrialRecord]):
+def _study(summary: Summary, records: list[TrialRecord]):
     """An Optuna study holding the sweep's scored trials, for Optuna's analysis tools."""
     import optuna
 
     from sweeper.space import parse_distribution
 
-    space = summary.get("search_space") or {}
+    space = summary.search_space
     if not space:
         raise SkipPlot("summary.json has no search space")
     distributions = {key: parse_distribution(key, text) for key, text in space.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    direction = "maximize" if summary["mode"] == "max" else "minimize"
+    direction = "maximize" if summary.mode == "max" else "minimize"
     study = optuna.create_study(direction=direction)
     for record in _scored(records):
         params = {k: v for k, v in record.config.items() if k in distributions}
@@ -251,7 +247,7 @@ def _study(summary: dict[str, Any], records: list[TrialRecord]):
     return study
 
 
-def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
+def plot_param_importance(summary: Summary, records: list[TrialRecord]):
     """Each searched parameter's importance for the search metric (Optuna's default evaluator)."""
     import optuna
 
@@ -263,24 +259,24 @@ def plot_param_importance(summary: dict[str, Any], records: list[TrialRecord]):
     figure, (axes,) = _figure(height=max(3.0, 1.0 + 0.5 * len(names)))
     axes.barh(names, [importances[n] for n in names])
     axes.set(xlabel="importance (Optuna's default evaluator; sums to 1)", xlim=(0, 1),
-             title=f"Parameter importance for {summary['metric']}")
+             title=f"Parameter importance for {summary.metric}")
     return figure
 
 
-def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
+def plot_search_space(summary: Summary, records: list[TrialRecord]):
     """Where the searcher sampled each parameter, and the score each sample reached."""
     from matplotlib.ticker import NullFormatter
     from optuna.distributions import CategoricalDistribution
 
     from sweeper.space import parse_distribution
 
-    space = summary.get("search_space") or {}
+    space = summary.search_space
     scored = _scored(records)
     if not space or not scored:
         raise SkipPlot("no search space or no scored trial")
     from matplotlib.colors import BoundaryNorm
 
-    max_epochs = max(int(summary["max_epochs"]), 1)
+    max_epochs = max(int(summary.max_epochs), 1)
     epochs_norm = BoundaryNorm([n + 0.5 for n in range(max_epochs + 1)], 256)
     ncols = min(3, len(space))
     figure, panels = _figure(ncols=ncols, width=6.0 if ncols == 1 else 4.0, height=3.5,
@@ -301,19 +297,19 @@ def plot_search_space(summary: dict[str, Any], records: list[TrialRecord]):
         points = axes.scatter(values, [r.best_value for r in scored], norm=epochs_norm,
                               c=[r.epochs_trained for r in scored], cmap="viridis", s=28,
                               edgecolors="black", linewidths=0.4)
-        axes.set(xlabel=key, ylabel=summary["metric"], title=key)
+        axes.set(xlabel=key, ylabel=summary.metric, title=key)
     figure.colorbar(points, ax=panels[:len(space)], label="epochs trained",
                     ticks=range(1, max_epochs + 1))
     figure.suptitle("Search space coverage (each trial's best score; colour: epochs trained)")
     return figure
 
 
-def plot_confusion_matrix(summary: dict[str, Any], records: list[TrialRecord]):
+def plot_confusion_matrix(summary: Summary, records: list[TrialRecord]):
     """The best model's confusion matrix on the held-out test split."""
-    test = summary.get("test")
+    test = summary.test
     if not test:
         raise SkipPlot("the best model was not evaluated on the test split")
-    matrix = test["confusion_matrix"]
+    matrix = test.confusion_matrix
     size = len(matrix)
     names = class_names(summary, size)
     # Past ~20 classes (CIFAR-100) the counts and names no longer fit their cells.
@@ -329,16 +325,16 @@ def plot_confusion_matrix(summary: dict[str, Any], records: list[TrialRecord]):
                     fontsize=7 if size > 20 else None)
     axes.set_yticks(range(size), names, fontsize=7 if size > 20 else None)
     axes.set(xlabel="predicted class", ylabel="true class",
-             title=f"Test confusion matrix (accuracy {test['accuracy']:.4f})")
+             title=f"Test confusion matrix (accuracy {test.accuracy:.4f})")
     figure.colorbar(image, ax=axes)
     return figure
 
 
-def class_names(summary: dict[str, Any], num_classes: int) -> list[str]:
+def class_names(summary: Summary, num_classes: int) -> list[str]:
     """The names of the classes 0..num_classes-1: the summary's data block, the test block's,
     or the labels themselves for a summary written before either had them."""
-    for names in ((summary.get("data") or {}).get("class_names"),
-                  ((summary.get("test") or {}).get("per_class") or {}).get("class_names")):
+    for names in ((summary.data or {}).get("class_names"),
+                  (summary.test.per_class if summary.test else {}).get("class_names")):
         if names and len(names) == num_classes:
             return [str(name) for name in names]
     return [str(label) for label in range(num_classes)]
@@ -353,7 +349,7 @@ PLOTS: dict[str, tuple[str, Callable[..., Any]]] = {
 }
 
 
-def draw_plots(summary: dict[str, Any], records: list[TrialRecord], folder: Path,
+def draw_plots(summary: Summary, records: list[TrialRecord], folder: Path,
                skipped: dict[str, str] | None = None) -> list[str]:
     """Write each plot as ``<name>.png`` in ``folder``; returns the names drawn. Why a plot
     was not drawn goes into ``skipped`` (name -> a sentence for report.md)."""
@@ -379,11 +375,7 @@ def draw_plots(summary: dict[str, Any], records: list[TrialRecord], folder: Path
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
+    return cell(value).replace("|", "\\|")  # a pipe would end the markdown cell
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -395,48 +387,19 @@ def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report_markdown(summary: dict[str, Any], drawn: list[str],
+def report_markdown(summary: Summary, drawn: list[str],
                     skipped: dict[str, str] | None = None) -> str:
     """report.md: the outcome in a few lines, the plots, the test figures and the trials table."""
-    metric, best, test = summary["metric"], summary["best"], summary.get("test")
-    lines = [f"# Sweep report: {summary['experiment']}", ""]
-    if best is None:
-        lines += [f"**The sweep failed:** {summary.get('error')}.", ""]
-    else:
-        lines += [
-            f"- Best trial: {trial_label(best)}, {metric} = {best['metric_value']:.4f} at epoch "
-            f"{best['epoch']} ({summary['mode']}imized on validation only)",
-            "- Sampled values: "
-            + ", ".join(f"`{key}={_cell(value)}`" for key, value in best["config"].items()),
-        ]
-    if test:
-        lines.append(
-            f"- Held-out test ({test['num_samples']} images, model from its {test['source']}): "
-            f"accuracy {test['accuracy']:.4f}, macro precision {test['precision_macro']:.4f}, "
-            f"macro recall {test['recall_macro']:.4f}, macro F1 {test['f1_macro']:.4f}")
-    if summary.get("epochs_ratio") is not None:
-        lines.append(
-            f"- Compute: {summary['epochs_trained']} epochs trained of "
-            f"{summary['epochs_full_budget']} for a full-budget search of the same "
-            f"{summary['num_trials']} trials ({summary['epochs_ratio']:.0%}; "
-            f"{summary['epochs_saved']} epochs saved by early stopping)")
-    counts = ", ".join(f"{n} {status}" for status, n in summary["trial_counts"].items() if n)
-    lines.append(f"- Trials: {summary['num_trials']} ({counts})")
-    data = summary.get("data")
-    if data:
-        sizes = data["sizes"]
-        shape = "x".join(str(side) for side in data["input_shape"])
-        lines.append(f"- Data: {data['name']}, images of shape {shape}, "
-                     f"{data['num_classes']} classes, {sizes['train']} training / "
-                     f"{sizes['val']} validation / {sizes['test']} test images")
-    lines.append("")
+    test = summary.test
+    lines = [f"# Sweep report: {summary.experiment}", "", *outcome_lines(summary, markdown=True),
+             ""]
     for name, (title, _) in PLOTS.items():
         if name in drawn:
             lines += [f"## {title}", "", f"![{title}]({name}.png)", ""]
         elif name in (skipped or {}):
             lines += [f"## {title}", "", f"Not drawn: {skipped[name]}.", ""]
     if test:
-        per_class = test["per_class"]
+        per_class = test.per_class
         scored = per_class.get("scored") or [True] * len(per_class["f1"])
         names = class_names(summary, len(per_class["f1"]))
         rows = [{"class": names[i], "precision": per_class["precision"][i],
@@ -445,40 +408,48 @@ def report_markdown(summary: dict[str, Any], drawn: list[str],
                  "in macro averages": "yes" if scored[i] else "no (no samples, never predicted)"}
                 for i in range(len(per_class["f1"]))]
         lines += ["## Test figures per class", "", *_markdown_table(rows), ""]
-    lines += [f"## Trials ({TRIALS_CSV})", "", *_markdown_table(trials_table(summary)), ""]
+    lines += [f"## Trials ({SweepLayout.TRIALS_CSV})", "",
+              *_markdown_table(trials_table(summary)), ""]
     return "\n".join(lines)
 
 
-def publish(summary: dict[str, Any], records: list[TrialRecord], sweep_dir: Path) -> None:
-    """Write summary.json, trials.csv and report/ (plots + report.md) into ``sweep_dir``."""
-    write_summary(summary, sweep_dir / SUMMARY_FILE)
-    write_trials_csv(summary, sweep_dir / TRIALS_CSV)
-    folder = sweep_dir / REPORT_DIRNAME
+def publish(summary: Summary, records: list[TrialRecord], layout: SweepLayout) -> None:
+    """Write summary.json, trials.csv and report/ (plots + report.md) into the sweep folder."""
+    summary.write(layout.summary)
+    write_trials_csv(summary, layout.trials_csv)
     skipped: dict[str, str] = {}
-    drawn = draw_plots(summary, records, folder, skipped)
-    (folder / REPORT_FILE).write_text(report_markdown(summary, drawn, skipped))
+    drawn = draw_plots(summary, records, layout.report_dir, skipped)
+    layout.report.write_text(report_markdown(summary, drawn, skipped))
 
 
-def rebuild(sweep_dir: Path) -> dict[str, Any]:
+def rebuild(sweep_dir: Path) -> Summary:
     """Rebuild summary.json, trials.csv and the report of a finished sweep; trains nothing.
 
     Trial records come from Ray Tune's trial folders, the sweep's settings from the
-    existing summary.json and the test scores from best_model.json; keys of summary.json
+    existing summary.json and the test scores from best_model.json; the fields of the summary
     that are not rebuilt here (written by other parts of the sweep) are kept as they were.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` holds no summary.json or no trials/ folder.
     """
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
-    summary_path, trials = sweep_dir / SUMMARY_FILE, sweep_dir / "trials"
-    for needed in (summary_path, trials):
+    layout = SweepLayout(Path(sweep_dir).expanduser().resolve())
+    for needed in (layout.summary, layout.trials):
         if not needed.exists():
-            raise FileNotFoundError(f"{needed} does not exist; is {sweep_dir} a finished sweep?")
-    old = json.loads(summary_path.read_text())
-    records = load_records(trials, old["metric"], old["mode"], old["max_epochs"])
-    rebuilt = build_summary(old["experiment"], old["metric"], old["mode"], old["max_epochs"],
-                            records, sweep_dir, old.get("search_space"),
-                            read_test_block(sweep_dir))
-    summary = {**old, **rebuilt}
-    publish(summary, records, sweep_dir)
+            raise FileNotFoundError(f"{needed} does not exist; is {layout.root} a finished sweep?")
+    old = Summary.read(layout.summary)
+    records = load_records(layout.trials, old.metric, old.mode, old.max_epochs)
+    rebuilt = build_summary(old.experiment, old.metric, old.mode, old.max_epochs, records,
+                            layout, search_space=old.search_space,
+                            test=read_test_scores(layout))
+    summary = dataclasses.replace(old, trials=rebuilt.trials, best=rebuilt.best,
+                                  test=rebuilt.test, paths=rebuilt.paths)
+    publish(summary, records, layout)
     return summary
+
+
+def read_test_scores(layout: SweepLayout) -> TestScores | None:
+    """The test scores an earlier export of the best model saved in best_model.json, or None."""
+    if not layout.best_model_info.is_file():
+        return None
+    test = json.loads(layout.best_model_info.read_text()).get("test")
+    return None if test is None else TestScores.from_dict(test)

@@ -1,26 +1,37 @@
-"""What a sweep leaves behind: per-trial records, the best trial, summary.json and a table.
+"""Per-trial records of a sweep and the summary built from them.
 
-The functions here take plain records and return plain values; reading Ray's
-ResultGrid is the one place that touches Ray objects.
+The functions here take plain records and return plain values; reading Ray's ResultGrid
+(:func:`records_from_results`) is the one place that touches Ray objects, and
+:func:`records_from_trial_folders` reads the same records from the trial folders' JSON
+files without Ray (for :func:`sweeper.load` of a sweep whose driver was killed).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-TRIALS_CSV = "trials.csv"
-REPORT_DIRNAME = "report"
+from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout
+from sweeper.metrics import DIVERGED, FAILURE, HISTORY_COLUMNS
+from sweeper.summary import (
+    COMPLETED,
+    EARLY_STOPPED,
+    FAILED,
+    UNFINISHED,
+    BestTrial,
+    Summary,
+    TrialSummary,
+    finite,
+)
 
-COMPLETED = "completed"
-EARLY_STOPPED = "early_stopped"
-FAILED = "failed"
-UNFINISHED = "unfinished"
+__all__ = ["COMPLETED", "EARLY_STOPPED", "FAILED", "UNFINISHED", "TrialRecord",
+           "all_trials_ended", "best_epoch", "build_summary", "load_records", "rank",
+           "records_from_results", "records_from_trial_folders", "trial_status"]
 
 
 @dataclass
@@ -79,6 +90,54 @@ def all_trials_ended(records: list[TrialRecord], num_trials: int) -> bool:
     return len(records) >= num_trials and all(r.status != UNFINISHED for r in records)
 
 
+def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]],
+                metric: str, mode: str, max_epochs: int, error: str | None, done: bool,
+                last: dict[str, Any] | None = None, path: str | None = None,
+                checkpoint_at=None, number: int | None = None) -> TrialRecord:
+    """One trial's record from its results, one dict per reported epoch, in order.
+
+    Args:
+        error: The trial's error in one line (None: it raised none).
+        done: Whether the trial ended (Tune's ``done`` on the result the scheduler stopped it
+            on, or the whole sweep ended): an early-stopped trial against an unfinished one.
+        last: The trial's last result (default: the last of ``rows``); a diverged trial's
+            says so (sweeper.metrics.DIVERGED) and why.
+        checkpoint_at: ``epoch -> path`` of the trial's kept checkpoint of that epoch.
+        number: The trial's number in its sweep (from 1, as on the console), if known.
+    """
+    seen: set[float] = set()
+    history: list[dict[str, float]] = []
+    for row in rows:
+        epoch = row.get("epoch")
+        # An epoch retrained after a restore keeps its first value, as everywhere else.
+        if epoch is None or epoch in seen:
+            continue
+        seen.add(epoch)
+        history.append({key: float(row[key]) for key in HISTORY_COLUMNS
+                        if row.get(key) is not None})
+    last = last if last is not None else (rows[-1] if rows else {})
+    if last.get(DIVERGED):
+        error = str(last.get(FAILURE) or "training diverged")
+    best = best_epoch(history, metric, mode)
+    epochs = len(history)
+    return TrialRecord(
+        trial_id=trial_id,
+        config=dict(config or {}),
+        status=trial_status(epochs, max_epochs, error, done=done),
+        epochs_trained=epochs,
+        last_value=history[-1].get(metric) if history else None,
+        best_value=best[0] if best else None,
+        best_epoch=best[1] if best else None,
+        history=history,
+        error=error,
+        path=path,
+        best_checkpoint=checkpoint_at(best[1]) if best and checkpoint_at else None,
+        wall_time_s=history[-1].get("time_total_s") if history else None,
+        node=last.get("node_ip"),
+        number=number,
+    )
+
+
 def records_from_results(grid, metric: str, mode: str, max_epochs: int,
                          sweep_done: bool) -> list[TrialRecord]:
     """Turn Ray Tune's ResultGrid into TrialRecords, in the order Tune created the trials
@@ -89,41 +148,44 @@ def records_from_results(grid, metric: str, mode: str, max_epochs: int,
     records = []
     for result in grid:
         frame = result.metrics_dataframe
-        columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy",
-                   "time_total_s", "timestamp"]
-        history: list[dict[str, float]] = []
-        if frame is not None and "epoch" in frame:
-            # An epoch retrained after a restore keeps its first value, as everywhere else.
-            rows = frame[[c for c in columns if c in frame]].drop_duplicates("epoch", keep="first")
-            history = [{k: float(v) for k, v in row.items()} for row in rows.to_dict("records")]
-        error = None if result.error is None else _one_line(result.error)
-        if result.metrics.get("diverged"):
-            error = str(result.metrics.get("failure") or "training diverged")
-        trial_id = result.metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
-        best = best_epoch(history, metric, mode)
-        checkpoint = _checkpoint_at(result, best[1]) if best else None
-        epochs = len(history)
-        records.append(TrialRecord(
-            trial_id=trial_id,
-            config=dict(result.config or {}),
+        rows = [] if frame is None or "epoch" not in frame else frame.to_dict("records")
+        trial_id = (result.metrics.get("trial_id")
+                    or Path(result.path).name.removeprefix(TRIAL_FOLDER_PREFIX))
+        records.append(make_record(
+            trial_id, result.config, rows, metric, mode, max_epochs,
+            error=None if result.error is None else _one_line(result.error),
             # Tune marks done the result on which the scheduler stopped a trial: in an
             # interrupted sweep that tells ASHA's stops from cut-off trials.
-            status=trial_status(epochs, max_epochs, error,
-                                done=sweep_done or bool(result.metrics.get("done"))),
-            epochs_trained=epochs,
-            last_value=history[-1].get(metric) if history else None,
-            best_value=best[0] if best else None,
-            best_epoch=best[1] if best else None,
-            history=history,
-            error=error,
-            path=result.path,
-            best_checkpoint=checkpoint,
-            wall_time_s=history[-1].get("time_total_s") if history else None,
-            node=result.metrics.get("node_ip"),
-            number=numbers.get(trial_id),
-        ))
+            done=sweep_done or bool(result.metrics.get("done")), last=result.metrics,
+            path=result.path, checkpoint_at=lambda epoch, r=result: _checkpoint_at(r, epoch),
+            number=numbers.get(trial_id)))
     return sorted(records, key=lambda record: (record.number is None, record.number or 0,
                                                record.trial_id))
+
+
+def records_from_trial_folders(trials_dir: Path, metric: str, mode: str,
+                               max_epochs: int) -> list[TrialRecord]:
+    """TrialRecords read from each trial folder's params.json and result.json, without Ray.
+
+    For a sweep whose driver ended without writing summary.json (killed): what each trial
+    reported so far. Trials that had not ended are ``unfinished``; errors and kept
+    checkpoints are not read (Ray's own files hold them).
+    """
+    records = []
+    for folder in sorted(Path(trials_dir).glob(f"{TRIAL_FOLDER_PREFIX}*")):
+        params = folder / "params.json"
+        config = json.loads(params.read_text()) if params.is_file() else {}
+        rows = []
+        result = folder / "result.json"
+        if result.is_file():
+            for line in result.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):  # a line cut off by a killed driver
+                    rows.append(json.loads(line))
+        done = bool(rows and rows[-1].get("done"))
+        records.append(make_record(folder.name.removeprefix(TRIAL_FOLDER_PREFIX), config, rows,
+                                   metric, mode, max_epochs, error=None, done=done,
+                                   path=str(folder)))
+    return records
 
 
 def load_records(trials_dir: Path, metric: str, mode: str,
@@ -135,11 +197,6 @@ def load_records(trials_dir: Path, metric: str, mode: str,
                                          default_mode=mode))
     done = grid.num_terminated + grid.num_errors == len(grid)
     return records_from_results(grid, metric, mode, max_epochs, sweep_done=done)
-
-
-def _finite(value: float | None) -> float | None:
-    """None for a missing or non-finite figure, so summary.json stays strict JSON."""
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _checkpoint_at(result, epoch: int) -> str | None:
@@ -161,91 +218,36 @@ def rank(records: list[TrialRecord], mode: str) -> list[TrialRecord]:
     return sorted(scored, key=lambda r: r.best_value, reverse=(mode == "max"))
 
 
-def in_sweep(path: str | None, sweep_dir: Path) -> str | None:
-    """``path`` relative to the sweep folder when it lies inside it, else as it is."""
-    if path is None:
-        return None
-    try:
-        return Path(path).resolve().relative_to(Path(sweep_dir).resolve()).as_posix()
-    except ValueError:
-        return path
-
-
-def resolve_in_sweep(path: str | None, sweep_dir: Path) -> Path | None:
-    """A path from summary.json or best_model.json as a path on this machine."""
-    return None if path is None else Path(sweep_dir) / path
-
-
 def build_summary(experiment: str, metric: str, mode: str, max_epochs: int,
-                  records: list[TrialRecord], sweep_dir: Path,
-                  search_space: dict[str, str] | None = None,
-                  test: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The content of summary.json.
+                  records: list[TrialRecord], layout: SweepLayout, **settings: Any) -> Summary:
+    """The sweep's :class:`~sweeper.summary.Summary` from its trial records.
 
     Args:
-        search_space: The flat search space as written (``{"train.lr": "tag(log, ...)"}``);
-            kept so a report can be rebuilt from the sweep folder alone.
-        test: The best model's held-out test scores (see sweeper.evaluate), if any.
+        records: Every trial (:func:`records_from_results`).
+        layout: The sweep folder; paths in the summary are relative to it.
+        **settings: The other fields of :class:`~sweeper.summary.Summary` (``search_space``,
+            ``test``, ``state``, ``data``, ``study``, ``reproducible``,
+            ``scheduler_decisions``).
     """
-    ranked = rank(records, mode)
-    best = ranked[0] if ranked else None
-    epochs_trained = sum(r.epochs_trained for r in records)
-    full_budget = len(records) * max_epochs
-    counts = {s: sum(r.status == s for r in records)
-              for s in (COMPLETED, EARLY_STOPPED, FAILED, UNFINISHED)}
-    return {
-        "experiment": experiment,
-        "metric": metric,
-        "mode": mode,
-        "num_trials": len(records),
-        "trial_counts": counts,
-        "max_epochs": max_epochs,
-        "epochs_trained": epochs_trained,
-        "epochs_full_budget": full_budget,
-        "epochs_ratio": round(epochs_trained / full_budget, 4) if full_budget else None,
-        "epochs_saved": full_budget - epochs_trained,
-        "error": None if best else _no_result_message(metric, records),
-        "search_space": dict(search_space or {}),
-        "best": None if best is None else {
-            "trial_id": best.trial_id,
-            "number": best.number,
-            "config": best.config,
-            "metric_value": best.best_value,
-            "epoch": best.best_epoch,
-            "epochs_trained": best.epochs_trained,
-            "checkpoint": in_sweep(best.best_checkpoint, sweep_dir),
-        },
-        "test": test,
-        # Relative to the sweep folder, so that a copied folder (cp -r, ray rsync-down) still
-        # reports and retrains; resolve them with resolve_in_sweep.
-        "paths": {
-            "sweep_dir": ".",
-            "trials": "trials",
-            "tensorboard": "tensorboard",
-            "trials_csv": TRIALS_CSV,
-            "report": f"{REPORT_DIRNAME}/report.md",
-            "best_model": "best_model.keras" if best else None,
-            "best_config": "best_config.yaml" if best else None,
-        },
-        "trials": [
-            {
-                "trial_id": r.trial_id,
-                "number": r.number,
-                "config": r.config,
-                "status": r.status,
-                "epochs_trained": r.epochs_trained,
-                "last_metric_value": _finite(r.last_value),
-                "best_metric_value": _finite(r.best_value),
-                "best_epoch": r.best_epoch,
-                "wall_time_s": r.wall_time_s,
-                **_times(r.history),
-                "node": r.node,
-                **_scores_at(r.history, r.best_epoch),
-                "error": r.error,
-            }
-            for r in records
-        ],
-    }
+    scored = rank(records, mode)
+    best = scored[0] if scored else None
+    return Summary(
+        experiment=experiment, metric=metric, mode=mode, max_epochs=max_epochs,
+        trials=[TrialSummary(trial_id=r.trial_id, number=r.number, config=r.config,
+                             status=r.status, epochs_trained=r.epochs_trained,
+                             last_metric_value=r.last_value, best_metric_value=r.best_value,
+                             best_epoch=r.best_epoch, wall_time_s=r.wall_time_s,
+                             **_times(r.history), node=r.node,
+                             **_scores_at(r.history, r.best_epoch), error=r.error)
+                for r in records],
+        best=None if best is None else BestTrial(
+            trial_id=best.trial_id, number=best.number, config=best.config,
+            metric_value=best.best_value,
+            epoch=best.best_epoch, epochs_trained=best.epochs_trained,
+            checkpoint=layout.relative(best.best_checkpoint)),
+        paths=layout.relative_paths(has_best=best is not None),
+        **settings,
+    )
 
 
 def _utc(seconds: float) -> str:
@@ -265,102 +267,4 @@ def _times(history: list[dict[str, float]]) -> dict[str, str | None]:
 def _scores_at(history: list[dict[str, float]], epoch: int | None) -> dict[str, float | None]:
     """Validation loss and accuracy at the trial's best epoch (None where not reported)."""
     row = next((h for h in history if epoch is not None and int(h["epoch"]) == epoch), {})
-    return {name: _finite(row.get(name)) for name in ("val_loss", "val_accuracy")}
-
-
-def _no_result_message(metric: str, records: list[TrialRecord]) -> str:
-    """Why a sweep has no best trial, in words a user can act on."""
-    failed = [r for r in records if r.status == FAILED]
-    if records and len(failed) == len(records):
-        return f"all {len(records)} trials failed (first error: {failed[0].error})"
-    return f"no trial produced a finite {metric} ({len(failed)} of {len(records)} failed)"
-
-
-def trials_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial for trials.csv, best first (trials without a score last, failed ones
-    among them): id, each sampled parameter, status, scores at the best epoch, when and where
-    it ran. Summaries written before these columns existed leave them empty."""
-    metric = summary["metric"]
-    params = sorted({key for trial in summary["trials"] for key in trial["config"]})
-    sign = -1.0 if summary["mode"] == "max" else 1.0
-
-    def order(trial: dict[str, Any]) -> tuple[int, float, str]:
-        value = trial["best_metric_value"]
-        if value is None or trial["status"] == FAILED:
-            return (1, 0.0, trial["trial_id"])
-        return (0, sign * value, trial["trial_id"])
-
-    return [
-        {
-            "trial": trial.get("number"),
-            "trial_id": trial["trial_id"],
-            **{key: trial["config"].get(key) for key in params},
-            "status": trial["status"],
-            "epochs_trained": trial["epochs_trained"],
-            f"best_{metric}": trial["best_metric_value"],
-            f"last_{metric}": trial["last_metric_value"],
-            "best_epoch": trial["best_epoch"],
-            **{name: trial.get(name) for name in ("val_loss", "val_accuracy") if name != metric},
-            "wall_time_s": trial["wall_time_s"],
-            **{name: trial.get(name) for name in ("started_at", "ended_at", "node")},
-            "error": trial["error"],
-        }
-        for trial in sorted(summary["trials"], key=order)
-    ]
-
-
-def write_trials_csv(summary: dict[str, Any], path: Path) -> None:
-    rows = trials_table(summary)
-    if not rows:
-        path.write_text("trial_id\n")
-        return
-    with path.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_summary(summary: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)  # never leave a half-written summary behind
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return str(value)
-
-
-def trial_label(trial: dict[str, Any]) -> str:
-    """``3 (id 9fe9532e)``: the number people see on the console and in TensorBoard, and
-    Ray's id (folder ``trials/trial_<id>``); just the id for summaries without a number."""
-    number = trial.get("number")
-    return trial["trial_id"] if number is None else f"{number} (id {trial['trial_id']})"
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_table(records: list[TrialRecord], metric: str, mode: str, limit: int = 5) -> str:
-    """A plain-text table of the best trials, for the end of a sweep."""
-    ranked = rank(records, mode)[:limit]
-    if not ranked:
-        return "No trial reported a finite " + metric + "."
-    params = sorted({k for r in ranked for k in r.config})
-    header = ["trial", "id", metric, "epoch", "trained", "status", *params]
-    rows = [[str(r.number or "?"), r.trial_id, f"{r.best_value:.4f}", str(r.best_epoch),
-             str(r.epochs_trained), r.status,
-             *(_format_value(r.config.get(p, "")) for p in params)] for r in ranked]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
-             for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def record_as_dict(record: TrialRecord) -> dict[str, Any]:
-    return asdict(record)
+    return {name: finite(row.get(name)) for name in ("val_loss", "val_accuracy")}

@@ -30,11 +30,11 @@ from ray.tune.experiment import Trial
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+from sweeper import compat
 from sweeper.compat import end_tune_run_gracefully
 from sweeper.progress import EVENTS_LOGGER, trial_number
 
 events = logging.getLogger(EVENTS_LOGGER)
-
 
 def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
     """The epochs at which ASHA (one bracket) decides: grace_period * reduction_factor**k."""
@@ -227,7 +227,7 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
             if signed_cutoff is not None:
                 cutoff = self._sign * signed_cutoff
                 if bests[rung] < signed_cutoff:
-                    self._num_stopped += 1
+                    compat.count_stopped(self)
                     action, by = TrialScheduler.STOP, BY_EARLIER_EPOCHS
         asha_cutoff = self._asha_cutoff(crossed[-1], trial.trial_id) if crossed else None
         decision = (FULL_BUDGET if by == BY_BUDGET else
@@ -242,10 +242,9 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
 
     def _asha_cutoff(self, milestone: int, trial_id: str) -> float | None:
         """The cutoff Ray's ASHA compared ``trial_id`` with at ``milestone``: the rung's quantile
-        over the other trials recorded there. Reads Ray's one bracket (``_brackets[0]._rungs``,
-        milestone -> {trial id: signed value}, seen in Ray 2.60); fails loudly if that changes."""
-        bracket = self._brackets[0]
-        for rung_milestone, recorded in bracket._rungs:
+        over the other trials recorded there (Ray's private rungs: sweeper.compat.asha_rungs)."""
+        bracket, rungs = compat.asha_rungs(self)
+        for rung_milestone, recorded in rungs:
             if rung_milestone == milestone:
                 others = {key: value for key, value in recorded.items() if key != trial_id}
                 cutoff = bracket.cutoff(others)

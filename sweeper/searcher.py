@@ -32,7 +32,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeper import compat
 from sweeper.compat import add_intermediate_values, windowed_tpe_sampler
+from sweeper.metrics import diverged
 
 logger = logging.getLogger(__name__)
 
@@ -90,38 +92,47 @@ class PruningOptunaSearch(OptunaSearch):
         self._max_epochs = max_epochs
         self._max_concurrent = max_concurrent
 
+    # OptunaSearch's study and trial maps are Ray's private attributes (sweeper.compat).
     @property
     def study(self) -> optuna.Study:
-        return self._ot_study
+        return compat.searcher_study(self)
+
+    @property
+    def _trials(self) -> dict[str, optuna.Trial]:
+        return compat.searcher_trials(self)
+
+    @property
+    def _completed(self) -> set[str]:
+        return compat.searcher_completed(self)
 
     def _live_trials(self) -> int:
-        return sum(1 for trial_id in self._ot_trials if trial_id not in self._completed_trials)
+        return sum(1 for trial_id in self._trials if trial_id not in self._completed)
 
     def suggest(self, trial_id: str) -> dict | None:
-        if (trial_id not in self._ot_trials and self._max_concurrent is not None
+        if (trial_id not in self._trials and self._max_concurrent is not None
                 and self._live_trials() >= self._max_concurrent):
             return None  # Tune asks again when a trial ends
         params = super().suggest(trial_id)
-        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        self._trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return params
 
     def _trial_for(self, trial_id: str) -> optuna.Trial | None:
         """The Optuna trial of a Tune trial, from memory or else from the storage."""
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = self._trials.get(trial_id)
         if ot_trial is None:
-            for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if frozen.user_attrs.get(RAY_TRIAL_ID) == trial_id:
-                    ot_trial = optuna.Trial(self._ot_study, frozen._trial_id)
-                    self._ot_trials[trial_id] = ot_trial
+                    ot_trial = compat.running_trial(self.study, frozen)
+                    self._trials[trial_id] = ot_trial
                     break
         return ot_trial
 
     def _stored(self, ot_trial: optuna.Trial) -> FrozenTrial:
-        return self._ot_study._storage.get_trial(ot_trial._trial_id)
+        return compat.stored_trial(self.study, ot_trial)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         ot_trial = self._trial_for(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        if ot_trial is None or trial_id in self._completed:
             return
         self._report_epoch(ot_trial, result)
 
@@ -136,7 +147,7 @@ class PruningOptunaSearch(OptunaSearch):
             return
         steps.add(int(step))
         unwritten = self.__dict__.setdefault("_unwritten", [])
-        unwritten.append((ot_trial._trial_id, int(step), float(value)))
+        unwritten.append((compat.storage_id(ot_trial), int(step), float(value)))
         if time.monotonic() - self.__dict__.get("_written_at", 0.0) >= STUDY_WRITE_EVERY_S:
             self.write_study()
 
@@ -150,7 +161,7 @@ class PruningOptunaSearch(OptunaSearch):
         """
         unwritten = self.__dict__.get("_unwritten")
         if unwritten:
-            add_intermediate_values(self._ot_study._storage, unwritten)
+            add_intermediate_values(compat.study_storage(self.study), unwritten)
             unwritten.clear()
         self._written_at = time.monotonic()
 
@@ -159,27 +170,28 @@ class PruningOptunaSearch(OptunaSearch):
         driver, then kept here (one database read per result was a third of the searcher's
         cost per result, benchmarks/RESULTS.md section 5)."""
         known = self.__dict__.setdefault("_known_steps", {})
-        steps = known.get(ot_trial._trial_id)
+        steps = known.get(compat.storage_id(ot_trial))
         if steps is None:
-            steps = known[ot_trial._trial_id] = set(self._stored(ot_trial).intermediate_values)
+            steps = known[compat.storage_id(ot_trial)] = set(
+                self._stored(ot_trial).intermediate_values)
         return steps
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         ot_trial = self._trial_for(trial_id)
-        if trial_id in self._completed_trials or ot_trial is None:
+        if trial_id in self._completed or ot_trial is None:
             return
         running = self._stored(ot_trial).state == TrialState.RUNNING  # one read a trial
         if result and running:
             self._report_epoch(ot_trial, result)  # the result the scheduler stopped it on
         value = result.get(self.metric) if result else None
         epochs = int(result.get(TRAINING_ITERATION, 0)) if result else 0
-        state = final_state(value, epochs, self._max_epochs, error or _diverged(result))
+        state = final_state(value, epochs, self._max_epochs, error or diverged(result))
         if running:
             self.write_study()  # its epochs, before it is told finished
             told_value = float(value) if state == TrialState.COMPLETE else None
-            self._ot_study.tell(ot_trial, told_value, state=state)
-        self._completed_trials.add(trial_id)
+            self.study.tell(ot_trial, told_value, state=state)
+        self._completed.add(trial_id)
         logger.debug("Told Optuna trial %s %s after %d epochs", trial_id, state.name, epochs)
 
     def save(self, checkpoint_path: str) -> None:
@@ -199,17 +211,14 @@ class PruningOptunaSearch(OptunaSearch):
         They were asked for after the experiment state this restore comes from was saved,
         so Tune does not know them; left RUNNING, TPE's constant liar would keep avoiding them.
         """
-        known = {trial._trial_id for trial in self._ot_trials.values()}
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen._trial_id not in known:
-                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+        known = {trial.number for trial in self._trials.values()}
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number not in known:
+                self.study.tell(frozen.number, state=TrialState.FAIL)
                 logger.info("Optuna trial %d was lost with the driver; marked failed",
                             frozen.number)
 
     def add_warm_start(self, trials: list[FrozenTrial]) -> None:
         """Let the sampler learn from an earlier sweep's trials before it samples."""
-        self._ot_study.add_trials(trials)
+        self.study.add_trials(trials)
 
-
-def _diverged(result: dict | None) -> bool:
-    return bool(result and result.get("diverged"))

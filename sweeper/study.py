@@ -12,14 +12,15 @@ import sqlite3
 from pathlib import Path
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import ConfigError
+from sweeper.layout import SweepLayout
 
 logger = logging.getLogger(__name__)
 
-STUDY_FILENAME = "optuna.db"
+STUDY_FILENAME = SweepLayout.STUDY
 SQLITE_PREFIX = "sqlite:///"
 WARM_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -102,14 +103,28 @@ def fits_space(trial: FrozenTrial, space: dict[str, BaseDistribution]) -> bool:
     """Whether an earlier trial's parameters lie inside this sweep's search space."""
     if set(trial.params) != set(space):
         return False
-    for name, distribution in space.items():
+    return all(_within(distribution, trial.params[name]) for name, distribution in space.items())
+
+
+def _within(distribution: BaseDistribution, value) -> bool:
+    """Whether ``value`` is one that ``distribution`` can sample, from its public attributes
+    (Optuna's own check of a value is private)."""
+    if isinstance(distribution, CategoricalDistribution):
         try:
-            internal = distribution.to_internal_repr(trial.params[name])
+            distribution.to_internal_repr(value)  # raises for a value not among the choices
         except (ValueError, TypeError):
             return False
-        if not distribution._contains(internal):
-            return False
-    return True
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not distribution.low <= value <= distribution.high:
+        return False
+    step = distribution.step
+    if step is None:
+        return True
+    # On the grid low, low+step, ...: Optuna rounds the same way (within a small tolerance).
+    steps = (value - distribution.low) / step
+    return abs(steps - round(steps)) < 1e-8
 
 
 def earlier_trials(url: str, study_name: str,

@@ -1,20 +1,18 @@
 """One sweep from a composed config to its results folder.
 
-:func:`prepare` does everything that can fail because of the user's input
-(validation, search space, dataset) before Ray starts; :func:`run_sweep` then
-runs the trials and writes the results.
+:func:`validated` checks everything that can fail because of the user's input (values,
+search space, dataset, model builder) before Ray starts, once per config; :func:`run_sweep`
+then runs the trials and writes the results (``sweeper.run`` is its public name).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -36,14 +34,9 @@ from sweeper.config import (
     validate_trial_settings,
 )
 from sweeper.data import Splits, check_source, load_splits
+from sweeper.layout import SweepLayout
 from sweeper.report import publish
-from sweeper.results import (
-    all_trials_ended,
-    build_summary,
-    format_table,
-    rank,
-    records_from_results,
-)
+from sweeper.results import all_trials_ended, build_summary, rank, records_from_results
 from sweeper.space import build_search_space, configured_point, flatten_space
 from sweeper.study import (
     earlier_trials,
@@ -52,6 +45,16 @@ from sweeper.study import (
     storage_url,
     study_url_in_sweep,
 )
+from sweeper.summary import (
+    STATE_COMPLETE,
+    STATE_INTERRUPTED,
+    STATE_TIME_BUDGET,
+    Summary,
+    TestScores,
+)
+
+if TYPE_CHECKING:
+    from sweeper.api import SweepResult
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +63,12 @@ class SweepFailed(RuntimeError):
     """The sweep ran but produced nothing usable (e.g. every trial failed)."""
 
 
-@dataclass
-class SweepOutcome:
-    summary: dict[str, Any]
-    table: str
-    sweep_dir: Path
-    # "complete", "interrupted", "time_budget" (search.time_budget_s ran out: results of the
-    # trials so far, resumable), or "already_complete" when nothing had to run.
-    state: str = "complete"
-
-
-SWEEP_CONFIG_FILE = "sweep_config.yaml"
 # Settings that may change between an interrupted run and its resume: where and how it runs,
 # and what happens after the search (final), which no trial depends on.
 RUNTIME_KEYS = ("sweep_dir", "fresh", "cluster", "resources", "resume", "recovery", "final",
                 "verbose")
-NEW, INTERRUPTED, COMPLETE = "new", "interrupted", "complete"
-TIME_BUDGET_SPENT = "time_budget"
+NEW, INTERRUPTED, COMPLETE = "new", STATE_INTERRUPTED, STATE_COMPLETE
+TIME_BUDGET_SPENT = STATE_TIME_BUDGET
 
 
 def config_fingerprint(cfg: SweepConfig) -> dict[str, Any]:
@@ -117,12 +109,12 @@ def fresh_variant(cfg: SweepConfig, stamp: str | None = None) -> SweepConfig:
 
 def sweep_state(root: Path) -> str:
     """Whether ``root`` holds nothing yet, an interrupted sweep, or a complete one."""
-    summary = root / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("state") == COMPLETE:
+    layout = SweepLayout(root)
+    if layout.summary.is_file() and Summary.read(layout.summary).state == COMPLETE:
         return COMPLETE
     from ray import tune
 
-    if tune.Tuner.can_restore(str(root / "trials")):
+    if tune.Tuner.can_restore(str(layout.trials)):
         return INTERRUPTED
     return NEW
 
@@ -133,7 +125,7 @@ def check_sweep_dir(cfg: SweepConfig, root: Path) -> None:
     Run before anything is written (Hydra's own files included), so that a refused re-run
     leaves the existing sweep as it was.
     """
-    saved_file = root / SWEEP_CONFIG_FILE
+    saved_file = SweepLayout(root).sweep_config
     if not saved_file.is_file():
         return
     # Settings added since that sweep was made count with their defaults (data.image_size,
@@ -156,7 +148,7 @@ def claim_sweep_dir(cfg: SweepConfig, root: Path, state: str) -> None:
 
     ``state`` is :func:`sweep_state` of ``root``.
     """
-    saved_file = root / SWEEP_CONFIG_FILE
+    saved_file = SweepLayout(root).sweep_config
     check_sweep_dir(cfg, root)
     if not saved_file.is_file() and state == NEW:
         root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +180,28 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
     if image_size is not None:
         check_model_fits(typed, space, image_size)
     return typed, space
+
+
+# A config validated() checked, with what it found: repr of the config then, and the search
+# space. An unchanged config (same repr) is not checked again; a changed one is.
+_VALIDATED = "_sweeper_validated"
+
+
+def validated(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, BaseDistribution]]:
+    """:func:`validate`, once per config: a SweepConfig this returned before and that has not
+    changed since comes back as it is, with its search space."""
+    if isinstance(cfg, SweepConfig):
+        done = getattr(cfg, _VALIDATED, None)
+        if done is not None and done[0] == repr(cfg):
+            return cfg, done[1]
+    typed, space = validate(cfg)
+    mark_validated(typed, space)
+    return typed, space
+
+
+def mark_validated(cfg: SweepConfig, space: dict[str, BaseDistribution]) -> None:
+    """Record that ``cfg`` as it is now passed :func:`validate` with ``space``."""
+    setattr(cfg, _VALIDATED, (repr(cfg), space))
 
 
 def check_model_fits(cfg: SweepConfig, space: dict[str, BaseDistribution],
@@ -229,8 +243,9 @@ def _smallest(distribution: BaseDistribution) -> int:
     return int(distribution.low)
 
 
-def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
-    """Validate, load data, run (or resume) the trials on Ray, write summary.json.
+def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
+    """Validate (unless :func:`validated` already did), load data, run (or resume) the trials
+    on Ray, write the sweep folder; ``sweeper.run`` is its public name.
 
     Everything a user can get wrong is checked before Ray starts. Re-running an interrupted
     sweep resumes it; re-running a complete one only reports where its results are.
@@ -239,27 +254,21 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         ConfigError: The user's configuration is wrong (nothing was started).
         SweepFailed: No trial produced a result.
     """
-    cfg_t, space = validate(cfg)
+    from sweeper.api import ALREADY_COMPLETE, SweepResult
+
+    cfg_t, space = validated(cfg)
     if cfg_t.fresh:
         cfg_t = fresh_variant(cfg_t)
     import ray
 
     from sweeper.scheduler import TIME_BUDGET
-    from sweeper.tuner import (
-        SweepPaths,
-        build_tuner,
-        connect,
-        read_scheduler_decisions,
-        tune_settings,
-    )
+    from sweeper.tuner import build_tuner, connect, read_scheduler_decisions, tune_settings
 
-    paths = SweepPaths.for_config(cfg_t)
-    state = sweep_state(paths.root)
+    layout = SweepLayout.for_config(cfg_t)
+    state = sweep_state(layout.root)
     if state == COMPLETE:  # decided before loading (or downloading) any data
-        claim_sweep_dir(cfg_t, paths.root, state)  # refuses a different config under this name
-        summary = json.loads(paths.summary.read_text())
-        return SweepOutcome(summary=summary, table="", sweep_dir=paths.root,
-                            state="already_complete")
+        claim_sweep_dir(cfg_t, layout.root, state)  # refuses a different config under this name
+        return SweepResult(Summary.read(layout.summary), layout, ALREADY_COMPLETE)
     splits = load_splits(cfg_t.data, cfg_t.train.validation_fraction, cfg_t.train.seed)
     check_model_fits(cfg_t, space, splits.input_shape)
     if not isinstance(cfg_t.model, ModelConfig):
@@ -269,19 +278,19 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         from sweeper.model import check_network
 
         check_network(cfg_t.model, splits.input_shape, splits.num_classes)
-    claim_sweep_dir(cfg_t, paths.root, state)
-    storage = open_storage(storage_url(cfg_t.search.storage, paths.root))
+    claim_sweep_dir(cfg_t, layout.root, state)
+    storage = open_storage(storage_url(cfg_t.search.storage, layout.root))
     warm_trials = None
     if cfg_t.search.warm_start and state == NEW:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
         warm_trials = earlier_trials(url, study, space)
 
-    log_plan(cfg_t, paths.root, resuming=state == INTERRUPTED)
+    log_plan(cfg_t, layout.root, resuming=state == INTERRUPTED)
     started_ray = connect(cfg_t.cluster, runtime_env=builder_runtime_env(cfg_t.model))
     try:
         if joins_cluster(cfg_t.cluster):
             log_cluster()
-        tuner = build_tuner(cfg_t, space, splits, paths, storage, warm_trials)
+        tuner = build_tuner(cfg_t, space, splits, layout, storage, warm_trials)
         TIME_BUDGET.arm(cfg_t.search.time_budget_s)
         with tune_settings(cfg_t):
             grid = tuner.fit()
@@ -293,30 +302,26 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepOutcome:
         ranked = rank(records, cfg_t.search.mode)
         # Still on Ray: a retrain of the best config runs where the trials ran. A sweep whose
         # time budget ran out is scored too: its best so far is the answer it had time for.
-        test = (export_final(cfg_t, ranked[0], splits, paths.root)
+        test = (export_final(cfg_t, ranked[0], splits, layout.root)
                 if ranked and (done or budget_spent) else None)
     finally:
         if started_ray:
             ray.shutdown()
-    summary = build_summary(cfg_t.name, cfg_t.search.metric, cfg_t.search.mode,
-                            cfg_t.train.epochs, records, paths.root,
-                            search_space=flatten_space(cfg_t.search.space), test=test)
-    summary["state"] = COMPLETE if done else TIME_BUDGET_SPENT if budget_spent else INTERRUPTED
-    if budget_spent:
-        summary["time_budget_s"] = cfg_t.search.time_budget_s
-    summary["data"] = splits.describe()
-    summary["study"] = {"storage": study_url_in_sweep(storage.url, paths.root),
-                        "study_name": cfg_t.name}
-    summary["reproducible"] = cfg_t.search.reproducible
-    summary["scheduler_decisions"] = read_scheduler_decisions(paths.trials)
-    publish(summary, records, paths.root)
-    table = format_table(records, cfg_t.search.metric, cfg_t.search.mode)
-    if not done:
-        return SweepOutcome(summary=summary, table=table, sweep_dir=paths.root,
-                            state=TIME_BUDGET_SPENT if budget_spent else INTERRUPTED)
-    if summary["best"] is None:
-        raise SweepFailed(f"{summary['error']}; see {paths.summary}")
-    return SweepOutcome(summary=summary, table=table, sweep_dir=paths.root)
+    summary = build_summary(
+        cfg_t.name, cfg_t.search.metric, cfg_t.search.mode, cfg_t.train.epochs, records, layout,
+        search_space=flatten_space(cfg_t.search.space),
+        test=None if test is None else TestScores.from_dict(test),
+        state=COMPLETE if done else TIME_BUDGET_SPENT if budget_spent else INTERRUPTED,
+        time_budget_s=cfg_t.search.time_budget_s if budget_spent else None,
+        data=splits.describe(),
+        study={"storage": study_url_in_sweep(storage.url, layout.root),
+               "study_name": cfg_t.name},
+        reproducible=cfg_t.search.reproducible,
+        scheduler_decisions=read_scheduler_decisions(layout))
+    publish(summary, records, layout)
+    if done and summary.best is None:
+        raise SweepFailed(f"{summary.error}; see {layout.summary}")
+    return SweepResult(summary, layout, summary.state)
 
 
 def log_plan(cfg: SweepConfig, root: Path, resuming: bool) -> None:

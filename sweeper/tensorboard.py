@@ -35,8 +35,8 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from sweeper.metrics import DIVERGED, METRIC_NAMES
 from sweeper.progress import short_values, trial_number
-from sweeper.trainer import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class TensorBoardCallback(Callback):
         self.events.end_trial(self._run(trial), failed=failed)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._end(trial, failed=bool((trial.last_result or {}).get("diverged")))
+        self._end(trial, failed=bool((trial.last_result or {}).get(DIVERGED)))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._end(trial, failed=True)

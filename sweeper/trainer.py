@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sweeper.compat import custom_gradient_names, forget_custom_gradients, import_tensorflow
-from sweeper.config import SweepConfig, TrainConfig
+from sweeper.config import SweepConfig, TrainConfig, TrialSettings
 from sweeper.data import Splits
+from sweeper.metrics import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
 PREFETCH_BATCHES = 2
 
 
@@ -183,7 +183,7 @@ def _epoch_callback(on_epoch_end: EpochCallback | None):
     return ReportEpoch()
 
 
-def build_model(cfg: SweepConfig, input_shape: tuple[int, ...], num_classes: int):
+def build_model(cfg: TrialSettings, input_shape: tuple[int, ...], num_classes: int):
     """A freshly initialized, compiled model for ``cfg`` (seeded by train.seed), taking images
     of ``input_shape`` (the data's, e.g. ``splits.input_shape``) into ``num_classes`` classes."""
     import keras
@@ -205,9 +205,9 @@ def create_training_variables(model) -> None:
 
     Keras' TensorFlow backend leaves them to the first trace of the training step, and a
     tf.function that creates variables is traced twice (once to create them, once without):
-    on one core ~0.4 s more before the first step of every new model, a fresh worker's and
-    each trial's of a search over dropout. Nothing here draws a random number, so the model
-    trains exactly as it would have.
+    that second trace delays the first step of every new model, a fresh worker's and each
+    trial's of a search over dropout (benchmarks/fixed_costs.py). Nothing here draws a random
+    number, so the model trains exactly as it would have.
     """
     model.optimizer.build(model.trainable_variables)
     images = np.zeros((1, *model.input_shape[1:]), np.uint8)
@@ -267,7 +267,7 @@ class WarmModel:
         self._initial_weights: list[np.ndarray] = []
         self._gradients_before: frozenset[str] | None = None
 
-    def get(self, cfg: SweepConfig, input_shape: tuple[int, ...], num_classes: int):
+    def get(self, cfg: TrialSettings, input_shape: tuple[int, ...], num_classes: int):
         """A model as :func:`build_model` would build it for these arguments."""
         import keras
 
@@ -288,7 +288,8 @@ class WarmModel:
             self._key = key
             return self._model
         # TensorFlow's global seed is still cfg.train.seed (part of the key; build_model set
-        # it): setting it again made the next fit's first step ~110 ms slower, every trial.
+        # it): setting it again slows the next fit's first step, every trial
+        # (benchmarks/fixed_costs.py).
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self._model.set_weights(self._initial_weights)
@@ -300,12 +301,15 @@ class WarmModel:
         return self._model
 
 
-def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None = None,
-          model=None, initial_epoch: int = 0, should_stop: Callable[[], bool] | None = None):
+def train(cfg: TrialSettings | SweepConfig, splits: Splits,
+          on_epoch_end: EpochCallback | None = None, model=None, initial_epoch: int = 0,
+          should_stop: Callable[[], bool] | None = None):
     """Train the CNN of ``cfg`` on ``splits`` for ``cfg.train.epochs`` epochs.
 
     Args:
-        cfg: The trial's full config (sampled parameters already filled in).
+        cfg: The trial's model and training settings (sampled values filled in); a
+            SweepConfig has both. Nothing else of a sweep's config is read (the search
+            metric and mode only by ``train.patience``).
         splits: uint8 arrays; only train and validation are used.
         on_epoch_end: Called after every epoch with its metrics and the model.
         model: A model to continue (e.g. restored from a checkpoint); None builds one.
@@ -337,9 +341,10 @@ def train(cfg: SweepConfig, splits: Splits, on_epoch_end: EpochCallback | None =
     if should_stop is not None:
         callbacks.append(_stop_callback(should_stop))
     if cfg.train.patience > 0:
+        settings = TrialSettings.of(cfg)  # the metric patience watches
         # After the epoch's report, so the last epoch is reported and checkpointed.
         callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=cfg.search.metric, mode=cfg.search.mode, patience=cfg.train.patience))
+            monitor=settings.metric, mode=settings.mode, patience=cfg.train.patience))
     if initial_epoch < cfg.train.epochs:
         try:
             model.fit(

@@ -20,8 +20,10 @@ import ray
 from ray import tune
 
 from sweeper import checkpoint as trial_checkpoint
-from sweeper.config import SweepConfig, apply_params
+from sweeper import compat
+from sweeper.config import SweepConfig, TrialSettings, apply_params
 from sweeper.data import Splits
+from sweeper.metrics import DIVERGED, FAILURE
 from sweeper.trainer import TrialDiverged, WarmModel, configure_tensorflow, gpu_peak_mb, train
 
 if TYPE_CHECKING:
@@ -51,14 +53,16 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
     node, usable_gpus = _prepare_worker(base.resources.cpu_per_trial, base.search.reproducible,
                                         base.verbose)
     cfg = apply_params(base, params)
+    settings = TrialSettings.of(cfg)  # what the trainer needs of it
     model, initial_epoch = None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        model = _WARM_MODEL.get(cfg, splits.input_shape, splits.num_classes)
+        model = _WARM_MODEL.get(settings, splits.input_shape, splits.num_classes)
     else:
         with checkpoint.as_directory() as folder:
             model, initial_epoch = trial_checkpoint.restore(
-                Path(folder), lambda: _WARM_MODEL.get(cfg, splits.input_shape, splits.num_classes))
+                Path(folder),
+                lambda: _WARM_MODEL.get(settings, splits.input_shape, splits.num_classes))
         logger.info("Trial continues from its checkpoint after epoch %d", initial_epoch)
     every = base.recovery.checkpoint_every
 
@@ -78,10 +82,10 @@ def run_trial(params: dict[str, Any], *, splits: Splits, base: SweepConfig) -> N
             tune.report(with_context(metrics), checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
-        train(cfg, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch,
-              should_stop=_stop_requested())
+        train(settings, splits, on_epoch_end=report, model=model, initial_epoch=initial_epoch,
+              should_stop=compat.trial_stop_check())
     except TrialDiverged as error:
-        tune.report({**with_context(error.metrics), "diverged": True, "failure": str(error)})
+        tune.report({**with_context(error.metrics), DIVERGED: True, FAILURE: str(error)})
 
 
 _warned_gpu_unusable = False  # once per worker process, not once per trial it runs
@@ -143,14 +147,3 @@ def _retrain_task(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> Retrai
     return dataclasses.replace(retrained, node_id=node["node_id"], gpu_ids=node.get("gpu_ids"))
 
 
-def _stop_requested():
-    """Whether Tune has stopped this trial, as a cheap check for every training batch.
-
-    Reports are asynchronous: after ASHA stops a trial its thread goes on training until its
-    next report, and a reused worker waits only 2 s for it (TUNE_FUNCTION_THREAD_TIMEOUT_S)
-    before failing the next trial. Checking the session's stop event per batch ends it at once.
-    """
-    from ray.train._internal.session import get_session
-
-    stop_event = getattr(get_session(), "stop_event", None)
-    return stop_event.is_set if stop_event is not None else None

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,15 @@ import ray
 from optuna.distributions import BaseDistribution
 from ray import tune
 from ray.tune import Callback
-from ray.tune.execution import class_cache as tune_actor_classes
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE, TRAINING_ITERATION
 from ray.tune.schedulers import TrialScheduler
 
+from sweeper import compat
 from sweeper.compat import checkpoints_in_saved_state, snapshots_on_a_timer
-from sweeper.config import ClusterConfig, SweepConfig, max_concurrent_trials
+from sweeper.config import ClusterConfig, SearchConfig, SweepConfig, max_concurrent_trials
 from sweeper.data import Splits
+from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout, write_json
 from sweeper.progress import DETAIL, TrialEvents
 from sweeper.scheduler import BudgetedASHA, BudgetedFIFO
 from sweeper.searcher import PruningOptunaSearch, make_sampler
@@ -41,52 +41,33 @@ from sweeper.trial import run_trial
 
 logger = logging.getLogger(__name__)
 
-TRIALS_DIRNAME = "trials"
-TENSORBOARD_DIRNAME = "tensorboard"
-
-
-@dataclass(frozen=True)
-class SweepPaths:
-    """Where a sweep keeps its files; all absolute."""
-
-    root: Path
-
-    @property
-    def trials(self) -> Path:
-        return self.root / TRIALS_DIRNAME
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / TENSORBOARD_DIRNAME
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @classmethod
-    def for_config(cls, cfg: SweepConfig) -> SweepPaths:
-        """The sweep folder: sweep_dir, or <cluster.storage_path>/<name> on shared storage."""
-        if cfg.cluster.storage_path:
-            return cls(Path(cfg.cluster.storage_path).expanduser().resolve() / cfg.name)
-        return cls(Path(cfg.sweep_dir).expanduser().resolve())
-
-
-def make_searcher(cfg: SweepConfig, space: dict[str, BaseDistribution],
+def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], study_name: str,
+                  max_epochs: int, max_concurrent: int | None = None,
                   storage: optuna.storages.BaseStorage | None = None,
-                  warm_trials: list | None = None) -> PruningOptunaSearch:
-    """The Optuna searcher of a new sweep, its study in ``storage`` (None: in memory)."""
+                  warm_trials: list | None = None,
+                  points_to_evaluate: list[dict] | None = None) -> PruningOptunaSearch:
+    """The Optuna searcher of a new sweep, its study in ``storage`` (None: in memory).
+
+    Args:
+        search: The search settings (sampler, seed, metric, mode, ...).
+        space: The parsed search space (sweeper.space.build_search_space).
+        study_name: The Optuna study's name (the sweep's).
+        max_epochs: A trial's full budget: fewer epochs at its end mean early-stopped.
+        max_concurrent: Trials running at once (None: no limit).
+        points_to_evaluate: Configurations to train first, before sampling
+            (``search.start_with_defaults``: the config's own recipe).
+    """
     searcher = PruningOptunaSearch(
         space=space,
-        metric=cfg.search.metric,
-        mode=cfg.search.mode,
-        sampler=make_sampler(cfg.search.sampler, cfg.search.seed, cfg.search.n_startup_trials,
-                             cfg.search.multivariate),
+        metric=search.metric,
+        mode=search.mode,
+        sampler=make_sampler(search.sampler, search.seed, search.n_startup_trials,
+                             search.multivariate),
         storage=storage,
-        study_name=cfg.name,
-        max_epochs=cfg.train.epochs,
-        max_concurrent=max_concurrent_trials(cfg),
-        points_to_evaluate=[configured_point(cfg, space)] if cfg.search.start_with_defaults
-        else None,
+        study_name=study_name,
+        max_epochs=max_epochs,
+        max_concurrent=max_concurrent,
+        points_to_evaluate=points_to_evaluate,
     )
     if warm_trials:
         searcher.add_warm_start(warm_trials)
@@ -107,150 +88,104 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
 class SchedulerStateCallback(Callback):
     """Save the scheduler's state (ASHA's rung records) with the experiment state.
 
-    Ray checkpoints the searcher and the callbacks but not the scheduler: a restored sweep
-    would get the scheduler as it was pickled at the start, with empty rungs, and promote
-    or stop trials against no history. Riding along as a callback fixes that.
+    Ray checkpoints the searcher and the callbacks but not the scheduler (ray-project/ray#30838):
+    a restored sweep would get the scheduler as it was pickled at the start, with empty rungs,
+    and promote or stop trials against no history. Riding along as a callback, through the
+    scheduler's own save/restore (sweeper.compat.scheduler_state), fixes that.
     """
 
     def __init__(self, scheduler: TrialScheduler) -> None:
         self.scheduler = scheduler
 
     def get_state(self) -> dict[str, Any]:
-        return {"scheduler": dict(self.scheduler.__dict__)}
+        return {"scheduler": compat.scheduler_state(self.scheduler)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.__dict__.update(state["scheduler"])
+        compat.restore_scheduler_state(self.scheduler, state.get("scheduler"))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Write the scheduler's decisions, in order, beside the experiment state."""
         decisions = getattr(self.scheduler, "decisions", None)
-        if decisions is None or not trials or not _stored_locally(trials[0]):
+        if decisions is None or not trials or not compat.stored_locally(trials[0]):
             return
         try:
-            _replace_file(Path(trials[0].storage.experiment_fs_path) / DECISIONS_FILE, decisions)
+            folder = compat.trial_experiment_folder(trials[0])
+            write_json(folder / SweepLayout.SCHEDULER_DECISIONS, decisions)
         except OSError as error:  # the results stand without it; only the record is missing
             logger.warning("Could not write the scheduler's decisions: %s", error)
 
 
-DECISIONS_FILE = "scheduler_decisions.json"
-
-
-def read_scheduler_decisions(trials_dir: Path) -> list[dict] | None:
+def read_scheduler_decisions(layout: SweepLayout) -> list[dict] | None:
     """The scheduler's decisions of a sweep in the order taken (None: no ASHA, or none saved)."""
-    record = trials_dir / DECISIONS_FILE
+    record = layout.scheduler_decisions
     return json.loads(record.read_text()) if record.is_file() else None
-
-
-FAILED_TRIALS_FILE = "failed_trials.json"  # sweeper's own, beside Tune's experiment state
 
 
 class FailedTrialsSaved(Callback):
     """Make the saved experiment state say ERROR for every trial that failed for good.
 
-    Ray Tune (seen in 2.60) does not save the status of a trial whose worker process died: the
-    trial is detached from its actor before the failure is handled, and only attached trials
-    are queued for the state snapshot, so the state keeps it RUNNING. A resume would then run
-    it again whatever ``resume.errored`` says. So each such trial, as Tune holds it in memory
-    (Tune's own format), is written to ``failed_trials.json`` in the experiment folder when it
-    fails, and put into Tune's saved state after Tune's last save at the experiment's end, or,
-    for a driver that was killed, before the resume (:func:`record_failed_trials`).
+    Ray Tune does not save the status of a trial whose worker process died (see
+    sweeper.compat, "trials that failed for good"): a resume would run it again whatever
+    ``resume.errored`` says. So each such trial, as Tune holds it in memory (Tune's own
+    format), is written to ``failed_trials.json`` in the experiment folder when it fails, and
+    put into Tune's saved state after Tune's last save at the experiment's end, or, for a
+    driver that was killed, before the resume (:func:`record_failed_trials`).
     """
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        if not _stored_locally(trial):
+        if not compat.stored_locally(trial):
             return
         try:
-            record = Path(trial.storage.experiment_fs_path) / FAILED_TRIALS_FILE
+            record = compat.trial_experiment_folder(trial) / SweepLayout.FAILED_TRIALS
             failed = json.loads(record.read_text()) if record.exists() else {}
-            failed[trial.trial_id] = list(trial.get_json_state())
-            _replace_file(record, failed)
+            failed[trial.trial_id] = compat.trial_json_state(trial)
+            write_json(record, failed)
             # Tune writes the error beside the driver and copies it to the trial's folder with
             # its next save, which a killed driver never makes; the error is read from there.
-            for name in (trial.run_metadata.error_filename,
-                         trial.run_metadata.pickled_error_filename):
-                written, kept = Path(trial.local_path, name or ""), Path(trial.path, name or "")
-                if name and written.is_file() and written != kept:
+            for written, kept in compat.trial_error_files(trial):
+                if written.is_file() and written != kept:
                     shutil.copyfile(written, kept)
         except (OSError, ValueError) as error:  # the sweep goes on; only a resume may differ
             logger.warning("Could not record failed trial %s: %s", trial.trial_id, error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        failed = [trial for trial in trials if trial.status == "ERROR" and _stored_locally(trial)]
+        failed = [trial for trial in trials
+                  if trial.status == "ERROR" and compat.stored_locally(trial)]
         if not failed:
             return
         try:
-            _put_into_saved_state(Path(failed[0].storage.experiment_fs_path),
-                                  {trial.trial_id: list(trial.get_json_state())
-                                   for trial in failed})
+            compat.put_into_saved_state(compat.trial_experiment_folder(failed[0]),
+                                        {trial.trial_id: compat.trial_json_state(trial)
+                                         for trial in failed})
         except (OSError, ValueError) as error:
             logger.warning("Could not record failed trials in the experiment state: %s", error)
 
 
-def _stored_locally(trial) -> bool:
-    """Whether the sweep's folder is on this machine's file system (local or mounted)."""
-    from pyarrow.fs import LocalFileSystem
-
-    return isinstance(trial.storage.storage_filesystem, LocalFileSystem)
-
-
-def record_failed_trials(trials_dir: Path, retry: bool) -> None:
+def record_failed_trials(layout: SweepLayout, retry: bool) -> None:
     """Before a resume: put the trials recorded as failed into Tune's saved state, or, when
     they are to be retried, forget them (a new failure is recorded anew)."""
-    record = trials_dir / FAILED_TRIALS_FILE
+    record = layout.failed_trials
     if not record.exists():
         return
     if retry:
         record.unlink()
     else:
-        _put_into_saved_state(trials_dir, json.loads(record.read_text()))
+        compat.put_into_saved_state(layout.trials, json.loads(record.read_text()))
 
 
-def remove_unnamed_checkpoints(trials_dir: Path) -> None:
+def remove_unnamed_checkpoints(layout: SweepLayout) -> None:
     """Before a resume: delete the trial checkpoints that the saved experiment state does not
     name. A killed driver leaves them: checkpoints Tune dropped whose deletion waited for the
     next save (:func:`sweeper.compat.snapshots_on_a_timer`), and those written after the last
     save. The resumed trials restore from the named ones; Tune would never delete the others."""
-    saved_state = newest_experiment_state(trials_dir)
+    saved_state = compat.newest_experiment_state(layout.trials)
     if saved_state is None:
         return
     for trial_id, names in checkpoints_in_saved_state(saved_state).items():
-        for folder in (trials_dir / f"trial_{trial_id}").glob("checkpoint_*"):
+        for folder in layout.trial(trial_id).glob("checkpoint_*"):
             if folder.is_dir() and folder.name not in names:
                 shutil.rmtree(folder, ignore_errors=True)
                 logger.debug("Removed %s, which no saved state names", folder)
-
-
-def newest_experiment_state(trials_dir: Path) -> Path | None:
-    """The saved experiment state that Tune restores from ``trials_dir`` (None if none): the
-    newest, whose name ends in the time it was written."""
-    states = sorted(trials_dir.glob("experiment_state-*.json"))
-    return states[-1] if states else None
-
-
-def _put_into_saved_state(trials_dir: Path, failed: dict[str, list[str]]) -> None:
-    """Replace the saved entries of ``failed`` trials (id -> Tune's JSON state) that differ."""
-    saved_state = newest_experiment_state(trials_dir)
-    if saved_state is None:
-        logger.debug("No experiment state in %s to record failed trials in", trials_dir)
-        return
-    state = json.loads(saved_state.read_text())
-    changed = False
-    for index, (trial_json, _) in enumerate(state["trial_data"]):
-        saved = json.loads(trial_json)
-        entry = failed.get(saved["trial_id"])
-        if entry is not None and saved["status"] != json.loads(entry[0])["status"]:
-            state["trial_data"][index] = entry
-            changed = True
-    if changed:
-        _replace_file(saved_state, state)
-        logger.debug("Recorded failed trials in %s", saved_state)
-
-
-def _replace_file(path: Path, content: Any) -> None:
-    """Write JSON so that a reader (or a kill) never sees half a file."""
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(json.dumps(content))
-    os.replace(staged, path)
 
 
 def last_recorded_epoch(path: Path) -> int:
@@ -334,27 +269,10 @@ def sweep_callbacks(tensorboard_dir: Path, space: dict[str, BaseDistribution], m
 
 def local_capacity(cluster: ClusterConfig) -> tuple[float, float]:
     """CPUs and GPUs an in-process Ray would get, found the way Ray finds them."""
-    import os
-
-    from ray._private.accelerators import get_accelerator_manager_for_resource
-
     cpus = cluster.num_cpus if cluster.num_cpus is not None else os.cpu_count() or 1
     if cluster.num_gpus is not None:
         return float(cpus), float(cluster.num_gpus)
-    manager = get_accelerator_manager_for_resource("GPU")
-    visible = manager.get_current_process_visible_accelerator_ids()
-    detected = manager.get_current_node_num_accelerators()
-    gpus = min(detected, len(visible)) if visible is not None else detected
-    return float(cpus), float(gpus)
-
-
-# Ray starts an idle worker per CPU as the driver connects, for the driver's first tasks. While
-# Tune gave its trial actors a runtime env of their own, they never took those workers, whose
-# start only took CPU from the trials' start (first training step 1.2 s later: 9.5 vs 8.3 s
-# from `python -m sweeper`, median of 3 alternating runs on 2 CPUs). With that env gone
-# (tune_settings) the trials do take them, and still gain nothing: 8.87 vs 8.83 s, median of
-# 5; and Ray would start one per CPU even where fewer trials run.
-LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+    return float(cpus), float(compat.local_gpu_count())
 
 
 def connect(cluster: ClusterConfig, runtime_env: dict[str, Any] | None = None) -> bool:
@@ -374,9 +292,11 @@ def connect(cluster: ClusterConfig, runtime_env: dict[str, Any] | None = None) -
                  runtime_env=runtime_env)
     else:
         # "local" starts a fresh Ray even where `ray start` left a cluster running.
-        ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
-                 include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env=runtime_env, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        # No idle workers prestarted for the driver: the trials gain nothing from them
+        # (sweeper.compat.LOCAL_RAY_SYSTEM_CONFIG).
+        compat.init_local_ray(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                              include_dashboard=False, logging_level=logging.WARNING,
+                              runtime_env=runtime_env)
     return True
 
 
@@ -427,12 +347,11 @@ def tune_settings(cfg: SweepConfig):
     - Experiment-state saves on Tune's timer only, not forced by every trial checkpoint
       (:func:`sweeper.compat.snapshots_on_a_timer`: with one checkpoint kept per trial, Tune
       saved the whole state at every result).
-    - Tune gives every trial actor the runtime env ``{"env_vars": {"PL_DISABLE_FORK": "1"}}``,
-      for PyTorch Lightning, which the trials don't use. Any runtime env makes Ray start the
-      actor's worker through its ``setup_worker.py`` shim: one more Python process that imports
-      Ray only to exec the real worker, ~0.4 CPU-s per trial worker while the other workers
-      import TensorFlow. Without it the trials' runtime env is empty (environment variables
-      that Tune forwards from the driver, AWS credentials for one, still go).
+    - Tune's default runtime env for trial actors is left out
+      (:func:`sweeper.compat.tune_actor_env_cleared`): any runtime env starts each trial
+      worker through Ray's ``setup_worker.py`` shim, one more Python process per worker.
+      Environment variables that Tune forwards from the driver (AWS credentials for one)
+      still go.
     """
     settings = {
         "TUNE_MAX_PENDING_TRIALS_PG": str(pending_trials(cfg, *_cluster_capacity())),
@@ -444,20 +363,17 @@ def tune_settings(cfg: SweepConfig):
         settings["RAY_AIR_NEW_OUTPUT"] = "0"
     ours = {key: value for key, value in settings.items() if key not in os.environ}
     os.environ.update(ours)
-    tune_actor_env = dict(tune_actor_classes.DEFAULT_ENV_VARS)
-    tune_actor_classes.DEFAULT_ENV_VARS.clear()
     handlers = {number: signal.getsignal(number) for number in (*TUNE_SIGNALS, signal.SIGTERM)}
     # Handlers can only be set from the main thread, the one where Tune installs its own.
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         signal.signal(signal.SIGTERM, _as_ctrl_c)
     try:
-        with snapshots_on_a_timer():
+        with compat.tune_actor_env_cleared(), snapshots_on_a_timer():
             yield
     finally:
         for key in ours:
             os.environ.pop(key, None)
-        tune_actor_classes.DEFAULT_ENV_VARS.update(tune_actor_env)
         if in_main_thread:
             for number, handler in handlers.items():
                 if handler is not None:  # None: not installed from Python; leave it
@@ -479,11 +395,11 @@ def _cluster_capacity() -> tuple[float, float]:
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return f"{TRIAL_FOLDER_PREFIX}{trial.trial_id}"
 
 
 def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Splits | None,
-                paths: SweepPaths, storage: optuna.storages.BaseStorage | None = None,
+                layout: SweepLayout, storage: optuna.storages.BaseStorage | None = None,
                 warm_trials: list | None = None, trainable=None) -> tune.Tuner:
     """A new Tuner for the sweep, or the interrupted one restored from its folder.
 
@@ -492,18 +408,22 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
     report like the trainer, so the driver does exactly what a sweep's driver does.
     """
     trainable = trainable or _trainable(cfg, splits)
-    if tune.Tuner.can_restore(str(paths.trials)):
-        logger.info("==== Resuming the interrupted sweep in %s ====", paths.trials)
-        record_failed_trials(paths.trials, retry=cfg.resume.errored == "retry")
-        remove_unnamed_checkpoints(paths.trials)
-        return tune.Tuner.restore(str(paths.trials), trainable=trainable,
+    if tune.Tuner.can_restore(str(layout.trials)):
+        logger.info("==== Resuming the interrupted sweep in %s ====", layout.trials)
+        record_failed_trials(layout, retry=cfg.resume.errored == "retry")
+        remove_unnamed_checkpoints(layout)
+        return tune.Tuner.restore(str(layout.trials), trainable=trainable,
                                   resume_errored=cfg.resume.errored == "retry")
     metric, mode = cfg.search.metric, cfg.search.mode
     scheduler = make_scheduler(cfg)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg, space, storage, warm_trials),
+            search_alg=make_searcher(
+                cfg.search, space, cfg.name, cfg.train.epochs, max_concurrent_trials(cfg),
+                storage, warm_trials,
+                points_to_evaluate=[configured_point(cfg, space)]
+                if cfg.search.start_with_defaults else None),
             scheduler=scheduler,
             num_samples=cfg.search.num_trials,
             trial_dirname_creator=_trial_dirname,
@@ -511,9 +431,9 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
             reuse_actors=cfg.resources.reuse_actors,
         ),
         run_config=tune.RunConfig(
-            name=TRIALS_DIRNAME,
-            storage_path=str(paths.root),
-            callbacks=[*sweep_callbacks(paths.tensorboard, space, metric, scheduler,
+            name=SweepLayout.TRIALS,
+            storage_path=str(layout.root),
+            callbacks=[*sweep_callbacks(layout.tensorboard, space, metric, scheduler,
                                         cfg.train.epochs),
                        TrialEvents(metric, mode, cfg.search.num_trials, scheduler)],
             checkpoint_config=tune.CheckpointConfig(

@@ -67,7 +67,7 @@ def ray_local():
 @pytest.fixture
 def compose():
     """Compose the sweep config exactly as `python -m sweeper ARGS` would."""
-    from sweeper.__main__ import compose_config, quote_space_overrides
+    from sweeper.overrides import compose_config, quote_space_overrides
 
     def _compose(*overrides: str):
         return compose_config(quote_space_overrides(list(overrides)))
@@ -97,7 +97,7 @@ def smoke_sweep(tmp_path_factory, fashion_mnist_dir):
     The sweep and TensorBoard tests read what it leaves behind; running it once keeps the
     end-to-end tests to about a minute on 2 cores.
     """
-    from sweeper.__main__ import compose_config
+    from sweeper.overrides import compose_config
 
     cwd = tmp_path_factory.mktemp("smoke")
     sweep_dir = cwd / "sweep"

@@ -32,8 +32,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from sweeper.config import ConfigError
+from sweeper.layout import SweepLayout
 from sweeper.sweep import validate
-from sweeper.tuner import SweepPaths
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_YAML = ROOT / "cluster" / "gpu.yaml"
@@ -142,9 +142,9 @@ def test_joining_a_cluster_without_shared_storage_is_a_config_error(compose):
 
 def test_the_sweep_folder_is_on_shared_storage_when_given(compose, tmp_path):
     cfg, _ = validate(compose("cluster=remote", f"cluster.storage_path={tmp_path}", "name=lr"))
-    assert SweepPaths.for_config(cfg).root == tmp_path / "lr"
+    assert SweepLayout.for_config(cfg).root == tmp_path / "lr"
     cfg, _ = validate(compose("name=lr", f"sweep_dir={tmp_path / 'here'}"))
-    assert SweepPaths.for_config(cfg).root == tmp_path / "here"
+    assert SweepLayout.for_config(cfg).root == tmp_path / "here"
 
 
 def test_cli_refuses_a_cluster_without_storage_before_ray_starts(tmp_path):

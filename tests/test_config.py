@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from data_helpers import write_image_folder
 
-from sweeper.__main__ import CONFIG_PATH
 from sweeper.config import ConfigError
+from sweeper.overrides import CONFIG_PATH
 from sweeper.sweep import validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,7 +300,7 @@ train:
 
 
 def test_a_users_own_experiment_from_config_dir(tmp_path, compose):
-    from sweeper.__main__ import compose_config
+    from sweeper.overrides import compose_config
 
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text(USER_EXPERIMENT)
@@ -344,9 +344,9 @@ def test_configs_work_from_an_installed_wheel(tmp_path):
     assert "name: smoke" in result.stdout
 
     where = subprocess.run(
-        [sys.executable, "-c", "import sweeper.__main__ as m; print(m.__file__, m.CONFIG_PATH)"],
+        [sys.executable, "-c", "import sweeper.overrides as m; print(m.__file__, m.CONFIG_PATH)"],
         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
-    assert where.stdout.split() == [str(site / "sweeper" / "__main__.py"), "pkg://sweeper.conf"]
+    assert where.stdout.split() == [str(site / "sweeper" / "overrides.py"), "pkg://sweeper.conf"]
 
     result = run_cli("+experiment=cnn_wide", "train.lr=-1", cwd=elsewhere, env=env)
     assert result.returncode == 2
@@ -354,7 +354,7 @@ def test_configs_work_from_an_installed_wheel(tmp_path):
 
 
 def test_fresh_true_runs_a_new_sweep_beside_the_old_one(compose, tmp_path, monkeypatch):
-    from sweeper.__main__ import preflight
+    from sweeper.cli import preflight
     from sweeper.sweep import fresh_variant
 
     cfg, _ = validate(compose("+experiment=smoke", "data=fashion_mnist"))

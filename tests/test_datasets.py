@@ -277,15 +277,17 @@ def test_class_names_label_the_confusion_matrix_and_the_report():
     """Labels {3, 7} of a test split, scored and reported: the names, not 0 and 1, appear."""
     from sweeper.evaluate import classification_metrics
     from sweeper.report import plot_confusion_matrix, report_markdown
+    from sweeper.summary import Summary
 
     y_true, y_pred = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 1])
     test = classification_metrics(y_true, y_pred, 2, ("3", "7"))
     test.update(source="checkpoint")
     assert test["per_class"]["class_names"] == ["3", "7"]
-    summary = {"experiment": "labels", "metric": "val_accuracy", "mode": "max", "best": None,
-               "error": "none", "test": test, "num_trials": 0, "trial_counts": {}, "trials": [],
-               "data": {"name": "npz", "input_shape": [28, 28], "num_classes": 2,
-                        "class_names": ["3", "7"], "sizes": {"train": 8, "val": 2, "test": 5}}}
+    summary = Summary.from_dict({
+        "experiment": "labels", "metric": "val_accuracy", "mode": "max", "max_epochs": 1,
+        "best": None, "test": test, "trials": [],
+        "data": {"name": "npz", "input_shape": [28, 28], "num_classes": 2,
+                 "class_names": ["3", "7"], "sizes": {"train": 8, "val": 2, "test": 5}}})
     axes = plot_confusion_matrix(summary, []).axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == ["3", "7"]
     assert [t.get_text() for t in axes.get_yticklabels()] == ["3", "7"]
@@ -300,14 +302,15 @@ def test_a_sweep_made_before_the_new_data_settings_still_resumes(tmp_path, compo
     their defaults; a real difference is still refused."""
     import yaml
 
-    from sweeper.sweep import SWEEP_CONFIG_FILE, check_sweep_dir, config_fingerprint, validate
+    from sweeper.layout import SweepLayout
+    from sweeper.sweep import check_sweep_dir, config_fingerprint, validate
 
     cfg, _ = validate(compose("+experiment=smoke", "data=fashion_mnist"))
     old = config_fingerprint(cfg)
     for key in ("image_size", "color_mode", "test_fraction", "seed"):
         del old["data"][key]
     del old["model"]["padding"]
-    (tmp_path / SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(old))
+    SweepLayout(tmp_path).sweep_config.write_text(yaml.safe_dump(old))
     check_sweep_dir(cfg, tmp_path)
     cfg.model.padding = "same"
     with pytest.raises(ConfigError, match=r"different config \(model.padding\)"):

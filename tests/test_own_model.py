@@ -118,7 +118,7 @@ def user_folder(tmp_path, monkeypatch):
 
 
 def compose_mine(*overrides: str):
-    from sweeper.__main__ import compose_config, quote_space_overrides
+    from sweeper.overrides import compose_config, quote_space_overrides
 
     return compose_config(quote_space_overrides(list(overrides)), ["conf_mine"])
 
@@ -129,7 +129,7 @@ def test_the_default_model_is_the_cnn_builder_with_its_typed_settings(compose):
     cfg, _ = validate(compose())
     assert isinstance(cfg.model, ModelConfig) and cfg.model._target_ == CNN_TARGET
     # Preflight of the CNN stays free of TensorFlow (a fresh process tells).
-    code = ("import sys; from sweeper.__main__ import compose_config; "
+    code = ("import sys; from sweeper.overrides import compose_config; "
             "from sweeper.sweep import validate; validate(compose_config([])); "
             "print('tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

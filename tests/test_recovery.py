@@ -23,8 +23,7 @@ from cli_helpers import (
     wait_for,
 )
 
-from sweeper.compat import checkpoints_in_saved_state
-from sweeper.tuner import newest_experiment_state
+from sweeper.compat import checkpoints_in_saved_state, newest_experiment_state
 
 pytestmark = pytest.mark.slow
 
@@ -171,8 +170,9 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
     # so they are in the final rungs only if the restored scheduler started from its saved state.
     callback_states = pickle.loads(
         _latest(sweep_dir / "trials", "callback-states-*.pkl").read_bytes())
-    scheduler = next(state["scheduler"] for state in callback_states.values()
-                     if state and "scheduler" in state)
+    # The state as ASHA's own save() writes it (ray-project/ray#30838): its attributes, pickled.
+    scheduler = pickle.loads(next(state["scheduler"] for state in callback_states.values()
+                                  if state and "scheduler" in state))
     recorded = {trial_id for bracket in scheduler["_brackets"]
                 for _, rung in bracket._rungs for trial_id in rung}
     assert ended_before <= recorded

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sweeper.layout import SweepLayout
 from sweeper.report import (
     MIN_TRIALS_FOR_IMPORTANCE,
     PLOTS,
@@ -44,12 +45,10 @@ def finished(smoke_sweep):
 @pytest.fixture(scope="module")
 def smoke_config(finished, fashion_mnist_dir):
     """The smoke sweep's composed config, typed, as the CLI composed it."""
-    from sweeper.__main__ import compose_config
-    from sweeper.config import to_sweep_config
+    import sweeper
 
-    return to_sweep_config(compose_config([
-        "+experiment=smoke", "data=fashion_mnist", f"data.path={fashion_mnist_dir}",
-        f"sweep_dir={finished.sweep_dir}"]))
+    return sweeper.compose(["+experiment=smoke", "data=fashion_mnist",
+                            f"data.path={fashion_mnist_dir}", f"sweep_dir={finished.sweep_dir}"])
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +192,7 @@ def test_trials_csv_agrees_with_summary(finished):
 
 @pytest.mark.slow
 def test_report_command_rebuilds_the_same_summary_without_training(finished, capsys):
-    from sweeper.__main__ import main
+    from sweeper.cli import main
 
     sweep_dir = finished.sweep_dir
     shutil.rmtree(sweep_dir / "report")
@@ -209,7 +208,7 @@ def test_report_command_rebuilds_the_same_summary_without_training(finished, cap
 
 
 def test_report_command_refuses_a_folder_that_is_no_sweep(tmp_path, capsys):
-    from sweeper.__main__ import EXIT_USAGE, main
+    from sweeper.cli import EXIT_USAGE, main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path)])
@@ -285,7 +284,7 @@ def _records() -> list[TrialRecord]:
 def test_a_plot_that_cannot_be_drawn_is_skipped_saying_why(tmp_path, caplog):
     """No test scores, one scored trial, and a search space that no longer parses."""
     records = _records()[:1]
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, SweepLayout(tmp_path),
                             search_space={"train.lr": "not(a, sweep"})
     skipped: dict[str, str] = {}
     with caplog.at_level(logging.INFO, logger="sweeper.report"):
@@ -316,13 +315,13 @@ TWO_PARAMETERS = {"train.lr": "tag(log, interval(1e-4, 1e-2))", "model.dropout":
 
 def test_parameter_importance_needs_two_parameters_and_enough_trials(tmp_path):
     records = _two_parameter_records()
-    summary = build_summary("exp", "val_accuracy", "max", 1, records, tmp_path,
+    summary = build_summary("exp", "val_accuracy", "max", 1, records, SweepLayout(tmp_path),
                             search_space=TWO_PARAMETERS)
     assert "param_importance" in draw_plots(summary, records, tmp_path)
     assert (tmp_path / "param_importance.png").stat().st_size > 5000
     skipped: dict[str, str] = {}
     few = records[:MIN_TRIALS_FOR_IMPORTANCE - 1]
-    summary = build_summary("exp", "val_accuracy", "max", 1, few, tmp_path,
+    summary = build_summary("exp", "val_accuracy", "max", 1, few, SweepLayout(tmp_path),
                             search_space=TWO_PARAMETERS)
     assert "param_importance" not in draw_plots(summary, few, tmp_path, skipped)
     assert skipped["param_importance"].startswith(f"{len(few)} scored trials")
@@ -330,7 +329,7 @@ def test_parameter_importance_needs_two_parameters_and_enough_trials(tmp_path):
 
 def test_learning_curves_are_coloured_by_the_most_important_parameter(tmp_path):
     records = _two_parameter_records()
-    summary = build_summary("exp", "val_accuracy", "max", 1, records, tmp_path,
+    summary = build_summary("exp", "val_accuracy", "max", 1, records, SweepLayout(tmp_path),
                             search_space=TWO_PARAMETERS)
     assert most_important_parameter(summary, records) == "train.lr"
     figure = PLOTS["learning_curves"][1](summary, records)

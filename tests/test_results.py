@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sweeper.evaluate import classification_metrics
+from sweeper.layout import SweepLayout
 from sweeper.results import (
     COMPLETED,
     EARLY_STOPPED,
@@ -19,9 +20,11 @@ from sweeper.results import (
     all_trials_ended,
     build_summary,
     records_from_results,
-    write_summary,
-    write_trials_csv,
 )
+from sweeper.summary import Summary, TestScores, write_trials_csv
+
+TEST_SCORES = TestScores(num_samples=4, accuracy=0.75, precision_macro=0.5, recall_macro=0.5,
+                         f1_macro=0.5, per_class={}, confusion_matrix=[[3, 1], [0, 0]])
 
 
 def record(trial_id: str, lr: float, values: list[float], status: str = COMPLETED,
@@ -87,17 +90,18 @@ def test_macro_averages_cover_the_classes_present_as_scikit_learn_does(true_clas
 def test_summary_states_compute_saved_and_the_best_trial(tmp_path):
     records = [record("a", 1e-3, [0.5, 0.7, 0.8]), record("b", 1e-2, [0.4], EARLY_STOPPED),
                record("c", 1e-1, [0.3, math.nan], FAILED, "training loss became nan")]
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path,
-                            search_space={"train.lr": "tag(log, interval(1e-4, 1))"},
-                            test={"accuracy": 0.75})
+    typed = build_summary("exp", "val_accuracy", "max", 3, records, SweepLayout(tmp_path),
+                          search_space={"train.lr": "tag(log, interval(1e-4, 1))"},
+                          test=TEST_SCORES)
+    summary = typed.to_dict()
     assert (summary["epochs_trained"], summary["epochs_full_budget"]) == (6, 9)
     assert summary["epochs_saved"] == 3
     assert summary["epochs_ratio"] == pytest.approx(6 / 9, abs=1e-4)
     assert summary["best"]["trial_id"] == "a" and summary["best"]["metric_value"] == 0.8
-    assert summary["error"] is None and summary["test"] == {"accuracy": 0.75}
+    assert summary["error"] is None and summary["test"]["accuracy"] == 0.75
     assert summary["search_space"] == {"train.lr": "tag(log, interval(1e-4, 1))"}
     path = tmp_path / "summary.json"
-    write_summary(summary, path)
+    typed.write(path)
     # A diverged trial's NaN never reaches the file: strict JSON parsers must read it.
     json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
 
@@ -110,7 +114,7 @@ def test_trials_csv_has_one_row_per_trial_best_first_with_scores_times_and_node(
         for row in r.history:
             row["val_loss"] = 1.0 - row["val_accuracy"]
     records[3].node = "10.0.0.7"
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path)
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, SweepLayout(tmp_path))
     path = tmp_path / "trials.csv"
     write_trials_csv(summary, path)
     with path.open() as stream:
@@ -132,13 +136,14 @@ def test_trials_csv_has_one_row_per_trial_best_first_with_scores_times_and_node(
 
 
 def test_trials_csv_of_a_summary_written_before_its_new_columns_leaves_them_empty(tmp_path):
-    summary = build_summary("exp", "val_loss", "min", 2,
-                            [record("a", 1e-3, [0.5, 0.3]), record("b", 1e-2, [0.2])], tmp_path)
-    for trial in summary["trials"]:
+    content = build_summary("exp", "val_loss", "min", 2,
+                            [record("a", 1e-3, [0.5, 0.3]), record("b", 1e-2, [0.2])],
+                            SweepLayout(tmp_path)).to_dict()
+    for trial in content["trials"]:
         for key in ("started_at", "ended_at", "node", "val_loss", "val_accuracy"):
             del trial[key]
     path = tmp_path / "trials.csv"
-    write_trials_csv(summary, path)
+    write_trials_csv(Summary.from_dict(content), path)  # read back as an older summary.json
     with path.open() as stream:
         rows = list(csv.DictReader(stream))
     assert [row["trial_id"] for row in rows] == ["b", "a"]  # mode min: lowest first
@@ -148,7 +153,8 @@ def test_trials_csv_of_a_summary_written_before_its_new_columns_leaves_them_empt
 def test_a_sweep_whose_trials_all_failed_says_so(tmp_path):
     records = [record("a", 1.0, [math.nan], FAILED, "training loss became nan in epoch 1"),
                record("b", 2.0, [], FAILED, "worker died")]
-    summary = build_summary("exp", "val_accuracy", "max", 3, records, tmp_path)
+    summary = build_summary("exp", "val_accuracy", "max", 3, records,
+                            SweepLayout(tmp_path)).to_dict()
     assert summary["best"] is None and summary["test"] is None
     assert summary["trial_counts"][FAILED] == 2
     assert summary["error"] == ("all 2 trials failed "
@@ -159,7 +165,7 @@ def test_a_sweep_whose_trials_all_failed_says_so(tmp_path):
 def test_no_finite_score_without_failures_is_named_too(tmp_path):
     summary = build_summary("exp", "val_accuracy", "max", 3,
                             [record("a", 1.0, [math.nan]), record("b", 1.0, [0.5], FAILED, "x")],
-                            tmp_path)
+                            SweepLayout(tmp_path)).to_dict()
     assert summary["error"] == "no trial produced a finite val_accuracy (1 of 2 failed)"
 
 

@@ -43,7 +43,7 @@ def test_warm_start_sources_are_checked(tmp_path, source, study, needle):
 @pytest.fixture(scope="module")
 def diverging_sweep(tmp_path_factory, ray_local):
     """Three trials, one with an lr that makes SGD diverge, while a reader polls the study."""
-    from sweeper.__main__ import compose_config, quote_space_overrides
+    from sweeper.overrides import compose_config, quote_space_overrides
 
     root = tmp_path_factory.mktemp("study")
     overrides = [*TINY, f"sweep_dir={root}/sweep", "search.num_trials=3", "scheduler=none",
@@ -85,7 +85,7 @@ def test_diverged_trial_fails_with_reason_and_the_others_finish(diverging_sweep)
         assert "nan" in trial["error"].lower()
         assert trial["epochs_trained"] == 1  # stopped at once, not trained on, not retried
     assert all(trial["status"] == "completed" for trial in healthy)
-    assert outcome.summary["best"]["config"]["train.lr"] == 0.05
+    assert outcome.best.config["train.lr"] == 0.05
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
+from sweeper.metrics import METRIC_NAMES
 from sweeper.tensorboard import (
     EPOCHS_TRAINED,
     EXPERIMENT_RUN,
@@ -17,7 +18,6 @@ from sweeper.tensorboard import (
     metric_tags,
     run_name,
 )
-from sweeper.trainer import METRIC_NAMES
 
 EXPERIMENT_TAG = "_hparams_/experiment"
 SESSION_START_TAG = "_hparams_/session_start_info"

@@ -52,7 +52,8 @@ def test_tune_starts_as_many_trials_together_as_may_run(compose, ray_local, monk
     before asking for the next; inside the context it starts all that may run at once."""
     monkeypatch.delenv(PENDING, raising=False)
     cfg = to_sweep_config(compose("+experiment=smoke", "resources.max_concurrent_trials=2"))
-    search = SearchGenerator(make_searcher(cfg, build_search_space(cfg)))
+    search = SearchGenerator(make_searcher(cfg.search, build_search_space(cfg), cfg.name,
+                                            cfg.train.epochs))
     assert _get_max_pending_trials(search) == 1
     with tune_settings(cfg):
         assert _get_max_pending_trials(search) == 2

@@ -1,0 +1,420 @@
+"""The summary of a sweep as one typed object: built once, written once, rendered once.
+
+:class:`Summary` is what ``summary.json`` holds (the same keys since sweeper 0.1.0, so the
+summaries of earlier sweeps still load), :func:`outcome_lines` the sentences the console and
+``report.md`` both show, and :func:`format_table` / :func:`trials_table` the trials as rows.
+Nothing here imports Ray or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sweeper.layout import SweepLayout, write_json
+
+COMPLETED = "completed"
+EARLY_STOPPED = "early_stopped"
+FAILED = "failed"
+UNFINISHED = "unfinished"
+STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, UNFINISHED)
+
+# summary.json's ``state``: every trial ended; the sweep was cut off (a resume continues it);
+# search.time_budget_s ran out (results of the trials so far, best model scored; resumable).
+STATE_COMPLETE, STATE_INTERRUPTED, STATE_TIME_BUDGET = "complete", "interrupted", "time_budget"
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One trial in summary.json.
+
+    Attributes:
+        trial_id: Ray Tune's trial id (8 hex digits; ``trials/trial_<id>/``).
+        number: From 1 in the order Tune created the trials: the number on the console, in
+            sweep.log and in TensorBoard (None in summaries written before it was kept).
+        config: The sampled values, ``{"train.lr": 0.001}``.
+        status: completed, early_stopped, failed or unfinished.
+        epochs_trained: Epochs the trial reported.
+        last_metric_value: The search metric at its last epoch (None: missing or not finite).
+        best_metric_value: Its best finite value of the search metric (None: none).
+        best_epoch: The epoch (1-based) of ``best_metric_value``.
+        wall_time_s: Seconds it trained (Ray's ``time_total_s`` at its last report).
+        started_at, ended_at: When it started and last reported (UTC, ISO 8601).
+        node: The node it last ran on (Ray's node IP).
+        val_loss, val_accuracy: At its best epoch.
+        error: Why it failed, one line (None unless failed).
+    """
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str
+    epochs_trained: int
+    last_metric_value: float | None
+    best_metric_value: float | None
+    best_epoch: int | None
+    number: int | None = None
+    wall_time_s: float | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    node: str | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """The trial with the best validation score (by ``mode``), as summary.json keeps it.
+
+    Attributes:
+        trial_id: Ray Tune's trial id.
+        number: Its number in the sweep, as on the console (None in older summaries).
+        config: Its sampled values.
+        metric_value: Its best value of the search metric (validation data only).
+        epoch: The epoch that value came at.
+        epochs_trained: Epochs it trained in all.
+        checkpoint: Its checkpoint of that epoch, relative to the sweep folder (None: none kept).
+    """
+
+    trial_id: str
+    config: dict[str, Any]
+    metric_value: float
+    epoch: int
+    epochs_trained: int
+    checkpoint: str | None = None
+    number: int | None = None
+
+
+@dataclass(frozen=True)
+class TestScores:
+    """The best model's scores on the held-out test split (sweeper.evaluate).
+
+    Attributes:
+        num_samples: Test images scored.
+        accuracy, precision_macro, recall_macro, f1_macro: In [0, 1]; macro averages over
+            the classes present in the labels or the predictions.
+        per_class: ``precision``, ``recall``, ``f1``, ``support``, ``scored`` and
+            ``class_names``, one entry per class.
+        confusion_matrix: ``[i][j]`` counts true class i predicted as j.
+        trial_id, epoch: The trial and epoch the model came from.
+        source: ``checkpoint`` (the trial's own) or ``retrain`` (final.retrain).
+    """
+
+    __test__ = False  # a name pytest would otherwise try to collect from test modules
+
+    num_samples: int
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    per_class: dict[str, list]
+    confusion_matrix: list[list[int]]
+    trial_id: str | None = None
+    epoch: int | None = None
+    source: str | None = None
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> TestScores:
+        """From summary.json's or best_model.json's ``test`` block."""
+        return _from_dict(cls, content)
+
+
+@dataclass
+class Summary:
+    """Everything a sweep's outcome says; ``summary.json`` is :meth:`to_dict`.
+
+    Attributes:
+        experiment: The sweep's name.
+        metric, mode: The search metric and whether larger (max) or smaller (min) is better.
+        max_epochs: The epoch budget of a trial (train.epochs).
+        trials: One record per trial, in trial-id order.
+        best: The best trial, None when no trial produced a finite metric.
+        test: The best model's test scores, None when not evaluated.
+        search_space: The flat search space as written, ``{"train.lr": "tag(log, ...)"}``.
+        state: complete, interrupted or time_budget.
+        time_budget_s: The time budget that ran out (None unless state is time_budget).
+        data: The data's description (name, input shape, classes, split sizes).
+        study: The Optuna study's storage (relative to the folder for a SQLite file) and name.
+        reproducible: Whether search.reproducible was on.
+        scheduler_decisions: ASHA's decisions in order (None: no ASHA).
+        paths: Where each file is, relative to the sweep folder.
+        extra: Keys of a summary.json this version does not know, kept as they were.
+    """
+
+    experiment: str
+    metric: str
+    mode: str
+    max_epochs: int
+    trials: list[TrialSummary] = field(default_factory=list)
+    best: BestTrial | None = None
+    test: TestScores | None = None
+    search_space: dict[str, str] = field(default_factory=dict)
+    state: str = STATE_COMPLETE
+    time_budget_s: float | None = None
+    data: dict[str, Any] | None = None
+    study: dict[str, str] | None = None
+    reproducible: bool = False
+    scheduler_decisions: list[dict] | None = None
+    paths: dict[str, str | None] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_trials(self) -> int:
+        return len(self.trials)
+
+    @property
+    def trial_counts(self) -> dict[str, int]:
+        return {status: sum(t.status == status for t in self.trials) for status in STATUSES}
+
+    @property
+    def epochs_trained(self) -> int:
+        return sum(t.epochs_trained for t in self.trials)
+
+    @property
+    def epochs_full_budget(self) -> int:
+        """Epochs a search of the same trials without early stopping would train."""
+        return len(self.trials) * self.max_epochs
+
+    @property
+    def epochs_ratio(self) -> float | None:
+        full = self.epochs_full_budget
+        return round(self.epochs_trained / full, 4) if full else None
+
+    @property
+    def epochs_saved(self) -> int:
+        return self.epochs_full_budget - self.epochs_trained
+
+    @property
+    def error(self) -> str | None:
+        """Why the sweep has no best trial, in words a user can act on (None: it has one)."""
+        if self.best is not None:
+            return None
+        failed = [t for t in self.trials if t.status == FAILED]
+        if self.trials and len(failed) == len(self.trials):
+            return f"all {len(self.trials)} trials failed (first error: {failed[0].error})"
+        return (f"no trial produced a finite {self.metric} "
+                f"({len(failed)} of {len(self.trials)} failed)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json's content (strict JSON: non-finite values are None)."""
+        return {
+            "experiment": self.experiment,
+            "metric": self.metric,
+            "mode": self.mode,
+            "num_trials": self.num_trials,
+            "trial_counts": self.trial_counts,
+            "max_epochs": self.max_epochs,
+            "epochs_trained": self.epochs_trained,
+            "epochs_full_budget": self.epochs_full_budget,
+            "epochs_ratio": self.epochs_ratio,
+            "epochs_saved": self.epochs_saved,
+            "error": self.error,
+            "search_space": dict(self.search_space),
+            "best": None if self.best is None else _as_dict(self.best),
+            "test": None if self.test is None else _as_dict(self.test),
+            "paths": dict(self.paths),
+            "trials": [{"trial_id": t.trial_id, "number": t.number, **_as_dict(t),
+                        "last_metric_value": finite(t.last_metric_value),
+                        "best_metric_value": finite(t.best_metric_value)}
+                       for t in self.trials],
+            "state": self.state,
+            # Only where the budget ran out, as summaries have held it since issue 24.
+            **({} if self.time_budget_s is None else {"time_budget_s": self.time_budget_s}),
+            "data": self.data,
+            "study": self.study,
+            "reproducible": self.reproducible,
+            "scheduler_decisions": self.scheduler_decisions,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> Summary:
+        """A summary from summary.json's content; keys a summary of an earlier version lacks
+        take their defaults, keys this version does not know are kept in ``extra``."""
+        derived = {"num_trials", "trial_counts", "epochs_trained", "epochs_full_budget",
+                   "epochs_ratio", "epochs_saved", "error"}
+        known = {f.name for f in fields(cls)} | derived
+        best, test = content.get("best"), content.get("test")
+        return cls(
+            experiment=content["experiment"], metric=content["metric"], mode=content["mode"],
+            max_epochs=int(content["max_epochs"]),
+            trials=[_from_dict(TrialSummary, t) for t in content.get("trials") or []],
+            best=None if best is None else _from_dict(BestTrial, best),
+            test=None if test is None else TestScores.from_dict(test),
+            search_space=dict(content.get("search_space") or {}),
+            state=content.get("state", STATE_COMPLETE),
+            time_budget_s=content.get("time_budget_s"),
+            data=content.get("data"), study=content.get("study"),
+            reproducible=bool(content.get("reproducible", False)),
+            scheduler_decisions=content.get("scheduler_decisions"),
+            paths=dict(content.get("paths") or {}),
+            extra={key: value for key, value in content.items() if key not in known},
+        )
+
+    def write(self, path: Path) -> None:
+        """Write summary.json (atomically: a reader never sees half of it)."""
+        write_json(path, self.to_dict(), indent=2)
+
+    @classmethod
+    def read(cls, path: Path) -> Summary:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return {f.name: getattr(value, f.name) for f in fields(value)}
+
+
+def _from_dict(cls: type, content: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in content.items() if key in names})
+
+
+def finite(value: float | None) -> float | None:
+    """None for a missing or non-finite figure, so summary.json stays strict JSON."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def trial_label(trial: TrialSummary | BestTrial) -> str:
+    """``3 (id 9fe9532e)``: the number people see on the console and in TensorBoard, and
+    Ray's id (folder ``trials/trial_<id>``); just the id for summaries without a number."""
+    return trial.trial_id if trial.number is None else f"{trial.number} (id {trial.trial_id})"
+
+
+def ranked(trials: list[TrialSummary], mode: str) -> list[TrialSummary]:
+    """Trials with a score, best first."""
+    scored = [t for t in trials if t.best_metric_value is not None and t.status != FAILED]
+    return sorted(scored, key=lambda t: t.best_metric_value, reverse=(mode == "max"))
+
+
+# --- rendering: the one place the outcome is put into words ---------------------------------
+
+def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
+    """The outcome in a few sentences, for the console (``markdown=False``) and report.md:
+    the best trial, its test scores, the compute early stopping saved, the trials and data."""
+    metric, best, test = summary.metric, summary.best, summary.test
+
+    def code(text: Any) -> str:
+        return f"`{text}`" if markdown else str(text)
+
+    lines = []
+    if best is None:
+        if markdown:  # the console says it as the command's error
+            lines.append(f"**The sweep failed:** {summary.error}.")
+    else:
+        values = ", ".join(f"{key}={cell(value)}" for key, value in best.config.items())
+        lines.append(f"Best: trial {code(trial_label(best))} {metric}={best.metric_value:.4f} at "
+                     f"epoch {best.epoch} ({summary.mode}imized on validation only) with "
+                     f"{code(values) if markdown else '{' + values + '}'}")
+    if test:
+        lines.append(f"Test ({test.num_samples} held-out images, model from its {test.source}): "
+                     f"accuracy {test.accuracy:.4f}, macro precision {test.precision_macro:.4f}, "
+                     f"recall {test.recall_macro:.4f}, F1 {test.f1_macro:.4f}")
+    if summary.epochs_ratio is not None:
+        lines.append(f"Epochs trained: {summary.epochs_trained} of {summary.epochs_full_budget} "
+                     f"for a full-budget search of the same {summary.num_trials} trials "
+                     f"({summary.epochs_ratio:.0%}); early stopping saved {summary.epochs_saved} "
+                     "epochs")
+    if markdown:
+        counts = ", ".join(f"{n} {status}" for status, n in summary.trial_counts.items() if n)
+        lines.append(f"Trials: {summary.num_trials} ({counts})")
+        data = summary.data
+        if data:
+            sizes = data["sizes"]
+            shape = "x".join(str(side) for side in data["input_shape"])
+            lines.append(f"Data: {data['name']}, images of shape {shape}, "
+                         f"{data['num_classes']} classes, {sizes['train']} training / "
+                         f"{sizes['val']} validation / {sizes['test']} test images")
+        return [line if line.startswith("**") else f"- {line}" for line in lines]
+    return lines
+
+
+def file_lines(summary: Summary, layout: SweepLayout) -> list[str]:
+    """Where the sweep's files are (those that exist), for the console."""
+    import shlex
+
+    lines = [f"Sweep directory: {layout.root}", f"Summary:         {layout.summary}"]
+    for label, key in (("Best model", "best_model"), ("Best config", "best_config"),
+                       ("Report", "report"), ("Trials table", "trials_csv")):
+        path = layout.resolve(summary.paths.get(key))
+        if path is not None and path.exists():
+            lines.append(f"{label + ':':<17}{path}")
+    tensorboard = layout.resolve(summary.paths.get("tensorboard", SweepLayout.TENSORBOARD))
+    lines.append(f"TensorBoard:     tensorboard --logdir {shlex.quote(str(tensorboard))}")
+    return lines
+
+
+def cell(value: Any) -> str:
+    """A value as a table shows it: floats to 4 significant digits, None as nothing."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(summary: Summary, limit: int = 5) -> str:
+    """A plain-text table of the best trials, for the end of a sweep."""
+    best = ranked(summary.trials, summary.mode)[:limit]
+    if not best:
+        return "No trial reported a finite " + summary.metric + "."
+    params = sorted({key for t in best for key in t.config})
+    header = ["trial", "id", summary.metric, "epoch", "trained", "status", *params]
+    rows = [[str(t.number or "?"), t.trial_id, f"{t.best_metric_value:.4f}", str(t.best_epoch),
+             str(t.epochs_trained), t.status, *(cell(t.config.get(p, "")) for p in params)]
+            for t in best]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+             for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def trials_table(summary: Summary) -> list[dict[str, Any]]:
+    """One row per trial for trials.csv, best first (trials without a score last, failed ones
+    among them): number and id, each sampled parameter, status, scores at the best epoch, when
+    and where it ran. Summaries written before these columns existed leave them empty."""
+    metric = summary.metric
+    params = sorted({key for trial in summary.trials for key in trial.config})
+    sign = -1.0 if summary.mode == "max" else 1.0
+
+    def order(trial: TrialSummary) -> tuple[int, float, str]:
+        value = finite(trial.best_metric_value)
+        if value is None or trial.status == FAILED:
+            return (1, 0.0, trial.trial_id)
+        return (0, sign * value, trial.trial_id)
+
+    return [
+        {
+            "trial": trial.number,
+            "trial_id": trial.trial_id,
+            **{key: trial.config.get(key) for key in params},
+            "status": trial.status,
+            "epochs_trained": trial.epochs_trained,
+            f"best_{metric}": finite(trial.best_metric_value),
+            f"last_{metric}": finite(trial.last_metric_value),
+            "best_epoch": trial.best_epoch,
+            **{name: getattr(trial, name) for name in ("val_loss", "val_accuracy")
+               if name != metric},
+            "wall_time_s": trial.wall_time_s,
+            "started_at": trial.started_at,
+            "ended_at": trial.ended_at,
+            "node": trial.node,
+            "error": trial.error,
+        }
+        for trial in sorted(summary.trials, key=order)
+    ]
+
+
+def write_trials_csv(summary: Summary, path: Path) -> None:
+    rows = trials_table(summary)
+    if not rows:
+        path.write_text("trial_id\n")
+        return
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
