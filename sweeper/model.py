@@ -349,6 +349,16 @@ def save_portable(model: keras.Model, path: Path | str) -> None:
         config = {**optimizer.get_config(), "learning_rate": float(optimizer.learning_rate)}
         if isinstance(loss, SmoothedSparseCrossentropy):
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=loss.from_logits)
-        model.compile(optimizer=type(optimizer).from_config(config), loss=loss,
-                      metrics=["accuracy"])
+        portable = type(optimizer).from_config(config)
+        if optimizer.built:
+            # Built and given the trained optimizer's state (step count, moments), matched by
+            # variable path: an unbuilt optimizer is saved with 2 variables, and loading the
+            # archive then warns "Skipping variable loading for optimizer" and drops them.
+            portable.build(model.trainable_variables)
+            state = {variable.path: variable for variable in optimizer.variables}
+            for variable in portable.variables:
+                source = state.get(variable.path)
+                if source is not None and tuple(source.shape) == tuple(variable.shape):
+                    variable.assign(keras.ops.cast(source, variable.dtype))
+        model.compile(optimizer=portable, loss=loss, metrics=["accuracy"])
     model.save(path)

@@ -280,7 +280,10 @@ def test_the_exported_model_loads_without_sweeper(small_splits, tmp_path):
     save_portable(model, path)
     np.save(tmp_path / "images.npy", small_splits.x_val[:8])
     np.save(tmp_path / "expected.npy", model.predict(small_splits.x_val[:8], verbose=0))
-    script = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1]); "
+    # Keras warns (UserWarning) when an archive's optimizer state does not fit the optimizer.
+    script = ("import sys, warnings, keras, numpy as np; "
+              "warnings.filterwarnings('error', category=UserWarning); "
+              "m = keras.models.load_model(sys.argv[1]); "
               "assert 'sweeper' not in sys.modules; np.testing.assert_allclose("
               "m.predict(np.load(sys.argv[2]), verbose=0), np.load(sys.argv[3]), atol=1e-5)")
     loaded = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "images.npy"),
