@@ -60,7 +60,8 @@ def test_one_driver_per_sweep_folder_and_a_refused_rerun_writes_nothing(tmp_path
     again = run_cli(args, cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("Sweep 'smoke' is already complete")
-    assert f"Best: trial {summary['best']['trial_id']}" in again.stdout
+    best = summary["best"]  # its number as on the console, then Ray's id (since 4e12690)
+    assert f"Best: trial {best['number']} (id {best['trial_id']})" in again.stdout
     assert folder_contents(sweep_dir) == before
 
 
