@@ -29,7 +29,13 @@ from ray.tune.schedulers import TrialScheduler
 
 from sweeper import compat
 from sweeper.compat import checkpoints_in_saved_state, snapshots_on_a_timer
-from sweeper.config import ClusterConfig, SearchConfig, SweepConfig, max_concurrent_trials
+from sweeper.config import (
+    ClusterConfig,
+    SchedulerConfig,
+    SearchConfig,
+    SweepConfig,
+    max_concurrent_trials,
+)
 from sweeper.data import Splits
 from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout, write_json
 from sweeper.progress import DETAIL, TrialEvents
@@ -74,15 +80,22 @@ def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], stud
     return searcher
 
 
-def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
+def make_scheduler(scheduler: SchedulerConfig, metric: str, mode: str,
+                   max_epochs: int) -> TrialScheduler:
     """ASHA over epochs (sweeper's, which records its decisions; with
-    ``scheduler.compare_earlier_epochs=false`` it decides as Ray's ASHA), or FIFO for none."""
-    if cfg.scheduler.name == "none":
+    ``scheduler.compare_earlier_epochs=false`` it decides as Ray's ASHA), or FIFO for none.
+
+    Args:
+        scheduler: The ``scheduler`` settings (name, grace period, reduction factor).
+        metric: The searched metric, e.g. ``val_accuracy``; ``mode`` is ``max`` or ``min``.
+        max_epochs: A trial's full budget (``train.epochs``): ASHA's ``max_t``.
+    """
+    if scheduler.name == "none":
         return BudgetedFIFO()
-    return BudgetedASHA(metric=cfg.search.metric, mode=cfg.search.mode,
-                             max_t=cfg.train.epochs, grace_period=cfg.scheduler.grace_period,
-                             reduction_factor=cfg.scheduler.reduction_factor,
-                             compare_earlier_epochs=cfg.scheduler.compare_earlier_epochs)
+    return BudgetedASHA(metric=metric, mode=mode, max_t=max_epochs,
+                        grace_period=scheduler.grace_period,
+                        reduction_factor=scheduler.reduction_factor,
+                        compare_earlier_epochs=scheduler.compare_earlier_epochs)
 
 
 class SchedulerStateCallback(Callback):
@@ -415,7 +428,7 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
         return tune.Tuner.restore(str(layout.trials), trainable=trainable,
                                   resume_errored=cfg.resume.errored == "retry")
     metric, mode = cfg.search.metric, cfg.search.mode
-    scheduler = make_scheduler(cfg)
+    scheduler = make_scheduler(cfg.scheduler, metric, mode, cfg.train.epochs)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

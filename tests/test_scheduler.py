@@ -151,10 +151,13 @@ def test_the_curves_are_saved_and_restored_with_the_experiment_state():
 
 
 def test_the_sweep_uses_it_and_decides_as_rays_asha_when_asked(compose):
-    chosen = make_scheduler(to_sweep_config(compose("+experiment=smoke")))
+    def scheduler_of(*overrides: str):
+        cfg = to_sweep_config(compose("+experiment=smoke", *overrides))
+        return make_scheduler(cfg.scheduler, cfg.search.metric, cfg.search.mode, cfg.train.epochs)
+
+    chosen = scheduler_of()
     assert isinstance(chosen, EarlierEpochsASHA)
-    plain = make_scheduler(to_sweep_config(compose("+experiment=smoke",
-                                                   "scheduler.compare_earlier_epochs=false")))
+    plain = scheduler_of("scheduler.compare_earlier_epochs=false")
     assert isinstance(plain, EarlierEpochsASHA)
     rays = ASHAScheduler(time_attr="training_iteration", metric="val_accuracy", mode="max",
                          max_t=3, grace_period=1, reduction_factor=2)

@@ -78,7 +78,8 @@ def test_tune_writes_result_files_but_no_tensorboard_files_of_its_own(compose, r
     space = build_search_space(cfg)
 
     def loggers() -> list[type]:
-        callbacks = sweep_callbacks(tmp_path, space, "val_accuracy", make_scheduler(cfg))
+        scheduler = make_scheduler(cfg.scheduler, "val_accuracy", "max", cfg.train.epochs)
+        callbacks = sweep_callbacks(tmp_path, space, "val_accuracy", scheduler)
         kinds = (JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback)
         return sorted((type(callback) for callback in _create_default_callbacks(callbacks)
                        if isinstance(callback, kinds)), key=lambda kind: kind.__name__)
