@@ -179,8 +179,11 @@ class LocalRayCluster:
         self.ports: set[int] = set()  # every port given to this cluster's nodes
         self.port = _free_port(self.ports)
         self.address = f"{LOOPBACK}:{self.port}"
+        # TUNE_GLOBAL_CHECKPOINT_S: the tests watch the trials' result.json, which the sweep
+        # folder gets with each experiment-state save (see tests/cli_helpers.cli_env).
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                    "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2",
+                    "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "1")}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, subprocess.Popen] = {}
         self.drivers: list[subprocess.Popen] = []
