@@ -314,10 +314,16 @@ def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
                      f"accuracy {test.accuracy:.4f}, macro precision {test.precision_macro:.4f}, "
                      f"recall {test.recall_macro:.4f}, F1 {test.f1_macro:.4f}")
     if summary.epochs_ratio is not None:
+        # Epochs a trial did not train because it failed or was cut off (Ctrl-C, a time budget)
+        # were not saved by early stopping: said apart, so the saving is not overstated.
+        cut = sum(summary.max_epochs - t.epochs_trained for t in summary.trials
+                  if t.status in (FAILED, UNFINISHED))
         lines.append(f"Epochs trained: {summary.epochs_trained} of {summary.epochs_full_budget} "
                      f"for a full-budget search of the same {summary.num_trials} trials "
-                     f"({summary.epochs_ratio:.0%}); early stopping saved {summary.epochs_saved} "
-                     "epochs")
+                     f"({summary.epochs_ratio:.0%}); early stopping saved "
+                     f"{summary.epochs_saved - cut} epochs"
+                     + (f", {cut} more were not trained by failed or unfinished trials"
+                        if cut else ""))
     if markdown:
         counts = ", ".join(f"{n} {status}" for status, n in summary.trial_counts.items() if n)
         lines.append(f"Trials: {summary.num_trials} ({counts})")

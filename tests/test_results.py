@@ -207,3 +207,19 @@ def test_an_interrupted_sweep_tells_early_stopped_trials_from_cut_off_ones():
     finished = {r.trial_id: r.status for r in records_from_results(
         grid, "val_accuracy", "max", max_epochs=3, sweep_done=True)}
     assert finished["running"] == EARLY_STOPPED
+
+
+def test_the_outcome_does_not_count_epochs_cut_off_as_saved_by_early_stopping(tmp_path):
+    """A trial ASHA stopped saved epochs; one cut off by a time budget or Ctrl-C (unfinished)
+    or one that failed did not: the sentence keeps them apart (found by a new user's trial)."""
+    from sweeper.summary import UNFINISHED, outcome_lines
+
+    records = [record("a", 1e-3, [0.5, 0.6, 0.7]), record("b", 1e-2, [0.4], EARLY_STOPPED),
+               record("c", 3e-3, [0.45], UNFINISHED)]
+    summary = build_summary("exp", "val_accuracy", "max", 3, records, SweepLayout(tmp_path))
+    line = next(text for text in outcome_lines(summary) if text.startswith("Epochs trained"))
+    assert line.endswith("(56%); early stopping saved 2 epochs, 2 more were not trained by "
+                         "failed or unfinished trials")
+    complete = build_summary("exp", "val_accuracy", "max", 3, records[:2], SweepLayout(tmp_path))
+    line = next(text for text in outcome_lines(complete) if text.startswith("Epochs trained"))
+    assert line.endswith("(67%); early stopping saved 2 epochs")
