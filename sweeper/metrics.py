@@ -5,6 +5,8 @@ from __future__ import annotations
 
 # What the trainer reports every epoch (Keras' names); any of them can be search.metric.
 METRIC_NAMES = ("loss", "accuracy", "val_loss", "val_accuracy")
+# The validation scores summary.json and trials.csv keep for each trial's best epoch.
+VALIDATION_METRICS = ("val_loss", "val_accuracy")
 
 # Keys a trial adds to its last result when its training loss became NaN or infinite: the
 # flag (the searcher tells Optuna FAIL, TensorBoard closes the run as failed) and the reason

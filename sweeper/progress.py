@@ -21,6 +21,7 @@ from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 
 from sweeper import compat
 from sweeper.compat import trial_creation_number
+from sweeper.metrics import METRIC_NAMES
 
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
@@ -156,8 +157,7 @@ class TrialEvents(Callback):
         value = result.get(self.metric)
         if value is not None and (self._best is None or self._better(value, self._best[0])):
             self._best = (float(value), number)
-        figures = "  ".join(f"{key} {result[key]:.4f}" for key in
-                            ("loss", "accuracy", "val_loss", "val_accuracy") if key in result)
+        figures = "  ".join(f"{key} {result[key]:.4f}" for key in METRIC_NAMES if key in result)
         events.info("Trial %d epoch %s: %s  (%.1f s)  %s", number, epoch, figures,
                     result.get(TIME_THIS_ITER_S, 0.0), self._status(trials))
         decisions = getattr(self.scheduler, "decisions", None) or []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout
-from sweeper.metrics import DIVERGED, FAILURE, HISTORY_COLUMNS
+from sweeper.metrics import DIVERGED, FAILURE, HISTORY_COLUMNS, VALIDATION_METRICS
 from sweeper.summary import (
     COMPLETED,
     EARLY_STOPPED,
@@ -267,4 +267,4 @@ def _times(history: list[dict[str, float]]) -> dict[str, str | None]:
 def _scores_at(history: list[dict[str, float]], epoch: int | None) -> dict[str, float | None]:
     """Validation loss and accuracy at the trial's best epoch (None where not reported)."""
     row = next((h for h in history if epoch is not None and int(h["epoch"]) == epoch), {})
-    return {name: finite(row.get(name)) for name in ("val_loss", "val_accuracy")}
+    return {name: finite(row.get(name)) for name in VALIDATION_METRICS}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper.layout import SweepLayout, write_json
+from sweeper.metrics import VALIDATION_METRICS
 
 COMPLETED = "completed"
 EARLY_STOPPED = "early_stopped"
@@ -403,7 +404,7 @@ def trials_table(summary: Summary) -> list[dict[str, Any]]:
             f"best_{metric}": finite(trial.best_metric_value),
             f"last_{metric}": finite(trial.last_metric_value),
             "best_epoch": trial.best_epoch,
-            **{name: getattr(trial, name) for name in ("val_loss", "val_accuracy")
+            **{name: getattr(trial, name) for name in VALIDATION_METRICS
                if name != metric},
             "wall_time_s": trial.wall_time_s,
             "started_at": trial.started_at,
