@@ -134,12 +134,19 @@ def compose(overrides: Sequence[str] = (),
         raise ConfigError.from_line(describe_composition_error(error)) from None
 
 
-def run(config: SweepConfig) -> SweepResult:
+def run(config: SweepConfig, verbose: int | None = 1) -> SweepResult:
     """Run the sweep of ``config`` (from :func:`compose`), or resume it if it was interrupted.
 
     Starts Ray in this process (or joins ``cluster.address``), trains the trials, exports and
     test-scores the best model, writes the sweep folder, and stops the Ray it started. A
     config changed after :func:`compose` is validated again; an unchanged one is not.
+
+    Args:
+        verbose: What a notebook or script shows on stdout while it runs, as the CLI's
+            ``verbose``: 0 sweeper's lines without the per-trial events, 1 (default) with
+            them, 2 Ray's and Optuna's own too. Applies where the program configured no
+            logging (its root logger has no handlers); ``None``: print nothing of sweeper's
+            own, leave logging as it is.
 
     Returns:
         The result; ``state`` says whether it completed, was interrupted (Ctrl-C, SIGTERM:
@@ -149,9 +156,11 @@ def run(config: SweepConfig) -> SweepResult:
         ConfigError: The config is wrong (nothing started).
         sweeper.sweep.SweepFailed: No trial produced a result.
     """
+    from sweeper.progress import console_for_api
     from sweeper.sweep import run_sweep
 
-    return run_sweep(config)
+    with console_for_api(verbose):
+        return run_sweep(config)
 
 
 def load(sweep_dir: str | Path) -> SweepResult:

@@ -225,16 +225,15 @@ def hydra_main(cfg: DictConfig) -> None:
         _say(f"Interrupted. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     if outcome.state == STATE_INTERRUPTED:
-        counts = outcome.summary.trial_counts
-        _say(f"Interrupted after {sum(counts.values())} trials ({counts}); partial results in "
+        _say(f"Interrupted after {outcome.summary.counts_phrase()}; partial results in "
              f"{outcome.sweep_dir}. Resume with: {resume_command()}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     report_outcome(outcome)
     if outcome.state == STATE_TIME_BUDGET:
-        counts = outcome.summary.trial_counts
-        _say(f"Time budget of {outcome.summary.time_budget_s:g} s spent after "
-             f"{sum(counts.values())} trials ({counts}); the results above are the best so far. "
-             f"Continue the sweep with: {resume_command()}")
+        budget = outcome.summary.time_budget_s
+        _say(f"Time budget of {budget:g} s spent after {outcome.summary.counts_phrase()}; "
+             f"the results above are the best so far. Continue the sweep for another "
+             f"{budget:g} s with: {resume_command()}")
 
 
 def main(argv: list[str] | None = None) -> None:

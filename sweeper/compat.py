@@ -14,11 +14,14 @@ imports this module on workers, and :func:`sweeper.load` reads a sweep without R
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import inspect
 import json
 import logging
 import os
 import pickle
+import posixpath
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -408,9 +411,11 @@ def _snapshot_internals() -> bool:
     checkpoints = importlib.import_module(_RAY_CHECKPOINT_MANAGER)
     manager = getattr(importlib.import_module(_RAY_EXPERIMENT_STATE),
                       "_ExperimentCheckpointManager", None)
+    syncer = getattr(importlib.import_module(_RAY_STORAGE), "_FilesystemSyncer", None)
     return (callable(getattr(checkpoints, "_delete_fs_path", None))
             and callable(getattr(manager, "on_trial_checkpoint", None))
-            and callable(getattr(manager, "sync_up_experiment_state", None)))
+            and callable(getattr(manager, "sync_up_experiment_state", None))
+            and callable(getattr(syncer, "_sync_up_command", None)))
 
 
 def _study_table() -> bool:
@@ -569,6 +574,35 @@ _devices_found = False
 # Checked with Ray 2.60.
 _RAY_CHECKPOINT_MANAGER = "ray.train._internal.checkpoint_manager"
 _RAY_EXPERIMENT_STATE = "ray.tune.execution.experiment_state"
+_RAY_STORAGE = "ray.train._internal.storage"
+
+
+# Tune uploads the driver's staging folder (the trial folders' result.json and progress.csv,
+# and at its top the experiment state, searcher and scheduler states) to the sweep folder in
+# one background copy, in no set order: a driver killed during the copy can leave an
+# experiment state in the sweep folder that names results its trial folders do not hold yet
+# (Ray warns of "consistency issues upon restoration" only when a copy is slow). A resume then
+# found a trial that had trained all 3 epochs TERMINATED with 2 rows, counted it unfinished and
+# never ended the sweep (CI, test_killed_driver_resumes_with_searcher_and_asha_history). Here
+# the trial folders are copied first and the top-level state files after them, the
+# experiment state last, so a state in the sweep folder names only results already there.
+def _state_files_last(upload):
+    """Ray's upload function ``upload(local_path, fs, fs_path, exclude)``, made to copy a
+    folder's subfolders first and the files at its top afterwards (``experiment_state-*``
+    last)."""
+    def upload_state_last(local_path, fs, fs_path, exclude=None):
+        if not os.path.isdir(local_path):
+            return upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
+        top = sorted((entry.name for entry in os.scandir(local_path) if entry.is_file()),
+                     key=lambda name: (name.startswith("experiment_state"), name))
+        excluded = [*(exclude or []), *(glob.escape(name) for name in top)]
+        upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=excluded)
+        for name in top:
+            if not any(fnmatch.fnmatch(name, pattern) for pattern in exclude or []):
+                upload(local_path=os.path.join(local_path, name), fs=fs,
+                       fs_path=posixpath.join(fs_path, name))
+
+    return upload_state_last
 
 
 @contextlib.contextmanager
@@ -589,6 +623,8 @@ def snapshots_on_a_timer():
         yield
         return
     delete, on_trial_checkpoint, sync_up = needed
+    syncer = getattr(importlib.import_module(_RAY_STORAGE), "_FilesystemSyncer", None)
+    sync_up_command = getattr(syncer, "_sync_up_command", None)
     dropped: list[tuple] = []  # (filesystem, path) of checkpoints Tune no longer names
 
     def defer_delete(fs, fs_path: str) -> None:
@@ -609,15 +645,26 @@ def snapshots_on_a_timer():
             delete(fs=fs, fs_path=fs_path)
         del dropped[:droppable]
 
+    def ordered_sync_up_command(self, local_path, uri, exclude=None):
+        function, kwargs = sync_up_command(self, local_path, uri, exclude)
+        return _state_files_last(function), kwargs
+
     checkpoints._delete_fs_path = defer_delete
     manager.on_trial_checkpoint = lambda self, trial: None
     manager.sync_up_experiment_state = save_then_delete
+    if callable(sync_up_command):
+        syncer._sync_up_command = ordered_sync_up_command
+    else:
+        logger.warning("Ray Tune's storage syncer has changed (checked with Ray 2.60): the "
+                       "experiment state may reach the sweep folder before the results it names")
     try:
         yield
     finally:
         checkpoints._delete_fs_path = delete
         manager.on_trial_checkpoint = on_trial_checkpoint
         manager.sync_up_experiment_state = sync_up
+        if callable(sync_up_command):
+            syncer._sync_up_command = sync_up_command
 
 
 def checkpoints_in_saved_state(state_file: Path) -> dict[str, set[str]]:

@@ -11,8 +11,11 @@ the final summary) go to ``sweep.log`` only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ray.tune import Callback
@@ -99,6 +102,46 @@ def configure_output(verbose: int) -> None:
     optuna.logging.enable_propagation()
 
 
+@contextlib.contextmanager
+def console_for_api(verbose: int | None) -> Iterator[None]:
+    """While :func:`sweeper.run` runs in a notebook or script: the CLI's console lines on
+    stdout (``verbose`` as the CLI's), and Ray's and Optuna's own lines held back below
+    ``verbose=2`` as there, where the program configured no logging of its own. A program
+    whose root logger has handlers decides itself (sweeper's lines are ``sweeper.events``
+    and ``sweeper.record``); so does ``verbose=None``."""
+    import optuna
+
+    root = logging.getLogger()
+    if verbose is None or root.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(ConsoleFilter(verbose))
+    handler.setFormatter(ConsoleFormatter("%(message)s"))
+    ray_logger = logging.getLogger("ray")
+    ray_handlers, ray_propagate = list(ray_logger.handlers), ray_logger.propagate
+    level, resume_hint = root.level, _WithoutRayResumeHint()
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    for ray_handler in ray_handlers:
+        ray_logger.removeHandler(ray_handler)
+    ray_logger.propagate = True
+    logging.getLogger("ray.tune.tune").addFilter(resume_hint)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    try:
+        yield
+    finally:
+        optuna.logging.disable_propagation()
+        optuna.logging.enable_default_handler()
+        logging.getLogger("ray.tune.tune").removeFilter(resume_hint)
+        ray_logger.propagate = ray_propagate
+        for ray_handler in ray_handlers:
+            ray_logger.addHandler(ray_handler)
+        root.setLevel(level)
+        root.removeHandler(handler)
+
+
 def short_values(params: dict[str, Any]) -> str:
     """``lr=0.00123 batch_size=64``: each sampled setting by its last name, floats in 3 digits."""
     parts = []
@@ -148,6 +191,13 @@ class TrialEvents(Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         self._started_at[trial.trial_id] = time.time()
+        checkpoint = trial.latest_checkpoint_result  # set when Tune restores the trial
+        if checkpoint is not None and checkpoint.metrics.get("epoch") is not None:
+            # Said here instead of Tune's "Restored on <ip> from checkpoint" worker line.
+            events.info("Trial %d continued from its checkpoint of epoch %d (id %s): %s  %s",
+                        trial_number(trials, trial), checkpoint.metrics["epoch"],
+                        trial.trial_id, short_values(trial.config), self._status(trials))
+            return
         events.info("Trial %d started (id %s): %s  %s", trial_number(trials, trial),
                     trial.trial_id, short_values(trial.config), self._status(trials))
 
@@ -166,6 +216,9 @@ class TrialEvents(Callback):
             last = decisions[-1]
             if last["trial_id"] == trial.trial_id and last["epoch"] == epoch:
                 events.info("Trial %d %s", number, describe_decision(last, self.metric))
+        take_notes = getattr(self.scheduler, "take_notes", None)
+        for note in take_notes(trial.trial_id) if take_notes else []:
+            events.info("Trial %d %s", number, note)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:

@@ -116,10 +116,15 @@ def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]
         history.append({key: float(row[key]) for key in HISTORY_COLUMNS
                         if row.get(key) is not None})
     last = last if last is not None else (rows[-1] if rows else {})
+    if last.get("epoch") is not None and last["epoch"] > max(seen, default=0):
+        # Tune's saved state holds a result the trial folder's rows lack (they were being
+        # copied when the driver died): it is the trial's newest epoch all the same.
+        history.append({key: float(last[key]) for key in HISTORY_COLUMNS
+                        if last.get(key) is not None})
     if last.get(DIVERGED):
         error = str(last.get(FAILURE) or "training diverged")
     best = best_epoch(history, metric, mode)
-    epochs = len(history)
+    epochs = int(history[-1]["epoch"]) if history else 0
     return TrialRecord(
         trial_id=trial_id,
         config=dict(config or {}),

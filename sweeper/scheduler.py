@@ -32,7 +32,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from sweeper import compat
 from sweeper.compat import end_tune_run_gracefully
-from sweeper.progress import EVENTS_LOGGER, trial_number
+from sweeper.progress import EVENTS_LOGGER
 
 events = logging.getLogger(EVENTS_LOGGER)
 
@@ -136,12 +136,21 @@ class BudgetedScheduling:
             end_tune_run_gracefully()
         return None
 
+    def take_notes(self, trial_id: str) -> list[str]:
+        """What this scheduler has to say of a trial's last result (``paused after epoch 2:
+        ...``), once: the console's event callback prints it after the epoch's own line
+        (Tune asks the scheduler before it tells the callbacks)."""
+        notes = getattr(self, "_notes", {})
+        return notes.pop(trial_id, [])
+
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.CONTINUE and TIME_BUDGET.expired():
-            events.info("Trial %d paused after epoch %s: the time budget of %g s is spent",
-                        trial_number(tune_controller.get_trials(), trial),
-                        result.get(TRAINING_ITERATION), TIME_BUDGET.seconds)
+            if not hasattr(self, "_notes"):  # set lazily, as _started_trials
+                self._notes: dict[str, list[str]] = {}
+            self._notes.setdefault(trial.trial_id, []).append(
+                f"paused after epoch {result.get(TRAINING_ITERATION)}: the time budget of "
+                f"{TIME_BUDGET.seconds:g} s is spent")
             action = TrialScheduler.PAUSE
         if action != TrialScheduler.CONTINUE:
             self._in_flight().discard(trial.trial_id)

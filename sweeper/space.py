@@ -262,10 +262,11 @@ def configured_point(cfg: SweepConfig, space: Mapping[str, BaseDistribution]) ->
                                            round((value - distribution.low) / distribution.step))))
         if not inside:
             expression = flatten_space(cfg.search.space).get(key)
-            raise ConfigError("search.start_with_defaults", True,
-                              f"the first trial trains the configured {key}={value!r}, which "
-                              f"is outside its search space {expression}; set {key} to a value "
-                              "the space holds")
+            raise ConfigError(key, value,
+                              f"{key} is searched over {expression} and "
+                              "search.start_with_defaults=true trains the configured value "
+                              "in the first trial; set one the space holds, or "
+                              "search.start_with_defaults=false")
         point[key] = value
     return point
 

@@ -171,6 +171,16 @@ class Summary:
     def trial_counts(self) -> dict[str, int]:
         return {status: sum(t.status == status for t in self.trials) for status in STATUSES}
 
+    def counts_phrase(self) -> str:
+        """The trials by status for a sentence: ``5 trials (1 completed, 3 early-stopped, 1 not
+        yet ended)``; statuses no trial has are left out."""
+        words = {COMPLETED: "completed", EARLY_STOPPED: "early-stopped", FAILED: "failed",
+                 UNFINISHED: "not yet ended"}
+        parts = [f"{count} {words[status]}" for status, count in self.trial_counts.items()
+                 if count]
+        noun = "trial" if self.num_trials == 1 else "trials"
+        return f"{self.num_trials} {noun}" + (f" ({', '.join(parts)})" if parts else "")
+
     @property
     def epochs_trained(self) -> int:
         return sum(t.epochs_trained for t in self.trials)

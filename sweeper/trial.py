@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Tune's Trainable.restore logs "Restored on <ip> from checkpoint: <path>" at INFO in the
+# trial's worker before the trial runs, and Ray sends the line, colour codes and all, to the
+# driver's console; the driver's own event line says it for people (sweeper.progress).
+logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.WARNING)
+
 
 # Lives as long as the worker process: a reused worker hands its compiled model to the next trial.
 _WARM_MODEL = WarmModel()

@@ -122,3 +122,56 @@ def test_the_readme_api_example_runs(smoke_sweep, tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert f"already_complete {tmp_path / 'sweeps' / 'smoke'}" in out
     assert smoke_sweep.summary["best"]["trial_id"] in out
+
+
+def test_run_prints_the_clis_lines_where_the_program_set_up_no_logging(capsys):
+    """sweeper.run's console in a notebook or script (sweeper.progress.console_for_api):
+    sweeper's event lines reach stdout, Ray's and Optuna's info lines do not, and the logging
+    of the program is as before afterwards; a program with logging of its own keeps it."""
+    import logging
+
+    from sweeper.progress import console_for_api
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    for handler in saved_handlers:  # pytest's capture handlers: a program without logging
+        root.removeHandler(handler)
+    try:
+        with console_for_api(1):
+            logging.getLogger("sweeper.events").info("Trial 1 started (id abc)")
+            logging.getLogger("optuna.storages").info("A new study created in RDB")
+            logging.getLogger("ray.tune").info("Ray's own line")
+            logging.getLogger("sweeper.record").info("kept for sweep.log only")
+        assert root.handlers == [] and root.level == saved_level
+        assert capsys.readouterr().out == "Trial 1 started (id abc)\n"
+        root.addHandler(logging.NullHandler())
+        with console_for_api(1):
+            logging.getLogger("sweeper.events").info("Trial 2 started (id def)")
+        assert capsys.readouterr().out == ""
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+
+
+@pytest.mark.slow
+def test_a_script_calling_run_shows_the_sweeps_progress(fashion_mnist_dir, tmp_path):
+    """A script of three lines runs a one-trial sweep: its stdout has the trial's events and
+    none of Ray's or Optuna's own notices (Optuna's "A new study created" was all a notebook
+    showed before)."""
+    script = ("import sweeper\n"
+              f"config = sweeper.compose(['+experiment=smoke', 'data=fashion_mnist', "
+              f"'data.path={fashion_mnist_dir}', 'sweep_dir={tmp_path / 'sweep'}', "
+              "'search.num_trials=1', 'train.epochs=1', 'data.max_train_samples=500', "
+              "'scheduler=none'])\n"
+              "print('state:', sweeper.run(config).state)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "state: complete"
+    assert any(line.startswith("Trial 1 started (id ") for line in lines)
+    assert any(line.startswith("Trial 1 epoch 1: loss ") for line in lines)
+    assert "A new study created" not in done.stdout + done.stderr

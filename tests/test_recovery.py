@@ -75,6 +75,10 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path):
     assert after, "the killed trial was never retried"
     assert after[0] == before[-1] + 1
     assert before + after == [1, 2, 3]
+    # The console says so in sweeper's words, not with Tune's worker line.
+    console = (tmp_path / "run.log").read_text()
+    assert f"continued from its checkpoint of epoch {before[-1]} (id {trial_id})" in console
+    assert "Restored on" not in console
 
     summary = _summary(sweep_dir)
     assert summary["num_trials"] == 2
@@ -124,22 +128,32 @@ def test_an_epoch_trained_again_after_a_restore_is_recorded_once(tmp_path):
     assert summary["epochs_trained"] == 5
 
 
+def _ended_in_saved_state(sweep_dir):
+    """Ids of the trials that the experiment state in the sweep folder saw end (TERMINATED):
+    what a resume restores as ended. None while no state (or a half-copied one) is there."""
+    try:
+        state = json.loads(_latest(sweep_dir / "trials", "experiment_state-*.json").read_text())
+    except (ValueError, OSError):
+        return None
+    trials = [json.loads(trial_json) for trial_json, _ in state["trial_data"]]
+    return {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}
+
+
 def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=5", "train.epochs=3",
+    # 8 trials: once two have ended, six remain for the resume (ASHA stops most after one
+    # epoch of about a second here: five trials left could all end before the kill).
+    args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=8", "train.epochs=3",
             "data.max_train_samples=2000"]
     process = start_cli(args, cwd=tmp_path, log=tmp_path / "first.log")
     try:
         def two_trials_ended():
-            ended = [trial_id for trial_id, rows in trial_rows(sweep_dir).items()
-                     if rows and rows[-1].get("done")]
-            return ended if len(ended) >= 2 else None
+            ended = _ended_in_saved_state(sweep_dir) if (sweep_dir / "trials").is_dir() else None
+            return ended if ended and len(ended) >= 2 else None
 
-        ended_before = set(wait_for(two_trials_ended, 600, "two finished trials"))
-        # Let Ray record them in its experiment state, then kill the driver and its Ray.
-        state = next((sweep_dir / "trials").glob("experiment_state-*.json"))
-        mtime = state.stat().st_mtime
-        wait_for(lambda: state.stat().st_mtime > mtime, 120, "an experiment checkpoint")
+        # Kill the driver and its Ray once the saved state has two trials ended. The state
+        # reaches the sweep folder after the results it names (compat.snapshots_on_a_timer).
+        ended_before = wait_for(two_trials_ended, 600, "two finished trials", every=0.1)
         before = trial_rows(sweep_dir)
     finally:
         kill_tree(process)
@@ -154,7 +168,7 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
 
     summary = _summary(sweep_dir)
     trial_ids = [trial["trial_id"] for trial in summary["trials"]]
-    assert len(trial_ids) == 5 and len(set(trial_ids)) == 5
+    assert len(trial_ids) == 8 and len(set(trial_ids)) == 8
     after = trial_rows(sweep_dir)
     for trial_id in ended_before:  # finished trials were not trained again
         assert after[trial_id] == before[trial_id]
@@ -425,8 +439,16 @@ def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path):
     # One second: spent long before any trial's first epoch ends (a worker imports TensorFlow).
     first = run_cli([*args, "search.time_budget_s=1"], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "Time budget of 1 s spent after" in first.stdout
-    assert "Continue the sweep with: python -m sweeper" in first.stdout
+    budget_line = next(line for line in first.stdout.splitlines()
+                       if line.startswith("Time budget of 1 s spent after"))
+    assert "Continue the sweep for another 1 s with: python -m sweeper" in budget_line
+    assert "{" not in budget_line  # the trials by status in words, not a dict
+    lines = first.stdout.splitlines()
+    paused = [i for i, line in enumerate(lines) if " paused after epoch 1: the time budget" in line]
+    assert paused
+    for i in paused:  # each after its epoch's own line
+        number = lines[i].split()[1]
+        assert any(line.startswith(f"Trial {number} epoch 1: ") for line in lines[:i])
     summary = _summary(sweep_dir)
     assert summary["state"] == "time_budget" and summary["time_budget_s"] == 1
     assert summary["test"]["accuracy"] > 0.1 and (sweep_dir / "best_model.keras").is_file()

@@ -19,6 +19,7 @@ from sweeper.results import (
     TrialRecord,
     all_trials_ended,
     build_summary,
+    make_record,
     records_from_results,
 )
 from sweeper.summary import Summary, TestScores, write_trials_csv
@@ -223,3 +224,31 @@ def test_the_outcome_does_not_count_epochs_cut_off_as_saved_by_early_stopping(tm
     complete = build_summary("exp", "val_accuracy", "max", 3, records[:2], SweepLayout(tmp_path))
     line = next(text for text in outcome_lines(complete) if text.startswith("Epochs trained"))
     assert line.endswith("(67%); early stopping saved 2 epochs")
+
+
+@pytest.mark.parametrize("reported, done, status",
+                         [(3, False, COMPLETED), (2, True, EARLY_STOPPED)])
+def test_a_result_in_tunes_state_beyond_the_trial_folders_rows_counts(reported, done, status):
+    """Tune's saved state is the record of what a trial reported; its folder's result.json can
+    lag it when the driver died while copying them (CI, stop 30: a trial that trained all 3
+    epochs came back with 2 rows and was counted unfinished, so the sweep never ended). Here
+    the rows lack the last epoch: one trial trained all 3, one was stopped by the scheduler
+    on its epoch 2 (Tune's ``done``)."""
+    rows = [{"epoch": e, "val_accuracy": 0.5 + e / 10, "time_total_s": 2.0 * e}
+            for e in range(1, reported)]
+    last = {"epoch": reported, "val_accuracy": 0.9, "time_total_s": 2.0 * reported,
+            "done": done, "trial_id": "a"}
+    trial = make_record("a", {"train.lr": 0.01}, rows, "val_accuracy", "max", max_epochs=3,
+                        error=None, done=done, last=last)
+    assert trial.status == status
+    assert trial.epochs_trained == reported
+    assert [row["epoch"] for row in trial.history] == list(range(1, reported + 1))
+    assert (trial.best_value, trial.best_epoch) == (0.9, reported)
+    assert all_trials_ended([trial], num_trials=1)
+
+
+def test_the_trials_by_status_read_as_words_without_statuses_no_trial_has(tmp_path):
+    trials = [record("a", 0.01, [0.5, 0.6, 0.7]), record("b", 0.02, [0.4], EARLY_STOPPED),
+              record("c", 0.03, [0.3], EARLY_STOPPED), record("d", 0.04, [0.2], UNFINISHED)]
+    summary = build_summary("s", "val_accuracy", "max", 3, trials, SweepLayout(tmp_path))
+    assert summary.counts_phrase() == "4 trials (1 completed, 2 early-stopped, 1 not yet ended)"
