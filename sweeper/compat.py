@@ -183,6 +183,27 @@ def newest_experiment_state(trials_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
+def saved_trial_numbers(trials_dir: Path) -> dict[str, int]:
+    """Trial id -> creation number (:func:`trial_creation_number`) read, without Ray, from the
+    newest experiment state Tune saved in ``trials_dir``: its ``trial_data`` holds a JSON text
+    per trial with the trial's ``experiment_tag`` (Ray 2.60). Empty where there is none or it
+    cannot be read (a driver killed while writing it)."""
+    saved_state = newest_experiment_state(trials_dir)
+    try:
+        state = json.loads(saved_state.read_text()) if saved_state else {}
+        trials = [json.loads(trial_json) for trial_json, _ in state.get("trial_data", [])]
+    except (OSError, ValueError, TypeError):
+        return {}
+    return {trial["trial_id"]: number for trial in trials
+            if isinstance(trial, dict) and "trial_id" in trial
+            and (number := _tag_number(trial.get("experiment_tag"))) is not None}
+
+
+def _tag_number(tag: object) -> int | None:
+    head = str(tag or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def put_into_saved_state(trials_dir: Path, failed: dict[str, list[str]]) -> None:
     """Replace the saved entries of ``failed`` trials (id -> :func:`trial_json_state`) whose
     status differs, in the newest experiment state."""
@@ -818,8 +839,7 @@ def windowed_tpe_sampler(window: int, **tpe_options: Any):
 def trial_creation_number(trial: object) -> int | None:
     """The number Tune's searcher gave ``trial`` when it created it (from 1), or None for a
     trial that was not created by a searcher (no numbered experiment tag)."""
-    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
-    return int(head) if head.isdigit() else None
+    return _tag_number(getattr(trial, "experiment_tag", None))
 
 
 def result_grid_trial_numbers(grid: object) -> dict[str, int]:

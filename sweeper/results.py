@@ -173,9 +173,13 @@ def records_from_trial_folders(trials_dir: Path, metric: str, mode: str,
     """TrialRecords read from each trial folder's params.json and result.json, without Ray.
 
     For a sweep whose driver ended without writing summary.json (killed): what each trial
-    reported so far. Trials that had not ended are ``unfinished``; errors and kept
+    reported so far, numbered as on the console where Tune's saved experiment state names
+    the trial, in that order. Trials that had not ended are ``unfinished``; errors and kept
     checkpoints are not read (Ray's own files hold them).
     """
+    from sweeper.compat import saved_trial_numbers
+
+    numbers = saved_trial_numbers(Path(trials_dir))
     records = []
     for folder in sorted(Path(trials_dir).glob(f"{TRIAL_FOLDER_PREFIX}*")):
         params = folder / "params.json"
@@ -187,10 +191,12 @@ def records_from_trial_folders(trials_dir: Path, metric: str, mode: str,
                 with contextlib.suppress(ValueError):  # a line cut off by a killed driver
                     rows.append(json.loads(line))
         done = bool(rows and rows[-1].get("done"))
-        records.append(make_record(folder.name.removeprefix(TRIAL_FOLDER_PREFIX), config, rows,
-                                   metric, mode, max_epochs, error=None, done=done,
-                                   path=str(folder)))
-    return records
+        trial_id = folder.name.removeprefix(TRIAL_FOLDER_PREFIX)
+        records.append(make_record(trial_id, config, rows, metric, mode, max_epochs,
+                                   error=None, done=done, path=str(folder),
+                                   number=numbers.get(trial_id)))
+    return sorted(records, key=lambda record: (record.number is None, record.number or 0,
+                                               record.trial_id))
 
 
 def load_records(trials_dir: Path, metric: str, mode: str,

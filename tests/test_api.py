@@ -154,24 +154,3 @@ def test_run_prints_the_clis_lines_where_the_program_set_up_no_logging(capsys):
         for handler in saved_handlers:
             root.addHandler(handler)
         root.setLevel(saved_level)
-
-
-@pytest.mark.slow
-def test_a_script_calling_run_shows_the_sweeps_progress(fashion_mnist_dir, tmp_path):
-    """A script of three lines runs a one-trial sweep: its stdout has the trial's events and
-    none of Ray's or Optuna's own notices (Optuna's "A new study created" was all a notebook
-    showed before)."""
-    script = ("import sweeper\n"
-              f"config = sweeper.compose(['+experiment=smoke', 'data=fashion_mnist', "
-              f"'data.path={fashion_mnist_dir}', 'sweep_dir={tmp_path / 'sweep'}', "
-              "'search.num_trials=1', 'train.epochs=1', 'data.max_train_samples=500', "
-              "'scheduler=none'])\n"
-              "print('state:', sweeper.run(config).state)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert lines[-1] == "state: complete"
-    assert any(line.startswith("Trial 1 started (id ") for line in lines)
-    assert any(line.startswith("Trial 1 epoch 1: loss ") for line in lines)
-    assert "A new study created" not in done.stdout + done.stderr

@@ -23,6 +23,7 @@ from cli_helpers import (
     wait_for,
 )
 
+import sweeper
 from sweeper.compat import checkpoints_in_saved_state, newest_experiment_state
 
 pytestmark = pytest.mark.slow
@@ -157,6 +158,11 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
         before = trial_rows(sweep_dir)
     finally:
         kill_tree(process)
+    # sweeper.load reads the killed sweep from its folders, numbered as the console numbered.
+    loaded = sweeper.load(sweep_dir)
+    assert loaded.state == "interrupted"
+    numbers = {trial.trial_id: trial.number for trial in loaded.trials}
+    assert ended_before <= set(numbers) and all(numbers.values())
     resumed = _resumed_after_kill(process, args, tmp_path)
     assert "Resuming" in resumed.stdout + resumed.stderr
     # sweep.log is appended to: the first run's trial events, the marker, then the resumed run's
@@ -169,6 +175,8 @@ def test_killed_driver_resumes_with_searcher_and_asha_history(tmp_path):
     summary = _summary(sweep_dir)
     trial_ids = [trial["trial_id"] for trial in summary["trials"]]
     assert len(trial_ids) == 8 and len(set(trial_ids)) == 8
+    assert {trial["trial_id"]: trial["number"] for trial in summary["trials"]
+            if trial["trial_id"] in numbers} == numbers
     after = trial_rows(sweep_dir)
     for trial_id in ended_before:  # finished trials were not trained again
         assert after[trial_id] == before[trial_id]
@@ -241,7 +249,7 @@ def test_resume_retries_or_keeps_a_trial_that_had_failed(tmp_path):
     """A trial that ended in an error before the sweep was interrupted: resuming with
     resume.errored=retry continues it from its last checkpoint, with skip it stays failed."""
     sweep_dir = tmp_path / "sweep"
-    settings = [*SMOKE, "search.num_trials=3", "scheduler=none", "train.epochs=4",
+    settings = [*SMOKE, "search.num_trials=3", "scheduler=none", "train.epochs=3",
                 "data.max_train_samples=6000", "recovery.max_failures=0"]
     log = tmp_path / "first.log"
     process = start_cli([*settings, f"sweep_dir={sweep_dir}"], cwd=tmp_path, log=log)
@@ -276,15 +284,15 @@ def test_resume_retries_or_keeps_a_trial_that_had_failed(tmp_path):
         # The trials Ctrl-C cut off went on to their last epoch.
         for trial in summary["trials"]:
             if trial["trial_id"] != failed_id:
-                assert trial["status"] == "completed" and trial["epochs_trained"] == 4, trial
+                assert trial["status"] == "completed" and trial["epochs_trained"] == 3, trial
 
     kept, kept_rows = outcomes["skip"]
     assert kept["status"] == "failed" and kept["epochs_trained"] == 1
     assert kept_rows == before  # not trained again
     retried, retried_rows = outcomes["retry"]
-    assert retried["status"] == "completed" and retried["epochs_trained"] == 4
+    assert retried["status"] == "completed" and retried["epochs_trained"] == 3
     # It went on from its checkpoint after epoch 1 on a new worker, no epoch trained twice.
-    assert [row["epoch"] for row in retried_rows] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in retried_rows] == [1, 2, 3]
     assert retried_rows[0] == before[0]
     assert all(row["pid"] != worker_pid for row in retried_rows[1:])
 
@@ -294,7 +302,7 @@ def test_a_trial_that_failed_stays_failed_after_a_killed_driver_resumes(tmp_path
     worker died for good is not trained again, the others finish."""
     sweep_dir = tmp_path / "sweep"
     args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=3", "scheduler=none",
-            "train.epochs=4", "data.max_train_samples=6000", "recovery.max_failures=0",
+            "train.epochs=3", "data.max_train_samples=6000", "recovery.max_failures=0",
             "resume.errored=skip"]
     process = start_cli(args, cwd=tmp_path, log=tmp_path / "first.log")
     try:
@@ -314,7 +322,7 @@ def test_a_trial_that_failed_stays_failed_after_a_killed_driver_resumes(tmp_path
         if trial["trial_id"] == failed_id:
             assert trial["status"] == "failed" and trial["epochs_trained"] == 1, trial
         else:
-            assert trial["status"] == "completed" and trial["epochs_trained"] == 4, trial
+            assert trial["status"] == "completed" and trial["epochs_trained"] == 3, trial
     assert trial_rows(sweep_dir)[failed_id] == before  # not trained again
 
 
