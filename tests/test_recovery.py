@@ -238,6 +238,8 @@ def test_ctrl_c_or_sigterm_leaves_a_resumable_sweep(tmp_path, stop):
     summary = _summary(sweep_dir)
     assert summary["state"] == "complete" and summary["num_trials"] == 3
 
+    if stop == signal.SIGTERM:
+        return  # what follows does not depend on how the sweep was interrupted
     again = run_cli(args, cwd=tmp_path)  # a complete sweep is not run twice
     assert again.returncode == 0 and "already complete" in again.stdout
     changed = run_cli([*args, "train.batch_size=32"], cwd=tmp_path)
