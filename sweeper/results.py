@@ -124,6 +124,14 @@ def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]
     if last.get(DIVERGED):
         error = str(last.get(FAILURE) or "training diverged")
     best = best_epoch(history, metric, mode)
+    kept = checkpoint_at(best[1]) if best and checkpoint_at else None
+    if best and checkpoint_at and kept is None:
+        # A later epoch with the same score may be the one whose checkpoint Tune kept (it
+        # keeps one per trial, the newest among equals): that epoch, not a retrain.
+        for row in history:
+            if row.get(metric) == best[0] and (path := checkpoint_at(int(row["epoch"]))):
+                best, kept = (best[0], int(row["epoch"])), path
+                break
     epochs = int(history[-1]["epoch"]) if history else 0
     return TrialRecord(
         trial_id=trial_id,
@@ -136,7 +144,7 @@ def make_record(trial_id: str, config: dict[str, Any], rows: list[dict[str, Any]
         history=history,
         error=error,
         path=path,
-        best_checkpoint=checkpoint_at(best[1]) if best and checkpoint_at else None,
+        best_checkpoint=kept,
         wall_time_s=history[-1].get("time_total_s") if history else None,
         node=last.get("node_ip"),
         number=number,

@@ -252,3 +252,17 @@ def test_the_trials_by_status_read_as_words_without_statuses_no_trial_has(tmp_pa
               record("c", 0.03, [0.3], EARLY_STOPPED), record("d", 0.04, [0.2], UNFINISHED)]
     summary = build_summary("s", "val_accuracy", "max", 3, trials, SweepLayout(tmp_path))
     assert summary.counts_phrase() == "4 trials (1 completed, 2 early-stopped, 1 not yet ended)"
+
+
+def test_of_equal_best_epochs_the_one_whose_checkpoint_tune_kept_is_the_best():
+    """Tune keeps the newest of equally scored checkpoints; the first best epoch (2 here)
+    has none, so the trial's best is epoch 3, same score, from its checkpoint, not a retrain
+    (a smoke sweep's best trial logged "kept no checkpoint of epoch 2; retraining it")."""
+    rows = [{"epoch": e, "val_accuracy": v} for e, v in ((1, 0.6), (2, 0.75), (3, 0.75))]
+    kept = {3: "/sweep/trials/trial_a/checkpoint_000002"}
+    trial = make_record("a", {}, rows, "val_accuracy", "max", max_epochs=3, error=None,
+                        done=True, checkpoint_at=kept.get)
+    assert (trial.best_value, trial.best_epoch, trial.best_checkpoint) == (0.75, 3, kept[3])
+    untouched = make_record("a", {}, rows, "val_accuracy", "max", max_epochs=3, error=None,
+                            done=True, checkpoint_at={2: "c2", 3: "c3"}.get)
+    assert (untouched.best_epoch, untouched.best_checkpoint) == (2, "c2")
