@@ -134,7 +134,7 @@ def compose(overrides: Sequence[str] = (),
         raise ConfigError.from_line(describe_composition_error(error)) from None
 
 
-def run(config: SweepConfig, verbose: int | None = 1) -> SweepResult:
+def run(config: SweepConfig, console: bool = True) -> SweepResult:
     """Run the sweep of ``config`` (from :func:`compose`), or resume it if it was interrupted.
 
     Starts Ray in this process (or joins ``cluster.address``), trains the trials, exports and
@@ -142,11 +142,12 @@ def run(config: SweepConfig, verbose: int | None = 1) -> SweepResult:
     config changed after :func:`compose` is validated again; an unchanged one is not.
 
     Args:
-        verbose: What a notebook or script shows on stdout while it runs, as the CLI's
-            ``verbose``: 0 sweeper's lines without the per-trial events, 1 (default) with
-            them, 2 Ray's and Optuna's own too. Applies where the program configured no
-            logging (its root logger has no handlers); ``None``: print nothing of sweeper's
-            own, leave logging as it is.
+        console: Print the CLI's lines on stdout while it runs (the plan, one line per trial
+            event, as ``config.verbose`` says: ``compose(["verbose=2", ...])`` adds Ray's and
+            Optuna's own), where the program set up no logging of its own (its root logger
+            has no handlers; one that has decides itself: sweeper's loggers are
+            ``sweeper.events`` and ``sweeper.record``). False: print nothing, leave logging
+            as it is.
 
     Returns:
         The result; ``state`` says whether it completed, was interrupted (Ctrl-C, SIGTERM:
@@ -159,7 +160,7 @@ def run(config: SweepConfig, verbose: int | None = 1) -> SweepResult:
     from sweeper.progress import console_for_api
     from sweeper.sweep import run_sweep
 
-    with console_for_api(verbose):
+    with console_for_api(getattr(config, "verbose", 1) if console else None):
         return run_sweep(config)
 
 

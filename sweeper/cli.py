@@ -213,7 +213,9 @@ def hydra_main(cfg: DictConfig) -> None:
     configure_output(cfg.verbose)
     logging.getLogger(RECORD_LOGGER).info("Sweep config:\n%s", OmegaConf.to_yaml(cfg))
     try:
-        outcome = run(_checked_config if _checked_config is not None else cfg)
+        # The console is configured above (Hydra's handlers, verbose): none of the API's.
+        outcome = run(_checked_config if _checked_config is not None else cfg,
+                      console=False)
     except ConfigError as error:
         # Raised before Ray starts (e.g. the data cannot train, or a download failed).
         _remove_created_dir()
