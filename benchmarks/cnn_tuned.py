@@ -4,10 +4,13 @@ The sweep itself is the measurement (one hour of the machine), so this reads wha
 its summary.json, and optionally the load averages sampled during the run and its start and
 end times. Nothing is trained here; the test split was read once, by the sweep.
 
-    python -m benchmarks.cnn_tuned SWEEP_DIR [--load FILE] [--times FILE] [--write]
+    python -m benchmarks.cnn_tuned SWEEP_DIR [--load FILE] [--times FILE] [--retrain] [--write]
 
 ``--load``: lines ``HH:MM:SS <1-min> <5-min> <15-min> ...`` (``/proc/loadavg`` sampled every few
 minutes); ``--times``: lines ``start <date>`` and ``... end <date>`` (``date -u``).
+``--retrain``: also train the sweep's best config once more on train+validation for its best
+epoch count, as ``final.retrain=true`` would have (sweeper.evaluate.export_best, in this
+process, into SWEEP_DIR/../<name>_retrained), and score that model on the test split.
 """
 
 from __future__ import annotations
@@ -52,7 +55,31 @@ def wall_seconds(path: Path) -> float | None:
     return None
 
 
-def section(sweep_dir: Path, load: dict[str, float] | None, wall_s: float | None) -> str:
+def retrained_test(sweep_dir: Path) -> dict:
+    """The test scores of the sweep's best config retrained on train+validation, and the
+    seconds the retrain took (``final.retrain=true``'s path, run here afterwards)."""
+    import time
+
+    import sweeper
+    from sweeper.data import load_splits
+    from sweeper.evaluate import export_best
+    from sweeper.results import load_records, rank
+
+    out = sweep_dir.parent / f"{sweep_dir.name}_retrained"
+    cfg = sweeper.compose(["+experiment=cnn_tuned", "data=fashion_mnist", "final.retrain=true",
+                           f"sweep_dir={out}"])
+    records = load_records(sweep_dir / "trials", cfg.search.metric, cfg.search.mode,
+                           cfg.train.epochs)
+    best = rank(records, cfg.search.mode)[0]
+    splits = load_splits(cfg.data, cfg.train.validation_fraction, cfg.train.seed)
+    out.mkdir(exist_ok=True)
+    started = time.monotonic()
+    test = export_best(cfg, best, splits, out)
+    return {**test, "seconds": time.monotonic() - started, "epochs": best.best_epoch}
+
+
+def section(sweep_dir: Path, load: dict[str, float] | None, wall_s: float | None,
+            retrained: dict | None = None) -> str:
     summary = json.loads((sweep_dir / "summary.json").read_text())
     best, test = summary["best"], summary.get("test") or {}
     counts = ", ".join(f"{count} {status}" for status, count in summary["trial_counts"].items())
@@ -72,6 +99,11 @@ def section(sweep_dir: Path, load: dict[str, float] | None, wall_s: float | None
         ("test accuracy (read once)", f"{test['accuracy']:.4f}" if test else "n/a"),
         ("test macro F1", f"{test['f1_macro']:.4f}" if test else "n/a"),
     ]
+    if retrained:
+        rows.append(("the best config retrained on train+validation (`final.retrain=true`)",
+                     f"test accuracy {retrained['accuracy']:.4f}, macro F1 "
+                     f"{retrained['f1_macro']:.4f} ({retrained['epochs']} epochs, "
+                     f"{retrained['seconds']:.0f} s after the sweep)"))
     if load:
         rows.append(("load average during the run (1 min, 2 cores)",
                      f"min {load['min']:.1f}, median {load['median']:.1f}, max "
@@ -95,10 +127,13 @@ def main() -> None:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--load", type=Path, help="load averages sampled during the run")
     parser.add_argument("--times", type=Path, help="the run's start and end times")
+    parser.add_argument("--retrain", action="store_true",
+                        help="also score the best config retrained on train+validation")
     parser.add_argument("--write", action="store_true", help="record it in RESULTS.md")
     args = parser.parse_args()
     text = section(args.sweep_dir, load_figures(args.load) if args.load else None,
-                   wall_seconds(args.times) if args.times else None)
+                   wall_seconds(args.times) if args.times else None,
+                   retrained_test(args.sweep_dir) if args.retrain else None)
     print(text)
     if args.write:
         common.record_section(RESULTS, SECTION, text)
