@@ -246,6 +246,9 @@ class EarlierEpochsASHA(AsyncHyperBandScheduler):
             "rung": self._milestones.index(crossed[-1]) + 1 if crossed else None,
             "decision": decision, "by": by, "value": float(value), "cutoff": cutoff,
             "asha_cutoff": asha_cutoff,
+            # The driver's clock: the workers' report times come from other processes, so two
+            # reports a fraction of a millisecond apart may reach the driver in either order.
+            "taken_at": time.time(),
         })
         return action
 

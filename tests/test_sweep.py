@@ -127,9 +127,14 @@ def test_the_summary_records_the_schedulers_decisions_in_order(finished):
         assert last["decision"] == expected
         # Every decision before the last let the trial go on.
         assert all(d["decision"] == "continue" for d in by_trial[trial["trial_id"]][:-1])
-    # In the order taken: the reports' wall-clock order.
-    reported = [rows[d["trial_id"]][d["epoch"] - 1]["reported_at"] for d in decisions]
-    assert reported == sorted(reported)
+    # In the order taken (the driver's clock), each after the report it judged. The reports'
+    # own times come from the workers: two of them 0.4 ms apart reached the driver in the
+    # other order in a CI run, so they are not the order.
+    taken = [d["taken_at"] for d in decisions]
+    assert taken == sorted(taken)
+    for decision in decisions:
+        reported = rows[decision["trial_id"]][decision["epoch"] - 1]["reported_at"]
+        assert decision["taken_at"] >= reported - 0.01  # one machine's clock
 
 
 def test_the_summary_data_block_describes_fashion_mnist(finished):
