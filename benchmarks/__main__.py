@@ -296,6 +296,7 @@ def _scaling(workdir: Path, sizes: tuple) -> dict:
     after = [row for row in rows if row["driver"] == "sweeper"]
     return {"rows": rows, "profiles": scaling.profiles(workdir, *sizes[0]),
             "searcher": scaling.searcher_cost(),
+            "study": scaling.study_cost(workdir),
             "projections": {f"{epoch:g} s": scaling.project(after[-1]["ms_per_result"], epoch)
                             for epoch in (1.0, 4.0, 10.0)},
             "load": os.getloadavg()}
@@ -330,6 +331,11 @@ def _scaling_section(result: dict) -> str:
          f"{scaling_window()} trials)"],
         [[row["finished_trials"], f"{row['optuna_tpe_ms']:.1f}", f"{row['sweeper_ms']:.1f}"]
          for row in result["searcher"]])
+    study = markdown_table(
+        ["trials running beside it", "SQLite file (sweeper's study): ms a trial",
+         "Optuna's journal file: ms a trial", "SQLite against journal"],
+        [[row["running_trials"], f"{row['sqlite_ms']:.1f}", f"{row['journal_ms']:.1f}",
+          f"{row['sqlite_ms'] / row['journal_ms']:.2f}x"] for row in result.get("study", [])])
     projection = "\n".join(
         f"- epochs of {label}: " + ", ".join(
             f"{row['concurrent_trials']} trials busy {row['driver_busy']:.2f}"
@@ -343,6 +349,10 @@ def _scaling_section(result: dict) -> str:
             "are parts of \"callbacks\"):\n\n" + profile
             + "\n\nTPE's suggestion as the study grows (wide space, in-memory study):\n\n"
             + searcher
+            + (f"\n\nThe study's cost of one trial (TPE's ask and the tell) while others run, "
+               f"{result['study'][0]['finished_trials']} finished trials of the wide space "
+               "stored, each running trial with 10 epochs "
+               "(`benchmarks.scaling.study_cost`):\n\n" + study if result.get("study") else "")
             + "\n\nProjection from sweeper's measured cost per result: the driver is busy "
             "rho = trials x cost / epoch of the time (past 1 the trials wait for it):\n\n"
             + projection + "\n")

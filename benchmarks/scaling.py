@@ -273,6 +273,57 @@ def searcher_cost(sizes=SEARCHER_SIZES, repeats: int = 5) -> list[dict]:
     return rows
 
 
+STUDY_RUNNING = (16, 64, 256)
+
+
+def study_cost(workdir: Path, running_sizes=STUDY_RUNNING, finished: int = 200,
+               epochs_each: int = 10, repeats: int = 5) -> list[dict]:
+    """Milliseconds the driver's study spends on one trial (TPE's ask with its sampling, then
+    the tell) while N other trials are RUNNING with ``epochs_each`` epochs stored each, on the
+    SQLite file sweeper uses (:func:`sweeper.study.open_storage`, Optuna's cache in front) and
+    on Optuna's journal file (``JournalStorage``), side by side.
+
+    Optuna's cache keeps finished trials but reads every unfinished one back from the
+    database at each ``get_all_trials`` (TPE's sampling, and ``ask``'s look for enqueued
+    trials): on SQLite the cost of a trial grows with the trials running beside it.
+    """
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from sweeper import compat
+    from sweeper.searcher import make_sampler
+    from sweeper.study import open_storage
+
+    space = _wide_space()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = _finished_trials(finished, space)
+    rows = []
+    for size in running_sizes:
+        row = {"running_trials": size, "finished_trials": finished}
+        for label, make in (
+                ("sqlite_ms", lambda folder: open_storage(f"sqlite:///{folder / 'optuna.db'}")),
+                ("journal_ms", lambda folder: JournalStorage(
+                    JournalFileBackend(str(folder / "optuna.log"))))):
+            folder = workdir / f"study-{label}-{size}"
+            folder.mkdir(parents=True, exist_ok=True)
+            study = optuna.create_study(storage=make(folder), direction="maximize",
+                                        sampler=make_sampler("tpe", 0, 5, True))
+            study.add_trials(done)
+            for _ in range(size):
+                trial = study.ask(space)
+                for epoch in range(1, epochs_each + 1):
+                    compat.study_storage(study).set_trial_intermediate_value(
+                        compat.storage_id(trial), epoch, 0.5)
+            study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)  # warm caches
+            started = time.perf_counter()
+            for _ in range(repeats):
+                study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
+            row[label] = 1000 * (time.perf_counter() - started) / repeats
+        rows.append(row)
+    return rows
+
+
 def project(ms_per_result: float, epoch_seconds: float,
             concurrency: tuple[int, ...] = (64, 256, 512)) -> list[dict]:
     """How busy a driver that spends ``ms_per_result`` on a result would be with N trials each

@@ -113,8 +113,18 @@ class PruningOptunaSearch(OptunaSearch):
                 and self._live_trials() >= self._max_concurrent):
             return None  # Tune asks again when a trial ends
         params = super().suggest(trial_id)
-        self._trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        ot_trial = self._trials[trial_id]
+        ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        # A trial asked for here is RUNNING with no epochs: known without reading it back
+        # (each read of a running trial is a query of its params, attributes and epochs).
+        self._running_ids().add(compat.storage_id(ot_trial))
+        self.__dict__.setdefault("_known_steps", {})[compat.storage_id(ot_trial)] = set()
         return params
+
+    def _running_ids(self) -> set[int]:
+        """Storage ids of the study's RUNNING trials that this driver may still tell: those it
+        asked for, and after a restore those the storage held as RUNNING (read once there)."""
+        return self.__dict__.setdefault("_running", set())
 
     def _trial_for(self, trial_id: str) -> optuna.Trial | None:
         """The Optuna trial of a Tune trial, from memory or else from the storage."""
@@ -124,6 +134,7 @@ class PruningOptunaSearch(OptunaSearch):
                 if frozen.user_attrs.get(RAY_TRIAL_ID) == trial_id:
                     ot_trial = compat.running_trial(self.study, frozen)
                     self._trials[trial_id] = ot_trial
+                    self._running_ids().add(compat.storage_id(frozen))
                     break
         return ot_trial
 
@@ -181,7 +192,7 @@ class PruningOptunaSearch(OptunaSearch):
         ot_trial = self._trial_for(trial_id)
         if trial_id in self._completed or ot_trial is None:
             return
-        running = self._stored(ot_trial).state == TrialState.RUNNING  # one read a trial
+        running = compat.storage_id(ot_trial) in self._running_ids()
         if result and running:
             self._report_epoch(ot_trial, result)  # the result the scheduler stopped it on
         value = result.get(self.metric) if result else None
@@ -191,6 +202,7 @@ class PruningOptunaSearch(OptunaSearch):
             self.write_study()  # its epochs, before it is told finished
             told_value = float(value) if state == TrialState.COMPLETE else None
             self.study.tell(ot_trial, told_value, state=state)
+            self._running_ids().discard(compat.storage_id(ot_trial))
         self._completed.add(trial_id)
         logger.debug("Told Optuna trial %s %s after %d epochs", trial_id, state.name, epochs)
 
@@ -212,11 +224,15 @@ class PruningOptunaSearch(OptunaSearch):
         so Tune does not know them; left RUNNING, TPE's constant liar would keep avoiding them.
         """
         known = {trial.number for trial in self._trials.values()}
+        running = self._running_ids()
+        running.clear()  # the saved set is as old as the saved state; the storage says
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen.number not in known:
                 self.study.tell(frozen.number, state=TrialState.FAIL)
                 logger.info("Optuna trial %d was lost with the driver; marked failed",
                             frozen.number)
+            else:
+                running.add(compat.storage_id(frozen))
 
     def add_warm_start(self, trials: list[FrozenTrial]) -> None:
         """Let the sampler learn from an earlier sweep's trials before it samples."""

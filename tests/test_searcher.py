@@ -229,6 +229,30 @@ def test_a_restored_searcher_reads_the_epochs_the_study_holds(tmp_path):
     assert _stored_epochs(tmp_path) == {1: 0.5, 2: 0.6, 3: 0.7}
 
 
+
+def test_a_restored_searcher_tells_each_trial_once_whatever_its_save_says(tmp_path):
+    """The searcher knows which trials it may still tell without reading each back (issue 26:
+    a read of a running trial was a query of its params, attributes and epochs). After a
+    restore from a save older than a tell, the study decides: trial "a", told PRUNED after
+    the save, is not told again when the resumed sweep ends it; "b", still running, is."""
+    searcher = _sqlite_searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.on_trial_result("a", result(1, 0.5))
+    searcher.on_trial_result("b", result(1, 0.4))
+    searcher.save(str(tmp_path / "searcher.pkl"))  # both running in this save
+    searcher.on_trial_complete("a", result(1, 0.5))  # ASHA stopped it: PRUNED
+    restored = _sqlite_searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("a", result(2, 0.9))  # the resumed sweep ends "a" again
+    restored.on_trial_result("b", result(2, 0.6))
+    restored.on_trial_complete("b", result(3, 0.7))
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    a, b = study.trials
+    assert (a.state, a.value, a.intermediate_values) == (TrialState.PRUNED, 0.5, {1: 0.5})
+    assert (b.state, b.value, b.intermediate_values) == (
+        TrialState.COMPLETE, 0.7, {1: 0.4, 2: 0.6, 3: 0.7})
+
 def _finished_trials(count: int) -> list:
     """``count`` finished trials; trial 7 is the best by far, the others pruned or middling."""
     trials = []
