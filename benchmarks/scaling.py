@@ -240,6 +240,18 @@ def _finished_trials(count: int, space: dict, seed: int = 0) -> list:
     return trials
 
 
+def _ms_per_trial(study, space: dict, repeats: int) -> float:
+    """Milliseconds of one ask (TPE's sampling of ``space``) and its tell, averaged over
+    ``repeats`` after one that warms the caches."""
+    import optuna
+
+    study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
+    return 1000 * (time.perf_counter() - started) / repeats
+
+
 def searcher_cost(sizes=SEARCHER_SIZES, repeats: int = 5) -> list[dict]:
     """Milliseconds a TPE suggestion takes on a study of N finished trials (the wide space, an
     in-memory study: the sampler's own cost), Optuna's TPE as sweeper configures it against
@@ -264,11 +276,7 @@ def searcher_cost(sizes=SEARCHER_SIZES, repeats: int = 5) -> list[dict]:
         for label, sampler in samplers.items():
             study = optuna.create_study(direction="maximize", sampler=sampler)
             study.add_trials(trials)
-            study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)  # warm caches
-            started = time.perf_counter()
-            for _ in range(repeats):
-                study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
-            row[label] = 1000 * (time.perf_counter() - started) / repeats
+            row[label] = _ms_per_trial(study, space, repeats)
         rows.append(row)
     return rows
 
@@ -315,11 +323,7 @@ def study_cost(workdir: Path, running_sizes=STUDY_RUNNING, finished: int = 200,
                 for epoch in range(1, epochs_each + 1):
                     compat.study_storage(study).set_trial_intermediate_value(
                         compat.storage_id(trial), epoch, 0.5)
-            study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)  # warm caches
-            started = time.perf_counter()
-            for _ in range(repeats):
-                study.tell(study.ask(space), state=optuna.trial.TrialState.FAIL)
-            row[label] = 1000 * (time.perf_counter() - started) / repeats
+            row[label] = _ms_per_trial(study, space, repeats)
         rows.append(row)
     return rows
 
