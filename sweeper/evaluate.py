@@ -152,11 +152,12 @@ def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> P
 @dataclass(frozen=True)
 class RetrainedModel:
     """A model retrained for ``final.retrain``: its ``.keras`` archive, and where it trained
-    (the Ray node and GPUs; None when it trained in this process)."""
+    (the Ray node, its GPUs and CPUs; None when it trained in this process)."""
 
     archive: bytes
     node_id: str | None = None
     gpu_ids: str | None = None
+    cpus: float | None = None
 
 
 Retrainer = Callable[[SweepConfig, TrialRecord, Splits], RetrainedModel]
@@ -256,6 +257,7 @@ def export_best(cfg: SweepConfig, best: TrialRecord, splits: Splits, sweep_dir: 
             "import": model_target(cfg.model).rpartition(".")[0],
             "outputs": "logits" if from_logits(cfg.model) else "probabilities"}
     if retrained is not None and retrained.node_id is not None:
-        info["retrained_on"] = {"node_id": retrained.node_id, "gpu_ids": retrained.gpu_ids}
+        info["retrained_on"] = {"node_id": retrained.node_id, "gpu_ids": retrained.gpu_ids,
+                                "cpus": retrained.cpus}
     write_json(layout.best_model_info, info, indent=2)
     return test

@@ -126,8 +126,23 @@ def _prepare_worker(cpus: float, deterministic: bool = False,
     return node, usable_gpus
 
 
+def retrain_cpus(cfg: SweepConfig, ray_cpus: float) -> float:
+    """CPUs of the ``final.retrain`` task: it runs alone, after the search.
+
+    With the Ray this process started (no ``cluster.address``), the machine is the sweep's:
+    the retrain takes all ``ray_cpus`` it has (cnn_tuned's retrain on one trial's CPU took
+    72 s an epoch, against 34 s on both cores: benchmarks/RESULTS.md "cnn_tuned"). On a
+    joined cluster, and with ``search.reproducible`` (the retrain then
+    trains as the trials did), a trial's CPUs: a shared cluster's other work would leave a
+    larger task waiting.
+    """
+    if cfg.cluster.address is not None or cfg.search.reproducible:
+        return cfg.resources.cpu_per_trial
+    return max(cfg.resources.cpu_per_trial, ray_cpus)
+
+
 def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
-    """``final.retrain`` as a Ray task with one trial's CPUs and GPUs.
+    """``final.retrain`` as a Ray task with one trial's GPUs and :func:`retrain_cpus` CPUs.
 
     On a cluster the driver's machine may have no GPU (``cluster/gpu.yaml``'s head has none
     to give); the task trains on a node that could run a trial. A task cut off with its node
@@ -135,20 +150,23 @@ def retrain_on_cluster(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> R
     """
     from sweeper.evaluate import retrain_epochs
 
+    cpus = retrain_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     logger.info("Retraining trial %s on train+validation for %d epochs as a Ray task "
                 "(%g CPUs, %g GPUs)", best.trial_id, retrain_epochs(cfg, best),
-                cfg.resources.cpu_per_trial, cfg.resources.gpu_per_trial)
-    task = ray.remote(_retrain_task).options(num_cpus=cfg.resources.cpu_per_trial,
+                cpus, cfg.resources.gpu_per_trial)
+    task = ray.remote(_retrain_task).options(num_cpus=cpus,
                                              num_gpus=cfg.resources.gpu_per_trial,
                                              max_retries=cfg.recovery.max_failures)
-    return ray.get(task.remote(cfg, best, splits))
+    return ray.get(task.remote(cfg, best, splits, cpus))
 
 
-def _retrain_task(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:
+def _retrain_task(cfg: SweepConfig, best: TrialRecord, splits: Splits,
+                  cpus: float) -> RetrainedModel:
     from sweeper.evaluate import retrain_here  # only where a retrain runs
 
-    node, _ = _prepare_worker(cfg.resources.cpu_per_trial, cfg.search.reproducible, cfg.verbose)
+    node, _ = _prepare_worker(cpus, cfg.search.reproducible, cfg.verbose)
     retrained = retrain_here(cfg, best, splits)
-    return dataclasses.replace(retrained, node_id=node["node_id"], gpu_ids=node.get("gpu_ids"))
+    return dataclasses.replace(retrained, node_id=node["node_id"], gpu_ids=node.get("gpu_ids"),
+                               cpus=cpus)
 
 

@@ -331,10 +331,12 @@ def test_a_trial_that_failed_stays_failed_after_a_killed_driver_resumes(tmp_path
 def test_trials_all_ended_but_no_summary_yet_completes_without_training(tmp_path):
     """The driver stopped after the last trial but before the summary (killed, or Ctrl-C in
     the final retrain): running the command again restores the finished experiment, trains
-    nothing and completes the sweep (trials that ran to their last epoch count as ended)."""
+    no trial and completes the sweep (trials that ran to their last epoch count as ended),
+    retraining the best config with every CPU of the Ray it started (the retrain runs alone)."""
     sweep_dir = tmp_path / "sweep"
     args = [*SMOKE, f"sweep_dir={sweep_dir}", "search.num_trials=2", "scheduler=none",
-            "train.epochs=2", "data.max_train_samples=2000"]
+            "train.epochs=2", "data.max_train_samples=2000", "final.retrain=true",
+            "cluster.num_cpus=2"]
     first = run_cli(args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     rows = trial_rows(sweep_dir)
@@ -348,6 +350,9 @@ def test_trials_all_ended_but_no_summary_yet_completes_without_training(tmp_path
     assert [trial["status"] for trial in summary["trials"]] == ["completed", "completed"]
     assert trial_rows(sweep_dir) == rows  # nothing trained again
     assert (sweep_dir / "best_model.keras").is_file()
+    info = json.loads((sweep_dir / "best_model.json").read_text())
+    assert summary["test"]["source"] == info["source"] == "retrain"
+    assert info["retrained_on"]["cpus"] == 2  # cluster.num_cpus: all of the Ray it started
 
 
 # A driver like `python -m sweeper`'s (sweeper.tuner.build_tuner, tune_settings) whose trials are

@@ -166,3 +166,16 @@ def test_ctrl_c_after_fit_is_not_left_to_tunes_handler(compose, ray_local, tmp_p
         during = {number: signal.getsignal(number) for number in TUNE_SIGNALS}
     assert during != own  # Tune's own, still installed after its fit
     assert {number: signal.getsignal(number) for number in TUNE_SIGNALS} == own
+
+
+@pytest.mark.parametrize("overrides, ray_cpus, cpus", [
+    ([], 16, 16),  # the in-process Ray: the machine is the sweep's, the retrain runs alone
+    (["resources.cpu_per_trial=4"], 2, 4),  # never fewer than a trial's
+    (["cluster.address=auto", "cluster.storage_path=/tmp/x"], 16, 1),  # a shared cluster
+    (["search.reproducible=true"], 16, 1),  # trains as its trials did
+])
+def test_the_final_retrain_takes_the_machine_only_where_it_is_the_sweeps(
+        compose, overrides, ray_cpus, cpus):
+    from sweeper.trial import retrain_cpus
+
+    assert retrain_cpus(compose("+experiment=smoke", *overrides), ray_cpus) == cpus
