@@ -117,8 +117,9 @@ class PruningOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(RAY_TRIAL_ID, trial_id)
         # A trial asked for here is RUNNING with no epochs: known without reading it back
         # (each read of a running trial is a query of its params, attributes and epochs).
-        self._running_ids().add(compat.storage_id(ot_trial))
-        self.__dict__.setdefault("_known_steps", {})[compat.storage_id(ot_trial)] = set()
+        stored_as = compat.storage_id(ot_trial)
+        self._running_ids().add(stored_as)
+        self.__dict__.setdefault("_known_steps", {})[stored_as] = set()
         return params
 
     def _running_ids(self) -> set[int]:
@@ -222,6 +223,7 @@ class PruningOptunaSearch(OptunaSearch):
 
         They were asked for after the experiment state this restore comes from was saved,
         so Tune does not know them; left RUNNING, TPE's constant liar would keep avoiding them.
+        The RUNNING trials Tune does know become the set this searcher may still tell.
         """
         known = {trial.number for trial in self._trials.values()}
         running = self._running_ids()

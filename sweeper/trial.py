@@ -132,9 +132,8 @@ def retrain_cpus(cfg: SweepConfig, ray_cpus: float) -> float:
     With the Ray this process started (no ``cluster.address``), the machine is the sweep's:
     the retrain takes all ``ray_cpus`` it has (cnn_tuned's retrain on one trial's CPU took
     72 s an epoch, against 34 s on both cores: benchmarks/RESULTS.md "cnn_tuned"). On a
-    joined cluster, and with ``search.reproducible`` (the retrain then
-    trains as the trials did), a trial's CPUs: a shared cluster's other work would leave a
-    larger task waiting.
+    joined cluster a trial's CPUs (a shared cluster's other work would leave a larger task
+    waiting), and with ``search.reproducible`` too (the retrain trains as the trials did).
     """
     if cfg.cluster.address is not None or cfg.search.reproducible:
         return cfg.resources.cpu_per_trial

@@ -229,7 +229,6 @@ def test_a_restored_searcher_reads_the_epochs_the_study_holds(tmp_path):
     assert _stored_epochs(tmp_path) == {1: 0.5, 2: 0.6, 3: 0.7}
 
 
-
 def test_a_restored_searcher_tells_each_trial_once_whatever_its_save_says(tmp_path):
     """The searcher knows which trials it may still tell without reading each back (issue 26:
     a read of a running trial was a query of its params, attributes and epochs). After a
@@ -252,6 +251,7 @@ def test_a_restored_searcher_tells_each_trial_once_whatever_its_save_says(tmp_pa
     assert (a.state, a.value, a.intermediate_values) == (TrialState.PRUNED, 0.5, {1: 0.5})
     assert (b.state, b.value, b.intermediate_values) == (
         TrialState.COMPLETE, 0.7, {1: 0.4, 2: 0.6, 3: 0.7})
+
 
 def _finished_trials(count: int) -> list:
     """``count`` finished trials; trial 7 is the best by far, the others pruned or middling."""
