@@ -1,16 +1,23 @@
-"""Record a finished ``+experiment=cnn_tuned`` sweep in benchmarks/RESULTS.md (issue 24).
+"""Record a finished ``+experiment=cnn_tuned`` sweep in benchmarks/RESULTS.md (issue 24),
+with the same hour of the old ``cnn_wide`` space beside it.
 
-The sweep itself is the measurement (one hour of the machine), so this reads what it left:
-its summary.json, and optionally the load averages sampled during the run and its start and
-end times. Nothing is trained here; the test split was read once, by the sweep.
+The sweeps themselves are the measurement (one hour of the machine each), so this reads what
+they left: each one's summary.json, and optionally the load averages sampled during the runs
+and their start and end times. Nothing is trained here; the test split was read once, by each
+sweep.
 
-    python -m benchmarks.cnn_tuned SWEEP_DIR [--load FILE] [--times FILE] [--retrain] [--write]
+    python -m benchmarks.cnn_tuned SWEEP_DIR [--times FILE] [--wide DIR [--wide-times FILE]]
+                                   [--load FILE] [--retrain] [--write]
 
-``--load``: lines ``HH:MM:SS <1-min> <5-min> <15-min> ...`` (``/proc/loadavg`` sampled every few
-minutes); ``--times``: lines ``start <date>`` and ``... end <date>`` (``date -u``).
-``--retrain``: also train the sweep's best config once more on train+validation for its best
-epoch count, as ``final.retrain=true`` would have (sweeper.evaluate.export_best, in this
-process, into SWEEP_DIR/../<name>_retrained), and score that model on the test split.
+``--wide``: a ``+experiment=cnn_wide`` sweep run with the same budget and final step
+(``search.time_budget_s=3000 final.retrain=true``), shown in a column beside cnn_tuned's: what
+the new knobs bought. ``--load``: lines ``HH:MM:SS <1-min> <5-min> <15-min> ...``
+(``/proc/loadavg`` sampled every few minutes, one file for both runs: each run's column counts
+the samples between its start and end); ``--times`` / ``--wide-times``: lines ``start <date>``
+and ``... end <date>`` (``date -u``). ``--retrain``: also train cnn_tuned's best config once more
+on train+validation for its best epoch count, as ``final.retrain=true`` would have
+(sweeper.evaluate.export_best, in this process, into SWEEP_DIR/../<name>_retrained), and score
+that model on the test split.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -26,38 +34,76 @@ from benchmarks import common
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## cnn_tuned: the knobs that move accuracy, one hour on Fashion-MNIST (issue 24)"
 COMMAND = "python -m sweeper +experiment=cnn_tuned data=fashion_mnist"
-# What the earlier spaces reached on Fashion-MNIST: cnn_lr's figure is issue 24's; no run of
-# cnn_wide on Fashion-MNIST was recorded (RESULTS.md, RESULTS.json and the issues hold none).
+WIDE_COMMAND = ("python -m sweeper +experiment=cnn_wide data=fashion_mnist "
+                "search.time_budget_s=3000 final.retrain=true")
+# What earlier runs reached on Fashion-MNIST: cnn_lr's figure is issue 24's.
 EARLIER = [("cnn_lr (learning rate only)", "0.905 test accuracy (issue 24)"),
-           ("cnn_wide (lr, batch size, filters, dense units, dropout, L2)",
-            "no Fashion-MNIST run recorded; not re-run (one hour of the machine)"),
            ("cnn_tuned as first written (10 epochs, a 3600 s search, the best trial's own "
             "checkpoint scored), one hour on an idle machine, 2026-11-30",
             "14 trials, 62 epochs; best the recipe trial, validation 0.9320 at epoch 9, test "
             "0.9237; the same config retrained on train+validation for 9 epochs "
-            "(`--retrain`, 306 s): test 0.9261")]
+            "(`--retrain`, 306 s): test 0.9261"),
+           ("cnn_tuned with 15 epochs and `final.retrain`, 2026-12-01 03:00-04:09 UTC (another "
+            "session's load reached 107; the retrain then ran on one CPU, 1081 s)",
+            "8 trials, 44 epochs; best the recipe trial, validation 0.9350 at epoch 15, test "
+            "0.9295 (retrained)")]
 
 
-def load_figures(path: Path) -> dict[str, float]:
-    """Min, median and max of the 1-minute load average sampled during the run."""
-    samples = [float(line.split()[1]) for line in path.read_text().splitlines()
-               if len(line.split()) > 1]
-    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples),
-            "samples": len(samples)}
+@dataclass(frozen=True)
+class Run:
+    """One recorded sweep: its column's heading, its folder, the command that ran it, and
+    its start and end (UTC, from ``--times``; None when not given)."""
+
+    label: str
+    sweep_dir: Path
+    command: str
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @property
+    def wall_s(self) -> float | None:
+        """Seconds from start to end, None without both."""
+        if self.start is None or self.end is None:
+            return None
+        return (self.end - self.start).total_seconds()
 
 
-def wall_seconds(path: Path) -> float | None:
-    """Seconds between the ``start`` and ``end`` lines of a times file (``date -u`` format)."""
-    stamps = {}
-    for line in path.read_text().splitlines():
+def run_times(path: Path | None) -> tuple[datetime | None, datetime | None]:
+    """The ``start`` and ``end`` stamps of a times file (``date -u`` format), None for one
+    that is missing."""
+    stamps: dict[str, datetime] = {}
+    for line in (path.read_text().splitlines() if path else []):
         words = line.split()
         for key in ("start", "end"):
             if key in words:
                 text = " ".join(words[words.index(key) + 1:])
                 stamps[key] = datetime.strptime(text, "%a %b %d %H:%M:%S %Z %Y")
-    if {"start", "end"} <= set(stamps):
-        return (stamps["end"] - stamps["start"]).total_seconds()
-    return None
+    return stamps.get("start"), stamps.get("end")
+
+
+def load_figures(path: Path, start: datetime | None = None,
+                 end: datetime | None = None) -> dict[str, float] | None:
+    """Min, median and max of the 1-minute load average sampled during a run (the samples of
+    ``path`` whose time of day lies between ``start`` and ``end``; all of them without both),
+    None when no sample does."""
+    samples = []
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if len(words) < 2:
+            continue
+        if start is not None and end is not None:
+            stamp = datetime.strptime(words[0], "%H:%M:%S").time()
+            if start.time() <= end.time():
+                inside = start.time() <= stamp <= end.time()
+            else:  # the run went past midnight
+                inside = stamp >= start.time() or stamp <= end.time()
+            if not inside:
+                continue
+        samples.append(float(words[1]))
+    if not samples:
+        return None
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples),
+            "samples": len(samples)}
 
 
 def retrained_test(sweep_dir: Path) -> dict:
@@ -83,43 +129,55 @@ def retrained_test(sweep_dir: Path) -> dict:
     return {**test, "seconds": time.monotonic() - started, "epochs": best.best_epoch}
 
 
-def section(sweep_dir: Path, load: dict[str, float] | None, wall_s: float | None,
-            retrained: dict | None = None) -> str:
-    summary = json.loads((sweep_dir / "summary.json").read_text())
+def _cells(run: Run, load_path: Path | None) -> dict[str, str]:
+    """One column of the table: what ``run``'s summary.json says, keyed by row name."""
+    summary = json.loads((run.sweep_dir / "summary.json").read_text())
     best, test = summary["best"], summary.get("test") or {}
     counts = ", ".join(f"{count} {status}" for status, count in summary["trial_counts"].items())
-    lines = [common.section_opening(SECTION, "benchmarks.cnn_tuned")
-             + f"read from the sweep `{COMMAND}` (folder `{sweep_dir.name}`).", ""]
-    rows = [
-        ("state", summary.get("state")),
-        ("time budget", f"{summary['time_budget_s']:g} s, spent" if "time_budget_s" in summary
-         else "not reached: every trial ended"),
-        ("wall time (start to results)", f"{wall_s:.0f} s" if wall_s is not None else "n/a"),
-        ("trials", f"{summary['num_trials']} ({counts})"),
-        ("epochs trained", f"{summary['epochs_trained']} of {summary['epochs_full_budget']} "
-                           "for a full-budget search"),
-        ("best trial", f"{best['trial_id']} at epoch {best['epoch']} of "
-                       f"{best['epochs_trained']} trained"),
-        (f"validation {summary['metric']}", f"{best['metric_value']:.4f}"),
-        ("test accuracy (read once)" + (
-            ": the best config retrained on train+validation (`final.retrain`)"
-            if test.get("source") == "retrain" else ""),
-         f"{test['accuracy']:.4f}" if test else "n/a"),
-        ("test macro F1", f"{test['f1_macro']:.4f}" if test else "n/a"),
-    ]
+    load = load_figures(load_path, run.start, run.end) if load_path else None
+    source = " (retrained)" if test.get("source") == "retrain" else " (the trial's checkpoint)"
+    return {
+        "state": str(summary.get("state")),
+        "time budget": (f"{summary['time_budget_s']:g} s, spent" if "time_budget_s" in summary
+                        else "not reached: every trial ended"),
+        "wall time (start to results)": f"{run.wall_s:.0f} s" if run.wall_s else "n/a",
+        "trials": f"{summary['num_trials']} ({counts})",
+        "epochs trained": f"{summary['epochs_trained']} of {summary['epochs_full_budget']} "
+                          "for a full-budget search",
+        "best trial": f"{best['trial_id']} at epoch {best['epoch']} of "
+                      f"{best['epochs_trained']} trained",
+        f"validation {summary['metric']}": f"{best['metric_value']:.4f}",
+        "test accuracy (read once)": (f"**{test['accuracy']:.4f}**{source}" if test else "n/a"),
+        "test macro F1": f"{test['f1_macro']:.4f}" if test else "n/a",
+        "load average during the run (1 min, 2 cores)": (
+            f"min {load['min']:.1f}, median {load['median']:.1f}, max {load['max']:.1f} "
+            f"({load['samples']} samples)" if load else "n/a"),
+        "best config": ", ".join(f"`{key}={value:.4g}`" if isinstance(value, float) else
+                                 f"`{key}={value}`" for key, value in best["config"].items()),
+    }
+
+
+def section(runs: list[Run], load_path: Path | None = None,
+            retrained: dict | None = None) -> str:
+    """RESULTS.md's section: a table with a column for each of ``runs`` (cnn_tuned's first),
+    the commands, and the earlier runs."""
+    columns = [_cells(run, load_path) for run in runs]
+    lines = [common.section_opening(SECTION, "benchmarks.cnn_tuned") + "read from the sweeps:",
+             "", *(f"- {run.label}: `{run.command}` (folder `{run.sweep_dir.name}`, "
+                   f"{run.start:%Y-%m-%d %H:%M}-{run.end:%H:%M} UTC)" if run.start and run.end
+                   else f"- {run.label}: `{run.command}` (folder `{run.sweep_dir.name}`)"
+                   for run in runs), ""]
+    lines += ["| | " + " | ".join(run.label for run in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    lines += [f"| {row} | " + " | ".join(column[row] for column in columns) + " |"
+              for row in columns[0]]
     if retrained:
-        rows.append(("the best config retrained on train+validation (`final.retrain=true`)",
-                     f"test accuracy {retrained['accuracy']:.4f}, macro F1 "
+        lines.append("")
+        lines.append(f"{runs[0].label}'s best config retrained on train+validation afterwards "
+                     f"(`--retrain`): test accuracy {retrained['accuracy']:.4f}, macro F1 "
                      f"{retrained['f1_macro']:.4f} ({retrained['epochs']} epochs, "
-                     f"{retrained['seconds']:.0f} s after the sweep)"))
-    if load:
-        rows.append(("load average during the run (1 min, 2 cores)",
-                     f"min {load['min']:.1f}, median {load['median']:.1f}, max "
-                     f"{load['max']:.1f} ({load['samples']} samples)"))
-    lines += ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
-    config = ", ".join(f"`{key}={value:.4g}`" if isinstance(value, float) else
-                       f"`{key}={value}`" for key, value in best["config"].items())
-    lines += [f"Best config: {config}.", "", "Earlier runs on Fashion-MNIST:", ""]
+                     f"{retrained['seconds']:.0f} s).")
+    lines += ["", "Earlier runs on Fashion-MNIST:", ""]
     lines += [f"- {name}: {figure}" for name, figure in EARLIER]
     return "\n".join(lines) + "\n"
 
@@ -132,16 +190,20 @@ def recorded_section(path: Path = RESULTS) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--load", type=Path, help="load averages sampled during the run")
-    parser.add_argument("--times", type=Path, help="the run's start and end times")
+    parser.add_argument("sweep_dir", type=Path, help="the cnn_tuned sweep's folder")
+    parser.add_argument("--times", type=Path, help="its start and end times")
+    parser.add_argument("--wide", type=Path, help="the same hour's cnn_wide sweep folder")
+    parser.add_argument("--wide-times", type=Path, help="its start and end times")
+    parser.add_argument("--load", type=Path, help="load averages sampled during the runs")
     parser.add_argument("--retrain", action="store_true",
-                        help="also score the best config retrained on train+validation")
+                        help="also score cnn_tuned's best config retrained on train+validation")
     parser.add_argument("--write", action="store_true", help="record it in RESULTS.md")
     args = parser.parse_args()
-    text = section(args.sweep_dir, load_figures(args.load) if args.load else None,
-                   wall_seconds(args.times) if args.times else None,
-                   retrained_test(args.sweep_dir) if args.retrain else None)
+    runs = [Run("cnn_tuned", args.sweep_dir, COMMAND, *run_times(args.times))]
+    if args.wide:
+        runs.append(Run("cnn_wide, same budget", args.wide, WIDE_COMMAND,
+                        *run_times(args.wide_times)))
+    text = section(runs, args.load, retrained_test(args.sweep_dir) if args.retrain else None)
     print(text)
     if args.write:
         common.record_section(RESULTS, SECTION, text)

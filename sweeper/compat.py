@@ -607,21 +607,30 @@ _RAY_STORAGE = "ray.train._internal.storage"
 # never ended the sweep (CI, test_killed_driver_resumes_with_searcher_and_asha_history). Here
 # the trial folders are copied first and the top-level state files after them, the
 # experiment state last, so a state in the sweep folder names only results already there.
+# Tune writes each state file under a temporary name and renames it (Searcher.save_to_dir and
+# ray.tune.utils.util._atomic_save: ".{uuid}-tmp-{name}"); a copy that lists one and then
+# finds it renamed away fails with FileNotFoundError (seen with Tune's own unordered copy in
+# benchmarks/scaling.py's "before" driver), so those names are never copied: the file under
+# its final name is, by this sync or the next.
+_TUNE_TEMPORARY_FILES = (".*-tmp-*", "*/.*-tmp-*")
+
+
 def _state_files_last(upload):
     """Ray's upload function ``upload(local_path, fs, fs_path, exclude)``, made to copy a
     folder's subfolders first and the files at its top afterwards (``experiment_state-*``
-    last)."""
+    last), leaving out Tune's temporary files (``.{uuid}-tmp-{name}``)."""
     def upload_state_last(local_path, fs, fs_path, exclude=None):
         if not os.path.isdir(local_path):
             return upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=exclude)
-        top = sorted((entry.name for entry in os.scandir(local_path) if entry.is_file()),
+        exclude = [*(exclude or []), *_TUNE_TEMPORARY_FILES]
+        top = sorted((entry.name for entry in os.scandir(local_path) if entry.is_file()
+                      and not any(fnmatch.fnmatch(entry.name, pattern) for pattern in exclude)),
                      key=lambda name: (name.startswith("experiment_state"), name))
-        excluded = [*(exclude or []), *(glob.escape(name) for name in top)]
+        excluded = [*exclude, *(glob.escape(name) for name in top)]
         upload(local_path=local_path, fs=fs, fs_path=fs_path, exclude=excluded)
         for name in top:
-            if not any(fnmatch.fnmatch(name, pattern) for pattern in exclude or []):
-                upload(local_path=os.path.join(local_path, name), fs=fs,
-                       fs_path=posixpath.join(fs_path, name))
+            upload(local_path=os.path.join(local_path, name), fs=fs,
+                   fs_path=posixpath.join(fs_path, name))
 
     return upload_state_last
 

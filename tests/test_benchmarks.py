@@ -195,3 +195,47 @@ def test_scaling_projection_is_trials_times_cost_over_epoch():
     assert fits["driver_busy"] == pytest.approx(0.512) and fits["speed"] == 1.0
     assert saturated["driver_busy"] == pytest.approx(2.048)
     assert saturated["speed"] == pytest.approx(1 / 2.048)
+
+
+def test_the_cnn_tuned_record_sets_each_sweep_in_its_own_column_with_its_own_load(smoke_sweep,
+                                                                                  tmp_path):
+    """Two real sweep folders (the session's smoke sweep, and a copy of it whose summary
+    names another best trial) in two columns, each with the load samples of its own hour
+    from one load file (samples before, between and after the runs are left out)."""
+    import json
+    import shutil
+    from datetime import datetime
+
+    from benchmarks import cnn_tuned
+
+    assert smoke_sweep.returncode == 0, smoke_sweep.stderr[-2000:]
+    wide = tmp_path / "cnn_wide"
+    shutil.copytree(smoke_sweep.sweep_dir, wide, ignore=shutil.ignore_patterns("trials"))
+    summary = json.loads((wide / "summary.json").read_text())
+    summary["best"]["trial_id"] = "widebest"
+    (wide / "summary.json").write_text(json.dumps(summary))
+    load = tmp_path / "load.txt"
+    load.write_text("04:58:00 9.0 1 1\n05:10:00 1.0 1 1\n05:50:00 3.0 1 1\n"
+                    "06:05:00 40.0 1 1\n06:20:00 2.5 1 1\n07:30:00 70.0 1 1\n")
+    day = "%Y-%m-%d %H:%M"
+    runs = [cnn_tuned.Run("cnn_tuned", smoke_sweep.sweep_dir, cnn_tuned.COMMAND,
+                          datetime.strptime("2026-12-01 05:00", day),
+                          datetime.strptime("2026-12-01 06:00", day)),
+            cnn_tuned.Run("cnn_wide, same budget", wide, cnn_tuned.WIDE_COMMAND,
+                          datetime.strptime("2026-12-01 06:10", day),
+                          datetime.strptime("2026-12-01 07:10", day))]
+    text = cnn_tuned.section(runs, load)
+
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+            for line in text.splitlines() if line.startswith("| ")}
+    best = smoke_sweep.summary["best"]
+    assert rows["best trial"][0].startswith(best["trial_id"])
+    assert rows["best trial"][1].startswith("widebest")
+    assert rows["validation val_accuracy"][0] == f"{best['metric_value']:.4f}"
+    assert rows["load average during the run (1 min, 2 cores)"] == [
+        "min 1.0, median 2.0, max 3.0 (2 samples)", "min 2.5, median 2.5, max 2.5 (1 samples) |"]
+    assert rows["wall time (start to results)"][0] == "3600 s"
+    assert "(folder `cnn_wide`, 2026-12-01 06:10-07:10 UTC)" in text
+    # A run past midnight keeps the samples on both sides of it.
+    assert cnn_tuned.load_figures(load, datetime.strptime("2026-11-30 23:00", day),
+                                  datetime.strptime("2026-12-01 05:20", day))["max"] == 9.0

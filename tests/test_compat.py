@@ -41,7 +41,8 @@ def test_the_experiment_state_reaches_the_sweep_folder_after_the_results_it_name
     searcher state and the experiment state at the top) while snapshots_on_a_timer is on:
     every trial file is written to the storage before any top-level state file, and the
     experiment state last. Without the ordering Tune's one copy has no order, and a driver
-    killed during it left a state naming results the sweep folder lacked (CI, stop 30)."""
+    killed during it left a state naming results the sweep folder lacked (CI, stop 30).
+    Tune's temporary files of a save in progress are never copied."""
     import fsspec.implementations.local
     import pyarrow.fs
     from ray.train._internal.storage import _FilesystemSyncer
@@ -54,6 +55,10 @@ def test_the_experiment_state_reaches_the_sweep_folder_after_the_results_it_name
     for name in ("experiment_state-2026.json", "searcher-state-2026.pkl",
                  "callback-states-2026.pkl"):
         (staging / name).write_text(name)
+    # A save in progress: Tune's temporary names (.{uuid}-tmp-{name}), renamed away at any
+    # moment; copying one raced the rename (FileNotFoundError).
+    (staging / ".0f3c-tmp-searcher-state-2026.pkl").write_text("half written")
+    (staging / "trial_a" / ".9e1d-tmp-checkpoint.json").write_text("half written")
     written = []
 
     class RecordingFileSystem(fsspec.implementations.local.LocalFileSystem):
@@ -74,4 +79,5 @@ def test_the_experiment_state_reaches_the_sweep_folder_after_the_results_it_name
     assert set(written[6:]) == {"searcher-state-2026.pkl", "callback-states-2026.pkl",
                                 "experiment_state-2026.json"}
     assert written[-1] == "experiment_state-2026.json"
+    assert not any("-tmp-" in name for name in written)
     assert (storage / "trial_b" / "result.json").read_text() == "trial_b result.json\n"
