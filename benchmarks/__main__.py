@@ -332,8 +332,8 @@ def _scaling_section(result: dict) -> str:
         [[row["finished_trials"], f"{row['optuna_tpe_ms']:.1f}", f"{row['sweeper_ms']:.1f}"]
          for row in result["searcher"]])
     study = markdown_table(
-        ["trials running beside it", "SQLite file (sweeper's study): ms a trial",
-         "Optuna's journal file: ms a trial", "SQLite against journal"],
+        ["trials running beside it", "SQLite file (sweeper's study before): ms a trial",
+         "Optuna's journal file (sweeper's study now): ms a trial", "SQLite against journal"],
         [[row["running_trials"], f"{row['sqlite_ms']:.1f}", f"{row['journal_ms']:.1f}",
           f"{row['sqlite_ms'] / row['journal_ms']:.2f}x"] for row in result.get("study", [])])
     projection = "\n".join(

@@ -4,11 +4,12 @@ Every epoch of every trial is one result the driver must process (Tune's loop, t
 and its study, ASHA, TensorBoard events, result files, the experiment-state snapshots). Dummy
 trials that report like sweeper's trainer (metrics and a small checkpoint every epoch, every
 ``interval`` seconds, resumable from their checkpoint) run through the driver a sweep builds
-(:func:`sweeper.tuner.build_tuner`: sweeper's searcher with its SQLite study, its ASHA, its
-callbacks, its checkpoint settings) and through plain Ray Tune (random search, FIFO, its
-default loggers on and off). Each trial asks for ``2 / concurrency`` CPUs, so all of them run
-at once on 2 cores. Measured: the driver process's CPU time (user + system, over ``fit()``)
-per result, and results per second sustained over the run.
+(:func:`sweeper.tuner.build_tuner`: sweeper's searcher with its study, on Optuna's journal
+file and, as before issue 26, on a SQLite file; its ASHA, its callbacks, its checkpoint
+settings) and through plain Ray Tune (random search, FIFO, its default loggers on and off).
+Each trial asks for ``2 / concurrency`` CPUs, so all of them run at once on 2 cores.
+Measured: the driver process's CPU time (user + system, over ``fit()``) per result, and
+results per second sustained over the run.
 """
 
 from __future__ import annotations
@@ -93,14 +94,15 @@ def _measured(fit, profile: Path | None = None) -> tuple[float, float, object]:
 
 
 def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
-                epochs: int = EPOCHS, grace: int = GRACE):
+                epochs: int = EPOCHS, grace: int = GRACE, sqlite_study: bool = False):
     """(config, Tuner) of a sweep whose trials are :func:`dummy_trial`: the driver ``python -m
     sweeper`` builds for the smoke experiment (searcher and study, ASHA, callbacks, checkpoint
-    settings), restored from ``sweep_dir`` when a run there was interrupted."""
+    settings), restored from ``sweep_dir`` when a run there was interrupted. ``sqlite_study``:
+    the study on a SQLite file in the folder, as before issue 26 (now a journal file)."""
     from ray import tune
 
     from sweeper.layout import SweepLayout
-    from sweeper.study import open_storage, storage_url
+    from sweeper.study import SQLITE_PREFIX, open_storage, study_location
     from sweeper.sweep import validated
     from sweeper.tuner import build_tuner
 
@@ -113,16 +115,20 @@ def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
     trainable = tune.with_resources(
         tune.with_parameters(_with_settings, epochs=epochs, interval=interval),
         {"cpu": 2 / concurrent})
-    return cfg, build_tuner(cfg, space, None, layout,
-                            open_storage(storage_url(None, layout.root)), trainable=trainable)
+    location = (f"{SQLITE_PREFIX}{layout.root / layout.SQLITE_STUDY}" if sqlite_study
+                else study_location(None, layout.root))
+    return cfg, build_tuner(cfg, space, None, layout, open_storage(location),
+                            trainable=trainable)
 
 
 def sweeper_driver(workdir: Path, concurrent: int, interval: float, trials: int | None = None,
-                   profile: Path | None = None, forced_snapshots: bool = False) -> DriverRun:
+                   profile: Path | None = None, forced_snapshots: bool = False,
+                   sqlite_study: bool = False) -> DriverRun:
     """Dummy trials through sweeper's driver (:func:`dummy_sweep`).
 
     ``forced_snapshots``: as before issue 26, Tune saves the experiment state at every trial
-    checkpoint (sweeper.compat.snapshots_on_a_timer left out).
+    checkpoint (sweeper.compat.snapshots_on_a_timer left out). ``sqlite_study``: the study on
+    a SQLite file, as before issue 26's journal.
     """
     import contextlib
     from unittest import mock
@@ -130,9 +136,11 @@ def sweeper_driver(workdir: Path, concurrent: int, interval: float, trials: int 
     from sweeper.tuner import tune_settings
 
     trials = trials or 2 * concurrent
-    label = "sweeper, a state save per checkpoint (before)" if forced_snapshots else "sweeper"
-    folder = workdir / f"sweeper{'-forced' * forced_snapshots}-{concurrent}-{interval:g}"
-    cfg, tuner = dummy_sweep(folder, concurrent, interval, trials)
+    label = ("sweeper, a state save per checkpoint (before)" if forced_snapshots
+             else "sweeper, SQLite study (before)" if sqlite_study else "sweeper")
+    folder = workdir / (f"sweeper{'-forced' * forced_snapshots}{'-sqlite' * sqlite_study}"
+                        f"-{concurrent}-{interval:g}")
+    cfg, tuner = dummy_sweep(folder, concurrent, interval, trials, sqlite_study=sqlite_study)
 
     def fit():
         before = (mock.patch("sweeper.tuner.snapshots_on_a_timer", contextlib.nullcontext)
@@ -199,6 +207,7 @@ def measure(workdir: Path, sizes=DEFAULT_SIZES) -> list[dict]:
         rows.append(plain_tune_driver(workdir, concurrent, interval, loggers=False).row())
         rows.append(plain_tune_driver(workdir, concurrent, interval, loggers=True).row())
         rows.append(sweeper_driver(workdir, concurrent, interval, forced_snapshots=True).row())
+        rows.append(sweeper_driver(workdir, concurrent, interval, sqlite_study=True).row())
         rows.append(sweeper_driver(workdir, concurrent, interval).row())
     return rows
 
@@ -287,17 +296,16 @@ STUDY_RUNNING = (16, 64, 256)
 def study_cost(workdir: Path, running_sizes=STUDY_RUNNING, finished: int = 200,
                epochs_each: int = 10, repeats: int = 5) -> list[dict]:
     """Milliseconds the driver's study spends on one trial (TPE's ask with its sampling, then
-    the tell) while N other trials are RUNNING with ``epochs_each`` epochs stored each, on the
-    SQLite file sweeper uses (:func:`sweeper.study.open_storage`, Optuna's cache in front) and
-    on Optuna's journal file (``JournalStorage``), side by side.
+    the tell) while N other trials are RUNNING with ``epochs_each`` epochs stored each, on a
+    SQLite file (sweeper's study before issue 26, still what ``search.storage=sqlite:///...``
+    gives; Optuna's cache in front) and on Optuna's journal file (sweeper's study now), both
+    opened by :func:`sweeper.study.open_storage`, side by side.
 
     Optuna's cache keeps finished trials but reads every unfinished one back from the
     database at each ``get_all_trials`` (TPE's sampling, and ``ask``'s look for enqueued
     trials): on SQLite the cost of a trial grows with the trials running beside it.
     """
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     from sweeper import compat
     from sweeper.searcher import make_sampler
@@ -311,8 +319,7 @@ def study_cost(workdir: Path, running_sizes=STUDY_RUNNING, finished: int = 200,
         row = {"running_trials": size, "finished_trials": finished}
         for label, make in (
                 ("sqlite_ms", lambda folder: open_storage(f"sqlite:///{folder / 'optuna.db'}")),
-                ("journal_ms", lambda folder: JournalStorage(
-                    JournalFileBackend(str(folder / "optuna.log"))))):
+                ("journal_ms", lambda folder: open_storage(str(folder / "optuna.log")))):
             folder = workdir / f"study-{label}-{size}"
             folder.mkdir(parents=True, exist_ok=True)
             study = optuna.create_study(storage=make(folder), direction="maximize",

@@ -193,12 +193,13 @@ class SearchConfig:
     # TPE models the parameters jointly (learns that sgd wants a larger learning rate than
     # adam) instead of one at a time.
     multivariate: bool = True
-    # Optuna RDB storage URL; None keeps the study in <sweep_dir>/optuna.db (SQLite).
+    # Optuna RDB storage URL; None keeps the study in Optuna's journal file
+    # <sweep_dir>/optuna.log (a sweep folder begun with optuna.db keeps that SQLite file).
     storage: str | None = None
     # Run one trial at a time, so that the scheduler's decisions and the sampler's history come
     # in the same order on every run: the same command then gives the same trials and best.
     reproducible: bool = False
-    # Seed the sampler with an earlier sweep's trials: its folder or a storage URL.
+    # Seed the sampler with an earlier sweep's trials: its folder, a study file or a URL.
     warm_start: str | None = None
     # The study to read from warm_start; None takes its only study.
     warm_start_study: str | None = None

@@ -8,7 +8,9 @@ A sweep folder (``sweep_dir``, or ``<cluster.storage_path>/<name>`` on shared st
     best_model.keras       the best trial's model; best_model.json says where it came from
     best_config.yaml       the best trial's config, to train it again
     sweep_config.yaml      the settings a resume must match
-    optuna.db              the Optuna study (unless search.storage names another database)
+    optuna.log             the Optuna study, Optuna's journal file (unless search.storage
+                           names a database; optuna.db: the SQLite study of a sweep begun
+                           before issue 26, kept when it resumes)
     tensorboard/           one TensorBoard run per trial, plus the HParams experiment
     trials/                Ray Tune's experiment: trial_<id>/ folders, its saved state, and
                            sweeper's scheduler_decisions.json and failed_trials.json
@@ -49,7 +51,8 @@ class SweepLayout:
     BEST_MODEL_INFO = "best_model.json"
     BEST_CONFIG = "best_config.yaml"
     SWEEP_CONFIG = "sweep_config.yaml"
-    STUDY = "optuna.db"
+    STUDY = "optuna.log"
+    SQLITE_STUDY = "optuna.db"
     LOCK = ".sweep.lock"
     LOCK_OWNER = ".sweep.lock.owner"
     SCHEDULER_DECISIONS = "scheduler_decisions.json"

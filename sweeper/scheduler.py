@@ -77,11 +77,12 @@ CONTINUE, STOP, FULL_BUDGET = "continue", "stop", "full_budget"
 
 class TimeBudget:
     """``search.time_budget_s`` of the sweep this driver runs: seconds from the first time
-    the scheduler is asked for a trial to start (a resumed sweep gets its budget anew).
+    the searcher is asked for a trial or the scheduler for a trial to start (a resumed sweep
+    gets its budget anew).
 
     One per driver process (:data:`TIME_BUDGET`), armed by the sweep before ``fit``: the
-    schedulers read it, so the budget of a re-run applies to a sweep restored from its
-    folder, whose scheduler Tune unpickles as it was.
+    searcher and the schedulers read it, so the budget of a re-run applies to a sweep
+    restored from its folder, whose searcher and scheduler Tune unpickles as they were.
     """
 
     def __init__(self) -> None:
@@ -106,14 +107,18 @@ TIME_BUDGET = TimeBudget()
 
 
 class BudgetedScheduling:
-    """What a scheduler does once the sweep's :data:`TIME_BUDGET` is spent: start no trial
-    (new, pending or paused), pause every running trial at its next epoch (Tune keeps its
+    """What a scheduler does once the sweep's :data:`TIME_BUDGET` is spent: choose no trial
+    to start (pending or paused), pause every running trial at its next epoch (Tune keeps its
     checkpoint; a re-run resumes it), and, when none runs any more, end the run the way
     Ctrl-C does, so the experiment is saved for a resume. Mixed into the schedulers below.
 
-    A trial counts as running from the moment it is chosen to start: its worker may still be
-    importing TensorFlow (Tune calls it PENDING until the worker is up), and it trains its
-    first epoch whatever the budget says by then.
+    The searcher asks for no new trial once the budget is spent
+    (:meth:`sweeper.searcher.PruningOptunaSearch.suggest`): Tune starts a queued trial on
+    freed resources without asking the scheduler, so the one trial Tune may have queued
+    before the budget ran out (its ``max_pending_trials`` is 1 with a searcher) can still
+    start and train one epoch. A trial counts as running from the moment it is chosen to
+    start: its worker may still be importing TensorFlow (Tune calls it PENDING until the
+    worker is up), and it trains its first epoch whatever the budget says by then.
     """
 
     def _in_flight(self) -> set[str]:

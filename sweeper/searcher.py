@@ -35,12 +35,14 @@ from ray.tune.search.optuna import OptunaSearch
 from sweeper import compat
 from sweeper.compat import add_intermediate_values, windowed_tpe_sampler
 from sweeper.metrics import diverged
+from sweeper.scheduler import TIME_BUDGET
 
 logger = logging.getLogger(__name__)
 
 RAY_TRIAL_ID = "ray_trial_id"
 # Epochs reach the study in batches at most this far apart (one SQLite transaction an epoch
-# cost more driver CPU than all of Tune's own work on a result, benchmarks/RESULTS.md section 5).
+# cost more driver CPU than all of Tune's own work on a result, benchmarks/RESULTS.md section 5;
+# on the journal file each write is an fsynced append).
 STUDY_WRITE_EVERY_S = 1.0
 # Finished trials TPE models at most: its 25 best and the most recent. Optuna's TPE reads and
 # models every trial at each suggestion, O(trials); past this many a suggestion costs what it
@@ -109,6 +111,12 @@ class PruningOptunaSearch(OptunaSearch):
         return sum(1 for trial_id in self._trials if trial_id not in self._completed)
 
     def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._trials and TIME_BUDGET.expired():
+            # search.time_budget_s is spent: no new trial. The scheduler refusing to start
+            # one is not enough: Tune starts its queued trials on freed resources without
+            # asking it (Ray 2.60, TuneController._maybe_add_actors, steps 2 and 3), so with
+            # no limit on concurrent trials every paused trial let a new one in.
+            return None
         if (trial_id not in self._trials and self._max_concurrent is not None
                 and self._live_trials() >= self._max_concurrent):
             return None  # Tune asks again when a trial ends

@@ -1,18 +1,30 @@
 """The persistent Optuna study: where it is stored, and warm starts from earlier studies.
 
-The study lives in an Optuna RDB storage (a SQLite file in the sweep folder by
-default, or any database URL), so it outlives the driver, ``optuna-dashboard``
-can watch it while the sweep writes it, and a later sweep can learn from it.
+The study outlives the driver, ``optuna-dashboard`` can watch it while the sweep writes it,
+and a later sweep can learn from it. By default it is Optuna's journal file in the sweep
+folder (``optuna.log``: ``JournalStorage`` on ``JournalFileBackend``): an append-only log that
+the driver replays in memory, so reading the study for each suggestion costs no database
+query. With 256 trials running, a trial's ask and tell cost 49x less than on a SQLite file
+(benchmarks/RESULTS.md section 5, ``benchmarks.scaling.study_cost``; issue 26).
+``search.storage`` names a database instead (Optuna's RDB storage: ``sqlite:///...``,
+``postgresql://...``), and a sweep folder begun with a SQLite study (``optuna.db``, sweeper
+before issue 26) keeps it when it resumes.
+
+A location is a string: a database URL (it has ``://``) or the path of a journal file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import ConfigError
@@ -21,26 +33,129 @@ from sweeper.layout import SweepLayout
 logger = logging.getLogger(__name__)
 
 STUDY_FILENAME = SweepLayout.STUDY
+SQLITE_STUDY_FILENAME = SweepLayout.SQLITE_STUDY
 SQLITE_PREFIX = "sqlite:///"
 WARM_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def storage_url(configured: str | None, sweep_dir: Path) -> str:
-    """The study's database URL: the configured one, else a SQLite file in the sweep folder."""
-    return configured or f"{SQLITE_PREFIX}{sweep_dir / STUDY_FILENAME}"
+def study_location(configured: str | None, sweep_dir: Path) -> str:
+    """Where the sweep's study is: the configured database URL; else the journal file
+    ``<sweep_dir>/optuna.log``, or, for a sweep folder that holds a SQLite study and no
+    journal (begun before issue 26), its ``optuna.db`` as a ``sqlite:///`` URL."""
+    if configured:
+        return configured
+    sqlite = sweep_dir / SQLITE_STUDY_FILENAME
+    if sqlite.is_file() and not (sweep_dir / STUDY_FILENAME).exists():
+        return f"{SQLITE_PREFIX}{sqlite}"
+    return str(sweep_dir / STUDY_FILENAME)
 
 
-def study_url_in_sweep(url: str, sweep_dir: Path) -> str:
-    """``url`` as summary.json keeps it: a SQLite file inside the sweep folder relative to it
-    (``sqlite:///optuna.db``, read from within the folder), any other database as it is."""
-    if url.startswith(SQLITE_PREFIX):
-        path = Path(url.removeprefix(SQLITE_PREFIX))
-        if path.is_relative_to(sweep_dir):
-            return f"{SQLITE_PREFIX}{path.relative_to(sweep_dir).as_posix()}"
-    return url
+def is_database(location: str) -> bool:
+    """Whether a study location is a database URL (else it is a journal file's path)."""
+    return "://" in location
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def study_url_in_sweep(location: str, sweep_dir: Path) -> str:
+    """``location`` as summary.json keeps it: a study file inside the sweep folder relative to
+    it (``optuna.log``; ``sqlite:///optuna.db``, read from within the folder), anything else
+    as it is."""
+    if is_database(location):
+        if location.startswith(SQLITE_PREFIX):
+            path = Path(location.removeprefix(SQLITE_PREFIX))
+            if path.is_relative_to(sweep_dir):
+                return f"{SQLITE_PREFIX}{path.relative_to(sweep_dir).as_posix()}"
+        return location
+    path = Path(location)
+    return path.relative_to(sweep_dir).as_posix() if path.is_relative_to(sweep_dir) else location
+
+
+def open_storage(location: str) -> optuna.storages.BaseStorage:
+    """The study storage at ``location`` for the sweep that owns it: a journal file
+    (:func:`open_journal`, mended first) or a database URL (:func:`open_database`).
+
+    Raises:
+        ConfigError: A database that cannot be opened (``search.storage``).
+    """
+    if is_database(location):
+        return open_database(location)
+    return open_journal(Path(location), owner=True)
+
+
+def read_storage(location: str) -> optuna.storages.BaseStorage | str:
+    """The study storage at ``location`` to read only (another sweep's, for a warm start): a
+    journal file is neither mended nor locked; a database URL is returned for Optuna to
+    open."""
+    return location if is_database(location) else open_journal(Path(location), owner=False)
+
+
+def open_journal(path: Path, owner: bool) -> JournalStorage:
+    """Optuna's journal storage on the file ``path`` (created if missing).
+
+    The owner is the sweep's driver (the CLI holds the sweep folder's lock): before opening,
+    it drops what a killed driver left half written, the cut last line of an append (Optuna
+    reads past it, but the next append would be joined to it and make the log unreadable from
+    there), and the journal's own lock file when it is older than :data:`STALE_LOCK_S` (a live
+    one is held for the milliseconds of one append; a killed driver's stays, and Optuna would
+    wait 30 s on it before taking over). Every append is
+    fsynced by Optuna, and the searcher writes its buffered epochs before each save of the
+    experiment state, so the append a kill interrupts (epochs of up to
+    :data:`sweeper.searcher.STUDY_WRITE_EVERY_S` seconds, or a trial's end) holds only what
+    came after the last saved state: the resumed sweep trains those epochs again from the
+    trials' checkpoints and reports and tells them anew. Nothing a resume needs is lost.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if owner:
+        _mend_journal(path)
+    return JournalStorage(_JournalFile(str(path)))
+
+
+class _JournalFile(JournalFileBackend):
+    """Optuna's journal file, pickled without its index of line offsets.
+
+    Ray's OptunaSearch pickles the whole searcher, the study's storage included, at every save
+    of the experiment state; the index (one entry per line read, never pruned) would make each
+    save grow with the study. A restored storage replays the file from its start anyway.
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if "_log_number_offset" in state:  # Optuna 5.0's name; anything else pickles as is
+            state["_log_number_offset"] = {0: 0}
+        return state
+
+
+STALE_LOCK_S = 10.0
+
+
+def _mend_journal(path: Path) -> None:
+    lock = Path(f"{path}.lock")  # optuna.storages.journal._file.LOCK_FILE_SUFFIX
+    if ((lock.is_symlink() or lock.exists())
+            and time.time() - lock.lstat().st_mtime > STALE_LOCK_S):
+        lock.unlink(missing_ok=True)
+        logger.info("Removed the study journal's lock %s, left by a driver that was killed",
+                    lock)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as journal:
+        journal.seek(-1, os.SEEK_END)
+        if journal.read(1) == b"\n":
+            return
+        size = journal.seek(0, os.SEEK_END)
+        keep = 0
+        while keep == 0 and size > 0:  # the last newline, read backwards in blocks
+            start = max(0, size - 65536)
+            journal.seek(start)
+            block = journal.read(size - start)
+            newline = block.rfind(b"\n")
+            keep, size = (start + newline + 1 if newline >= 0 else 0), start
+        journal.truncate(keep)
+        journal.flush()
+        os.fsync(journal.fileno())
+    logger.warning("The study journal %s ended in half an entry (the driver was killed while "
+                   "writing it); dropped it", path)
+
+
+def open_database(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage for ``url``; a new SQLite file is created complete and in WAL mode.
 
     With write-ahead logging a reader (optuna-dashboard) never blocks the sweep's writes, so
@@ -73,30 +188,42 @@ def _create_sqlite_study_file(path: Path, engine_kwargs: dict) -> None:
 
 
 def resolve_warm_start(source: str, study_name: str | None) -> tuple[str, str]:
-    """Find the storage URL and study name that ``search.warm_start`` points at."""
-    if "://" in source:
-        url = source
+    """The study location and name that ``search.warm_start`` points at: an earlier sweep's
+    folder (its ``optuna.log``, or its ``optuna.db`` from before issue 26), a journal file,
+    or a database URL.
+
+    Raises:
+        ConfigError: No study there, or not exactly one study when ``study_name`` is None.
+    """
+    if is_database(source):
+        location = source
     else:
-        database = Path(source).expanduser() / STUDY_FILENAME
-        if not database.is_file():
+        given = Path(source).expanduser()
+        found = [path for path in (given, given / STUDY_FILENAME, given / SQLITE_STUDY_FILENAME)
+                 if path.is_file()]
+        if found:
+            with open(found[0], "rb") as study_file:
+                sqlite = study_file.read(16) == b"SQLite format 3\0"  # SQLite's file header
+            location = (f"{SQLITE_PREFIX}{found[0].resolve()}" if sqlite
+                        else str(found[0].resolve()))
+        else:
             raise ConfigError("search.warm_start", source,
-                              f"no {STUDY_FILENAME} there; give an earlier sweep's folder "
-                              "or a storage URL")
-        url = f"{SQLITE_PREFIX}{database.resolve()}"
+                              f"no {STUDY_FILENAME} or {SQLITE_STUDY_FILENAME} there; give an "
+                              "earlier sweep's folder, its study file or a storage URL")
     try:
-        names = optuna.get_all_study_names(storage=url)
+        names = optuna.get_all_study_names(storage=read_storage(location))
     except Exception as error:
         raise ConfigError("search.warm_start", source, f"cannot read studies ({error})") from None
     if study_name is not None:
         if study_name not in names:
             raise ConfigError("search.warm_start_study", study_name,
                               f"studies in {source}: {', '.join(names) or 'none'}")
-        return url, study_name
+        return location, study_name
     if len(names) != 1:
         raise ConfigError("search.warm_start_study", None,
                           f"{source} holds {len(names)} studies; choose one of "
                           f"{', '.join(names) or 'none'}")
-    return url, names[0]
+    return location, names[0]
 
 
 def fits_space(trial: FrozenTrial, space: dict[str, BaseDistribution]) -> bool:
@@ -127,10 +254,10 @@ def _within(distribution: BaseDistribution, value) -> bool:
     return abs(steps - round(steps)) < 1e-8
 
 
-def earlier_trials(url: str, study_name: str,
+def earlier_trials(location: str, study_name: str,
                    space: dict[str, BaseDistribution]) -> list[FrozenTrial]:
     """Finished and pruned trials of an earlier study that fit ``space``, ready to add."""
-    study = optuna.load_study(study_name=study_name, storage=url)
+    study = optuna.load_study(study_name=study_name, storage=read_storage(location))
     copies = []
     for trial in study.get_trials(deepcopy=False, states=WARM_STATES):
         if not fits_space(trial, space):

@@ -139,7 +139,9 @@ class Summary:
         state: complete, interrupted or time_budget.
         time_budget_s: The time budget that ran out (None unless state is time_budget).
         data: The data's description (name, input shape, classes, split sizes).
-        study: The Optuna study's storage (relative to the folder for a SQLite file) and name.
+        study: The Optuna study's storage (relative to the folder for a study file inside it:
+            ``optuna.log``, or ``sqlite:///optuna.db`` for a sweep begun before issue 26) and
+            name.
         reproducible: Whether search.reproducible was on.
         scheduler_decisions: ASHA's decisions in order (None: no ASHA).
         paths: Where each file is, relative to the sweep folder.
@@ -361,7 +363,25 @@ def file_lines(summary: Summary, layout: SweepLayout) -> list[str]:
             lines.append(f"{label + ':':<17}{path}")
     tensorboard = layout.resolve(summary.paths.get("tensorboard", SweepLayout.TENSORBOARD))
     lines.append(f"TensorBoard:     tensorboard --logdir {shlex.quote(str(tensorboard))}")
+    study = study_file(summary, layout)
+    if study is not None:
+        lines.append(f"Optuna study:    optuna-dashboard {shlex.quote(study)}")
     return lines
+
+
+def study_file(summary: Summary, layout: SweepLayout) -> str | None:
+    """The study as optuna-dashboard opens it, where it is a file in the sweep folder: the
+    journal's path, or a ``sqlite:///`` URL with an absolute path (a sweep begun before issue
+    26); None for a database elsewhere (its URL may hold a password) or no study."""
+    storage = (summary.study or {}).get("storage")
+    if not storage:
+        return None
+    if "://" not in storage:
+        return str(layout.root / storage)
+    relative = storage.removeprefix("sqlite:///")
+    if storage.startswith("sqlite:///") and not Path(relative).is_absolute():
+        return f"sqlite:///{layout.root / relative}"
+    return None
 
 
 def cell(value: Any) -> str:

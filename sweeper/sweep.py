@@ -42,7 +42,7 @@ from sweeper.study import (
     earlier_trials,
     open_storage,
     resolve_warm_start,
-    storage_url,
+    study_location,
     study_url_in_sweep,
 )
 from sweeper.summary import (
@@ -279,7 +279,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
 
         check_network(cfg_t.model, splits.input_shape, splits.num_classes)
     claim_sweep_dir(cfg_t, layout.root, state)
-    storage = open_storage(storage_url(cfg_t.search.storage, layout.root))
+    location = study_location(cfg_t.search.storage, layout.root)
+    storage = open_storage(location)
     warm_trials = None
     if cfg_t.search.warm_start and state == NEW:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
@@ -314,7 +315,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         state=COMPLETE if done else TIME_BUDGET_SPENT if budget_spent else INTERRUPTED,
         time_budget_s=cfg_t.search.time_budget_s if budget_spent else None,
         data=splits.describe(),
-        study={"storage": study_url_in_sweep(storage.url, layout.root),
+        study={"storage": study_url_in_sweep(location, layout.root),
                "study_name": cfg_t.name},
         reproducible=cfg_t.search.reproducible,
         scheduler_decisions=read_scheduler_decisions(layout))

@@ -118,3 +118,16 @@ def trial_tensorboard_run(sweep_dir: Path, trial_id: str):
                 start).session_start_info.group_name.split()[-1] == trial_id:
             return run
     raise AssertionError(f"no TensorBoard run of trial {trial_id} in {sweep_dir / 'tensorboard'}")
+
+
+def sweep_study(sweep_dir: Path, name: str):
+    """The sweep's Optuna study as Optuna itself reads it from the folder's journal file
+    (``optuna.log``); a sweep folder never also holds a SQLite study (``optuna.db``)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    sweep_dir = Path(sweep_dir)
+    assert not (sweep_dir / "optuna.db").exists()
+    journal = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.log")))
+    return optuna.load_study(study_name=name, storage=journal)

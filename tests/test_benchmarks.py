@@ -239,3 +239,17 @@ def test_the_cnn_tuned_record_sets_each_sweep_in_its_own_column_with_its_own_loa
     # A run past midnight keeps the samples on both sides of it.
     assert cnn_tuned.load_figures(load, datetime.strptime("2026-11-30 23:00", day),
                                   datetime.strptime("2026-12-01 05:20", day))["max"] == 9.0
+    # Recorded, cnn_tuned's column is kept as written when its folder is gone and only the
+    # cnn_wide hour is read anew (the two hours ran on different machines).
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## 5. Other\n\nkept\n")
+    cnn_tuned.common.record_section(results, cnn_tuned.SECTION, text)
+    kept = cnn_tuned.recorded_run("cnn_tuned", results)
+    assert kept.recorded[1]["best trial"] == rows["best trial"][0]
+    assert kept.recorded[1]["load average during the run (1 min, 2 cores)"] == (
+        "min 1.0, median 2.0, max 3.0 (2 samples)")
+    again = cnn_tuned.section([kept, runs[1]], load)
+    assert [line for line in again.splitlines() if line.startswith("| ")] == [
+        line for line in text.splitlines() if line.startswith("| ")]
+    assert f"(folder `{smoke_sweep.sweep_dir.name}`, 2026-12-01 05:00-06:00 UTC)" in again
+    assert cnn_tuned.recorded_run("cnn_wide", results) is None

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 
-import optuna
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, sweep_study
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ def sweep_facts(sweep_dir) -> dict:
     """What must not change between runs, with Tune's random trial ids replaced by the order
     in which the searcher created the trials."""
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = sweep_study(sweep_dir, "smoke")
     number = {t.user_attrs["ray_trial_id"]: t.number for t in study.trials}
     trials = sorted(summary["trials"], key=lambda t: number[t["trial_id"]])
     return {

@@ -180,73 +180,93 @@ def test_multivariate_tpe_is_a_seeded_joint_model():
     assert proposals(True) == joint
 
 
-def _sqlite_searcher(tmp_path) -> PruningOptunaSearch:
+STORES = ["journal", "sqlite"]  # the default study file (optuna.log); search.storage's database
+
+
+def _location(tmp_path, store: str) -> str:
+    return (str(tmp_path / "optuna.log") if store == "journal"
+            else f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def _stored_searcher(tmp_path, store: str) -> PruningOptunaSearch:
     from sweeper.study import open_storage
 
     return PruningOptunaSearch(space=SPACE, metric="val_accuracy", mode="max",
                                sampler=optuna.samplers.RandomSampler(seed=0),
-                               storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"),
+                               storage=open_storage(_location(tmp_path, store)),
                                study_name="s", max_epochs=MAX_EPOCHS)
 
 
-def _stored_epochs(tmp_path) -> dict[int, float]:
-    """The intermediate values a reader of the database (optuna-dashboard) sees now."""
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    return study.trials[0].intermediate_values
+def _read_study(tmp_path, store: str) -> optuna.Study:
+    """The study as a reader of the file (optuna-dashboard) sees it now, read by Optuna's own
+    storage classes."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = (JournalStorage(JournalFileBackend(str(tmp_path / "optuna.log")))
+               if store == "journal" else _location(tmp_path, store))
+    return optuna.load_study(study_name="s", storage=storage)
 
 
-def test_epochs_reach_the_study_in_a_batch_a_second_and_before_every_save(tmp_path):
+def _stored_epochs(tmp_path, store: str) -> dict[int, float]:
+    return _read_study(tmp_path, store).trials[0].intermediate_values
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_epochs_reach_the_study_in_a_batch_a_second_and_before_every_save(tmp_path, store):
     """Issue 26: epochs are written in one transaction at most every STUDY_WRITE_EVERY_S,
     before the trial is told finished and before the searcher is saved (Tune saves it with the
     experiment state that a resume restores from), so a resume never lacks an epoch."""
-    searcher = _sqlite_searcher(tmp_path)
+    searcher = _stored_searcher(tmp_path, store)
     searcher.suggest("a")
     searcher.on_trial_result("a", result(1, 0.5))  # the first write of this driver: at once
     searcher.on_trial_result("a", result(2, 0.6))  # within the second: buffered
-    assert _stored_epochs(tmp_path) == {1: 0.5}
+    assert _stored_epochs(tmp_path, store) == {1: 0.5}
     searcher.save(str(tmp_path / "searcher.pkl"))
-    assert _stored_epochs(tmp_path) == {1: 0.5, 2: 0.6}
+    assert _stored_epochs(tmp_path, store) == {1: 0.5, 2: 0.6}
     searcher.on_trial_result("a", result(3, 0.7))
     searcher.on_trial_complete("a", result(3, 0.7))
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = _read_study(tmp_path, store)
     assert study.trials[0].state == TrialState.COMPLETE
     assert study.trials[0].intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7}
 
 
-def test_a_restored_searcher_reads_the_epochs_the_study_holds(tmp_path):
+@pytest.mark.parametrize("store", STORES)
+def test_a_restored_searcher_reads_the_epochs_the_study_holds(tmp_path, store):
     """A searcher restored from an older save learns the epochs from the study, not from its
     save: an epoch reported after the save and re-trained after the resume is kept once."""
-    searcher = _sqlite_searcher(tmp_path)
+    searcher = _stored_searcher(tmp_path, store)
     searcher.suggest("a")
     searcher.on_trial_result("a", result(1, 0.5))
     searcher.save(str(tmp_path / "searcher.pkl"))
     searcher.on_trial_result("a", result(2, 0.6))
     searcher.write_study()
-    restored = _sqlite_searcher(tmp_path)
+    restored = _stored_searcher(tmp_path, store)
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_result("a", result(2, 0.65))  # epoch 2 trained again after the resume
     restored.on_trial_complete("a", result(3, 0.7))
-    assert _stored_epochs(tmp_path) == {1: 0.5, 2: 0.6, 3: 0.7}
+    assert _stored_epochs(tmp_path, store) == {1: 0.5, 2: 0.6, 3: 0.7}
 
 
-def test_a_restored_searcher_tells_each_trial_once_whatever_its_save_says(tmp_path):
+@pytest.mark.parametrize("store", STORES)
+def test_a_restored_searcher_tells_each_trial_once_whatever_its_save_says(tmp_path, store):
     """The searcher knows which trials it may still tell without reading each back (issue 26:
     a read of a running trial was a query of its params, attributes and epochs). After a
     restore from a save older than a tell, the study decides: trial "a", told PRUNED after
     the save, is not told again when the resumed sweep ends it; "b", still running, is."""
-    searcher = _sqlite_searcher(tmp_path)
+    searcher = _stored_searcher(tmp_path, store)
     searcher.suggest("a")
     searcher.suggest("b")
     searcher.on_trial_result("a", result(1, 0.5))
     searcher.on_trial_result("b", result(1, 0.4))
     searcher.save(str(tmp_path / "searcher.pkl"))  # both running in this save
     searcher.on_trial_complete("a", result(1, 0.5))  # ASHA stopped it: PRUNED
-    restored = _sqlite_searcher(tmp_path)
+    restored = _stored_searcher(tmp_path, store)
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_complete("a", result(2, 0.9))  # the resumed sweep ends "a" again
     restored.on_trial_result("b", result(2, 0.6))
     restored.on_trial_complete("b", result(3, 0.7))
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = _read_study(tmp_path, store)
     a, b = study.trials
     assert (a.state, a.value, a.intermediate_values) == (TrialState.PRUNED, 0.5, {1: 0.5})
     assert (b.state, b.value, b.intermediate_values) == (

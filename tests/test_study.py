@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import threading
 
 import optuna
 import pytest
+from cli_helpers import sweep_study
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from sweeper.study import fits_space, open_storage, resolve_warm_start
+from sweeper.study import (
+    fits_space,
+    open_storage,
+    read_storage,
+    resolve_warm_start,
+    study_location,
+    study_url_in_sweep,
+)
 from sweeper.sweep import run_sweep
 
 TINY = ["+experiment=smoke", "data=fashion_mnist", "data.max_train_samples=1000",
@@ -25,16 +36,109 @@ def test_sqlite_study_uses_write_ahead_logging(tmp_path):
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_new_sweep_keeps_its_study_in_a_journal_and_an_older_sweep_keeps_its_sqlite_file(
+        tmp_path):
+    """Issue 26: new sweeps write Optuna's journal file; a folder begun before (optuna.db, no
+    optuna.log) resumes on its SQLite file; search.storage's database wins over both."""
+    assert study_location(None, tmp_path) == str(tmp_path / "optuna.log")
+    optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="old")
+    assert study_location(None, tmp_path) == f"sqlite:///{tmp_path}/optuna.db"
+    assert study_url_in_sweep(study_location(None, tmp_path), tmp_path) == "sqlite:///optuna.db"
+    (tmp_path / "optuna.log").touch()
+    assert study_location(None, tmp_path) == str(tmp_path / "optuna.log")
+    assert study_url_in_sweep(study_location(None, tmp_path), tmp_path) == "optuna.log"
+    assert study_location("postgresql://host/db", tmp_path) == "postgresql://host/db"
+
+
+def _journal_entries(path) -> list[str]:
+    return path.read_bytes().decode().splitlines()
+
+
+def test_a_journal_cut_by_a_killed_driver_is_mended_before_the_sweep_writes_again(tmp_path):
+    """A driver killed in the middle of an append leaves half a line and the journal's lock.
+    Optuna reads past the half line, but its next append is joined to it: that entry is never
+    read back (Optuna 5.0 fails at once, its new trial unknown to its own replay), and readers
+    fail from the next entry on; and it waits 30 s on the lock. The sweep's own open drops
+    both (a lock only once it is older than a live append holds one); the entries before the
+    cut are kept."""
+    path = tmp_path / "optuna.log"
+    study = optuna.create_study(storage=open_storage(str(path)), study_name="s")
+    study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 0.5)
+    whole = path.read_bytes()
+    cut = whole + _journal_entries(path)[-1].encode()[:25]  # half of a further entry
+
+    # Without mending: Optuna's own storage on the cut file, one more write, then a reader.
+    path.write_bytes(cut)
+    unmended = optuna.load_study(study_name="s", storage=JournalStorage(
+        JournalFileBackend(str(path))))
+    with pytest.raises((ValueError, AttributeError, KeyError)):  # Optuna 5.0: AttributeError
+        unmended.ask()  # its entry, joined to the half line, is never read back
+
+    path.write_bytes(cut)
+    lock = tmp_path / "optuna.log.lock"
+    lock.symlink_to(tmp_path / "no-such-owner")
+    open_storage(str(path))
+    assert lock.is_symlink()  # just taken: perhaps a live append's
+    os.utime(lock, (1, 1), follow_symlinks=False)
+    mended = optuna.load_study(study_name="s", storage=open_storage(str(path)))
+    assert not lock.is_symlink()
+    assert path.read_bytes() == whole
+    mended.tell(mended.ask(), 0.7)
+    again = optuna.load_study(study_name="s", storage=read_storage(str(path)))
+    assert [trial.value for trial in again.trials] == [0.5, 0.7]
+
+
+def test_the_pickled_study_journal_does_not_grow_with_the_study(tmp_path):
+    """Ray's OptunaSearch pickles the searcher, the study's storage included, at every save
+    of the experiment state: the journal's index of line offsets is left out of the pickle
+    (it would grow by an entry a line), and the unpickled storage reads the whole study."""
+    import pickle
+
+    storage = open_storage(str(tmp_path / "optuna.log"))
+    study = optuna.create_study(storage=storage, study_name="s")
+    empty = len(pickle.dumps(storage))
+    for epoch in range(300):
+        trial = study.ask()
+        trial.report(0.5, epoch)
+        study.tell(trial, 0.5)
+    assert len(pickle.dumps(storage)) < empty + 100
+    restored = optuna.load_study(study_name="s", storage=pickle.loads(pickle.dumps(storage)))
+    assert len(restored.trials) == 300 and restored.trials[-1].intermediate_values == {299: 0.5}
+
+
+def test_epochs_of_a_trial_another_writer_finished_are_dropped_from_the_batch(tmp_path):
+    """optuna-dashboard can mark a running trial failed while the sweep writes its epochs:
+    the batch keeps the other trial's epochs and raises nothing."""
+    from sweeper import compat
+
+    storage = open_storage(str(tmp_path / "optuna.log"))
+    study = optuna.create_study(storage=storage, study_name="s")
+    finished_elsewhere, running = study.ask(), study.ask()
+    dashboard = optuna.load_study(study_name="s", storage=read_storage(str(tmp_path /
+                                                                           "optuna.log")))
+    dashboard.tell(finished_elsewhere.number, state=TrialState.FAIL)
+    compat.add_intermediate_values(storage, [(compat.storage_id(finished_elsewhere), 1, 0.4),
+                                             (compat.storage_id(running), 1, 0.6)])
+    again = optuna.load_study(study_name="s", storage=read_storage(str(tmp_path / "optuna.log")))
+    assert [trial.intermediate_values for trial in again.trials] == [{}, {1: 0.6}]
+
+
 @pytest.mark.parametrize("source, study, needle", [
     ("{tmp}/nothing-here", None, "search.warm_start="),
     ("sqlite:///{tmp}/two.db", None, "search.warm_start_study=None"),
     ("sqlite:///{tmp}/two.db", "third", "search.warm_start_study='third'"),
+    ("{tmp}/sweep", None, "search.warm_start_study=None"),  # its optuna.log
+    ("{tmp}/sweep/optuna.log", "third", "search.warm_start_study='third'"),
+    ("{tmp}/two.db", None, "search.warm_start_study=None"),  # a SQLite file, by its header
 ])
 def test_warm_start_sources_are_checked(tmp_path, source, study, needle):
     from sweeper.config import ConfigError
 
+    (tmp_path / "sweep").mkdir()
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / "sweep" / "optuna.log")))
     for name in ("first", "second"):
         optuna.create_study(storage=f"sqlite:///{tmp_path}/two.db", study_name=name)
+        optuna.create_study(storage=journal, study_name=name)
     with pytest.raises(ConfigError) as raised:
         resolve_warm_start(source.format(tmp=tmp_path), study)
     assert str(raised.value).startswith(needle)
@@ -52,11 +156,12 @@ def diverging_sweep(tmp_path_factory, ray_local):
     read_errors, stop = [], threading.Event()
 
     def dashboard_like_reader():  # what optuna-dashboard does while the sweep writes
-        url = f"sqlite:///{root}/sweep/optuna.db"
+        journal = root / "sweep" / "optuna.log"
         while not stop.is_set():
             try:
-                if (root / "sweep" / "optuna.db").exists():
-                    optuna.load_study(study_name="smoke", storage=url).get_trials()
+                if journal.exists():  # optuna-dashboard opens a journal file the same way
+                    storage = JournalStorage(JournalFileBackend(str(journal)))
+                    optuna.load_study(study_name="smoke", storage=storage).get_trials()
             except KeyError:
                 pass  # the study is not created yet
             except Exception as error:
@@ -91,9 +196,10 @@ def test_diverged_trial_fails_with_reason_and_the_others_finish(diverging_sweep)
 @pytest.mark.slow
 def test_study_has_one_optuna_trial_per_tune_trial(diverging_sweep):
     _, sweep_dir, read_errors = diverging_sweep
-    assert read_errors == []  # the reader never saw "database is locked"
+    assert read_errors == []  # the reader never saw half an entry or a locked file
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    assert summary["study"] == {"storage": "optuna.log", "study_name": "smoke"}
+    study = sweep_study(sweep_dir, "smoke")
     by_tune_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     assert len(study.trials) == len(by_tune_id) == summary["num_trials"] == 3
     for trial in summary["trials"]:
@@ -108,15 +214,26 @@ def test_study_has_one_optuna_trial_per_tune_trial(diverging_sweep):
 
 
 @pytest.mark.slow
-def test_warm_started_sweep_samples_with_the_earlier_trials(diverging_sweep, compose, tmp_path):
+@pytest.mark.parametrize("earlier_study_file", ["optuna.log", "optuna.db"])
+def test_warm_started_sweep_samples_with_the_earlier_trials(diverging_sweep, compose, tmp_path,
+                                                            earlier_study_file):
+    """From an earlier sweep's folder, its journal or, for a folder of a sweep made before
+    issue 26, its SQLite study (the journal's study copied there by Optuna's copy_study)."""
     _, earlier, _ = diverging_sweep
+    if earlier_study_file == "optuna.db":
+        old = tmp_path / "old-sweep"
+        old.mkdir()
+        optuna.copy_study(from_study_name="smoke",
+                          from_storage=read_storage(str(earlier / "optuna.log")),
+                          to_storage=f"sqlite:///{old}/optuna.db")
+        earlier = old
     cfg = compose(*TINY, f"sweep_dir={tmp_path}/warm", "name=warm", "search.num_trials=1",
                   "scheduler=none", "train.optimizer=sgd", f"search.warm_start={earlier}",
                   "search.space.train.lr=choice(0.05, 0.01)")  # 1e6 trials do not fit: left out
     run_sweep(cfg)
-    study = optuna.load_study(study_name="warm", storage=f"sqlite:///{tmp_path}/warm/optuna.db")
-    earlier_study = optuna.load_study(study_name="smoke",
-                                      storage=f"sqlite:///{earlier}/optuna.db")
+    study = sweep_study(tmp_path / "warm", "warm")
+    earlier_study = optuna.load_study(study_name="smoke", storage=read_storage(
+        resolve_warm_start(str(earlier), None)[0]))
     carried = [t for t in study.trials if "warm_start_from" in t.user_attrs]
     finished_before = [t for t in earlier_study.trials if t.state == TrialState.COMPLETE]
     # The earlier finished trials are in the new study before its own trial was sampled.

@@ -6,7 +6,7 @@ All tests here read the one session-wide sweep of ``conftest.smoke_sweep``.
 from __future__ import annotations
 
 import pytest
-from cli_helpers import trial_rows
+from cli_helpers import sweep_study, trial_rows
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,8 @@ def test_the_cli_exits_0_and_says_where_results_are(finished):
     sweep_dir = finished.sweep_dir
     assert f"Sweep directory: {sweep_dir}" in finished.stdout
     assert f"tensorboard --logdir {sweep_dir / 'tensorboard'}" in finished.stdout
+    assert f"Optuna study:    optuna-dashboard {sweep_dir / 'optuna.log'}" in finished.stdout
+    assert (sweep_dir / "optuna.log").is_file()
     assert "Best trials (val_accuracy, max):" in finished.stdout
 
 
@@ -88,12 +90,11 @@ def test_the_study_holds_every_epoch_of_every_trial(finished):
     """Issue 19: Optuna learns from what each trial really did. Ray calls the searcher's
     on_trial_result for no result on which ASHA says STOP, so before the fix trials stopped
     at the first rung reached the study with no value, and completed ones without their last.
-    The real optuna.db of the real sweep is compared with Tune's results, epoch by epoch."""
-    import optuna
+    The real study (optuna.log) of the real sweep is compared with Tune's results, epoch by
+    epoch."""
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name="smoke",
-                              storage=f"sqlite:///{finished.sweep_dir / 'optuna.db'}")
+    study = sweep_study(finished.sweep_dir, "smoke")
     by_tune_id = {trial.user_attrs["ray_trial_id"]: trial for trial in study.trials}
     rows = trial_rows(finished.sweep_dir)
     assert set(by_tune_id) == set(rows)
@@ -149,3 +150,21 @@ def test_the_summary_data_block_describes_fashion_mnist(finished):
                     "sizes": {"train": 2400, "val": 600, "test": 1000}}
     info = (finished.sweep_dir / "best_model.json").read_text()
     assert '"input_shape": [\n    28,\n    28\n  ]' in info
+
+
+def test_the_study_named_for_optuna_dashboard_is_a_file_of_the_folder_or_nothing(finished):
+    """The console's "Optuna study:" line: the journal by its path, a SQLite study of a sweep
+    begun before the journal by an absolute URL, and no line for a database elsewhere (its
+    URL may carry a password)."""
+    import dataclasses
+
+    from sweeper.layout import SweepLayout
+    from sweeper.summary import Summary, study_file
+
+    layout = SweepLayout(finished.sweep_dir)
+    summary = Summary.read(layout.summary)
+    assert study_file(summary, layout) == str(finished.sweep_dir / "optuna.log")
+    for storage, shown in (("sqlite:///optuna.db", f"sqlite:///{finished.sweep_dir}/optuna.db"),
+                           ("postgresql://user:secret@host/db", None)):
+        other = dataclasses.replace(summary, study={"storage": storage, "study_name": "smoke"})
+        assert study_file(other, layout) == shown

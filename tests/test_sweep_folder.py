@@ -9,9 +9,8 @@ import shutil
 import subprocess
 import sys
 
-import optuna
 import pytest
-from cli_helpers import cli_env, kill_tree, run_cli, start_cli, wait_for
+from cli_helpers import cli_env, kill_tree, run_cli, start_cli, sweep_study, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +41,7 @@ def test_one_driver_per_sweep_folder_and_a_refused_rerun_writes_nothing(tmp_path
         kill_tree(first)
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["num_trials"] == 3
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = sweep_study(sweep_dir, "smoke")
     assert len(study.trials) == 3
     assert len(list((sweep_dir / "trials").glob("trial_*"))) == 3
 
