@@ -804,6 +804,33 @@ def _rdb_batch(backend, values: list[tuple[int, int, float]]) -> bool:
     return True
 
 
+# Ray's OptunaSearch pickles the whole searcher, the study's storage included, at every save of
+# the experiment state (OptunaSearch.save: its __dict__). Optuna's JournalFileBackend keeps an
+# index of line offsets (_log_number_offset, Optuna 5.0: an entry per line read, never pruned)
+# that it pickles too, so each save grew with the study; a restored storage replays the file
+# from its start anyway. JournalFile pickles without it (anything else pickles as it was).
+def _journal_file_class() -> type:
+    from optuna.storages.journal import JournalFileBackend
+
+    class JournalFile(JournalFileBackend):
+        """Optuna's journal file backend, pickled without its index of line offsets."""
+
+        def __getstate__(self) -> dict:
+            state = self.__dict__.copy()
+            if "_log_number_offset" in state:
+                state["_log_number_offset"] = {0: 0}
+            return state
+
+    JournalFile.__module__, JournalFile.__qualname__ = __name__, "JournalFile"
+    return JournalFile
+
+
+def journal_file(path: str):
+    """Optuna's ``JournalFileBackend`` on ``path`` (created if missing), pickled without its
+    index of line offsets (see above)."""
+    return __getattr__("JournalFile")(path)
+
+
 def _journal_operation():
     """Optuna's journal operation code of an intermediate value, None if it moved."""
     try:
@@ -904,10 +931,15 @@ def _windowed_tpe_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    """``WindowedTPESampler`` is made on first use (and found by pickle when Tune restores the
-    searcher): the trial workers import this module and need no Optuna."""
-    if name == "WindowedTPESampler":
-        globals()[name] = _windowed_tpe_class()
+    """``WindowedTPESampler`` and ``JournalFile`` are made on first use (and found by pickle
+    when Tune restores the searcher): the trial workers import this module and need no
+    Optuna."""
+    makers = {"WindowedTPESampler": _windowed_tpe_class, "JournalFile": _journal_file_class}
+    if name in makers:
+        # Made once: the factories below call this directly, and a second class of the same
+        # name would make pickling the first one's objects fail ("not the same object").
+        if name not in globals():
+            globals()[name] = makers[name]()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

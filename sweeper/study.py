@@ -24,9 +24,9 @@ from pathlib import Path
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper.compat import journal_file
 from sweeper.config import ConfigError
 from sweeper.layout import SweepLayout
 
@@ -96,9 +96,9 @@ def open_journal(path: Path, owner: bool) -> JournalStorage:
     reads past it, but the next append would be joined to it and make the log unreadable from
     there), and the journal's own lock file when it is older than :data:`STALE_LOCK_S` (a live
     one is held for the milliseconds of one append; a killed driver's stays, and Optuna would
-    wait 30 s on it before taking over). Every append is
-    fsynced by Optuna, and the searcher writes its buffered epochs before each save of the
-    experiment state, so the append a kill interrupts (epochs of up to
+    wait 30 s on it before taking over). Every append is fsynced by Optuna, and the searcher
+    writes its buffered epochs before each save of the experiment state, so the append a kill
+    interrupts (epochs of up to
     :data:`sweeper.searcher.STUDY_WRITE_EVERY_S` seconds, or a trial's end) holds only what
     came after the last saved state: the resumed sweep trains those epochs again from the
     trials' checkpoints and reports and tells them anew. Nothing a resume needs is lost.
@@ -106,22 +106,7 @@ def open_journal(path: Path, owner: bool) -> JournalStorage:
     path.parent.mkdir(parents=True, exist_ok=True)
     if owner:
         _mend_journal(path)
-    return JournalStorage(_JournalFile(str(path)))
-
-
-class _JournalFile(JournalFileBackend):
-    """Optuna's journal file, pickled without its index of line offsets.
-
-    Ray's OptunaSearch pickles the whole searcher, the study's storage included, at every save
-    of the experiment state; the index (one entry per line read, never pruned) would make each
-    save grow with the study. A restored storage replays the file from its start anyway.
-    """
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        if "_log_number_offset" in state:  # Optuna 5.0's name; anything else pickles as is
-            state["_log_number_offset"] = {0: 0}
-        return state
+    return JournalStorage(journal_file(str(path)))
 
 
 STALE_LOCK_S = 10.0
