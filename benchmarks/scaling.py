@@ -7,9 +7,12 @@ trials that report like sweeper's trainer (metrics and a small checkpoint every 
 (:func:`sweeper.tuner.build_tuner`: sweeper's searcher with its study, on Optuna's journal
 file and, as before issue 26, on a SQLite file; its ASHA, its callbacks, its checkpoint
 settings) and through plain Ray Tune (random search, FIFO, its default loggers on and off).
-Each trial asks for ``2 / concurrency`` CPUs, so all of them run at once on 2 cores.
-Measured: the driver process's CPU time (user + system, over ``fit()``) per result, and
-results per second sustained over the run.
+Each trial asks for ``2 / concurrency`` CPUs, so all of them run at once on 2 cores (each is
+a Ray worker process of about 100 MB: 128 at once fit this machine's 24 GB, 256 do not).
+Measured: the driver process's CPU time (user + system, over ``fit()``) per result; results
+per second over the whole run (starting the workers included: Ray starts 2 at a time here)
+against the pace the trials set (trials at once / seconds between reports); and how busy the
+driver was (its CPU time over the wall time: past 1, one core, results wait for it).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def dummy_trial(config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch}))
             tune.report({"val_accuracy": value, "accuracy": value, "loss": 1.0 - value,
-                         "val_loss": 1.0 - value, "epoch": epoch},
+                         "val_loss": 1.0 - value, "epoch": epoch, "reported_at": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -94,11 +97,14 @@ def _measured(fit, profile: Path | None = None) -> tuple[float, float, object]:
 
 
 def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
-                epochs: int = EPOCHS, grace: int = GRACE, sqlite_study: bool = False):
+                epochs: int = EPOCHS, grace: int = GRACE, sqlite_study: bool = False,
+                trial_cpus: float | None = None):
     """(config, Tuner) of a sweep whose trials are :func:`dummy_trial`: the driver ``python -m
     sweeper`` builds for the smoke experiment (searcher and study, ASHA, callbacks, checkpoint
-    settings), restored from ``sweep_dir`` when a run there was interrupted. ``sqlite_study``:
-    the study on a SQLite file in the folder, as before issue 26 (now a journal file)."""
+    settings; at most ``concurrent`` trials at once), restored from ``sweep_dir`` when a run
+    there was interrupted. ``sqlite_study``: the study on a SQLite file in the folder, as before
+    issue 26 (now a journal file). ``trial_cpus``: the CPUs each trial asks for (default
+    ``2 / concurrent``, so that all of them fit on 2 cores at once)."""
     from ray import tune
 
     from sweeper.layout import SweepLayout
@@ -106,15 +112,16 @@ def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
     from sweeper.sweep import validated
     from sweeper.tuner import build_tuner
 
+    trial_cpus = trial_cpus or 2 / concurrent
     cfg, space = validated(sweeper_config([
         "+experiment=smoke", "data=fashion_mnist", f"train.epochs={epochs}",
         f"search.num_trials={trials}", f"resources.max_concurrent_trials={concurrent}",
-        f"resources.cpu_per_trial={2 / concurrent}", f"scheduler.grace_period={grace}",
+        f"resources.cpu_per_trial={trial_cpus}", f"scheduler.grace_period={grace}",
         f"sweep_dir={sweep_dir}", "name=scaling"]))
     layout = SweepLayout.for_config(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_with_settings, epochs=epochs, interval=interval),
-        {"cpu": 2 / concurrent})
+        {"cpu": trial_cpus})
     location = (f"{SQLITE_PREFIX}{layout.root / layout.SQLITE_STUDY}" if sqlite_study
                 else study_location(None, layout.root))
     return cfg, build_tuner(cfg, space, None, layout, open_storage(location),
@@ -123,7 +130,7 @@ def dummy_sweep(sweep_dir: Path, concurrent: int, interval: float, trials: int,
 
 def sweeper_driver(workdir: Path, concurrent: int, interval: float, trials: int | None = None,
                    profile: Path | None = None, forced_snapshots: bool = False,
-                   sqlite_study: bool = False) -> DriverRun:
+                   sqlite_study: bool = False, epochs: int = EPOCHS) -> DriverRun:
     """Dummy trials through sweeper's driver (:func:`dummy_sweep`).
 
     ``forced_snapshots``: as before issue 26, Tune saves the experiment state at every trial
@@ -139,8 +146,9 @@ def sweeper_driver(workdir: Path, concurrent: int, interval: float, trials: int 
     label = ("sweeper, a state save per checkpoint (before)" if forced_snapshots
              else "sweeper, SQLite study (before)" if sqlite_study else "sweeper")
     folder = workdir / (f"sweeper{'-forced' * forced_snapshots}{'-sqlite' * sqlite_study}"
-                        f"-{concurrent}-{interval:g}")
-    cfg, tuner = dummy_sweep(folder, concurrent, interval, trials, sqlite_study=sqlite_study)
+                        f"-{concurrent}-{interval:g}-{trials}x{epochs}")
+    cfg, tuner = dummy_sweep(folder, concurrent, interval, trials, epochs=epochs,
+                             grace=min(GRACE, epochs), sqlite_study=sqlite_study)
 
     def fit():
         before = (mock.patch("sweeper.tuner.snapshots_on_a_timer", contextlib.nullcontext)
@@ -173,7 +181,7 @@ def _results_counter():
 
 
 def plain_tune_driver(workdir: Path, concurrent: int, interval: float, loggers: bool,
-                      trials: int | None = None) -> DriverRun:
+                      trials: int | None = None, epochs: int = EPOCHS) -> DriverRun:
     """The same dummy trials through plain Ray Tune: random search, FIFO, Tune's defaults."""
     from ray import tune
 
@@ -181,12 +189,12 @@ def plain_tune_driver(workdir: Path, concurrent: int, interval: float, loggers: 
     counter = _results_counter()
     tuner = tune.Tuner(
         tune.with_resources(dummy_trial, {"cpu": 2 / concurrent}),
-        param_space={"train.lr": tune.loguniform(1e-4, 3e-2), "epochs": EPOCHS,
+        param_space={"train.lr": tune.loguniform(1e-4, 3e-2), "epochs": epochs,
                      "interval": interval},
         tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="plain", verbose=0, callbacks=[counter], storage_path=str(
-            workdir / f"plain-{loggers}-{concurrent}-{interval:g}")),
+            workdir / f"plain-{loggers}-{concurrent}-{interval:g}-{trials}x{epochs}")),
     )
     key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
     saved = os.environ.get(key)
@@ -195,21 +203,50 @@ def plain_tune_driver(workdir: Path, concurrent: int, interval: float, loggers: 
         wall, cpu, _ = _measured(tuner.fit)
     finally:
         os.environ.pop(key) if saved is None else os.environ.update({key: saved})
-    results = counter.count
     label = "Ray Tune, default loggers" if loggers else "Ray Tune, no loggers"
-    return DriverRun(label, concurrent, interval, trials, results, wall, cpu)
+    return DriverRun(label, concurrent, interval, trials, counter.count, wall, cpu)
+
+
+# Past this many trials at once the drivers from before issue 26 are left out: a state save
+# per checkpoint is O(trials) a result (minutes a size), and their figures at the default sizes
+# already tell the story.
+BEFORE_UP_TO = 32
 
 
 def measure(workdir: Path, sizes=DEFAULT_SIZES) -> list[dict]:
-    """All drivers at each size, one after the other in this process."""
+    """All drivers at each size, one after the other in this process (the drivers from before
+    issue 26 up to BEFORE_UP_TO trials at once)."""
     rows = []
     for concurrent, interval in sizes:
         rows.append(plain_tune_driver(workdir, concurrent, interval, loggers=False).row())
         rows.append(plain_tune_driver(workdir, concurrent, interval, loggers=True).row())
-        rows.append(sweeper_driver(workdir, concurrent, interval, forced_snapshots=True).row())
-        rows.append(sweeper_driver(workdir, concurrent, interval, sqlite_study=True).row())
+        if concurrent <= BEFORE_UP_TO:
+            rows.append(sweeper_driver(workdir, concurrent, interval,
+                                       forced_snapshots=True).row())
+            rows.append(sweeper_driver(workdir, concurrent, interval, sqlite_study=True).row())
         rows.append(sweeper_driver(workdir, concurrent, interval).row())
     return rows
+
+
+# Ray Tune's release test bookkeeping_overhead (release/tune_tests/scalability_tests): 10 000
+# trials of one second, one result each, on 16 CPUs in at most 800 s against the ideal 625 s.
+# Here: (trials, trials at once, seconds a trial).
+BOOKKEEPING = (2000, 16, 1.0)
+
+
+def bookkeeping(workdir: Path, trials: int = BOOKKEEPING[0], concurrent: int = BOOKKEEPING[1],
+                trial_s: float = BOOKKEEPING[2]) -> list[dict]:
+    """Ray Tune's bookkeeping test scaled to this machine: ``trials`` trials of one epoch of
+    ``trial_s`` seconds (one result with its checkpoint), ``concurrent`` at once (each asking
+    ``2 / concurrent`` CPUs), through plain Ray Tune (default loggers, random search, FIFO, as
+    the release test; its TUNE_GLOBAL_CHECKPOINT_S tweak left out) and through sweeper's driver
+    (TPE on the journal study, ASHA, callbacks). Rows of :class:`DriverRun` with the ideal wall
+    time ``trials * trial_s / concurrent`` (seconds) beside the measured one."""
+    ideal = trials * trial_s / concurrent
+    runs = (plain_tune_driver(workdir, concurrent, trial_s, loggers=True, trials=trials,
+                              epochs=1),
+            sweeper_driver(workdir, concurrent, trial_s, trials=trials, epochs=1))
+    return [{**run.row(), "ideal_s": ideal} for run in runs]
 
 
 SEARCHER_SIZES = (100, 1000, 5000)

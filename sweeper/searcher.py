@@ -108,7 +108,11 @@ class PruningOptunaSearch(OptunaSearch):
         return compat.searcher_completed(self)
 
     def _live_trials(self) -> int:
-        return sum(1 for trial_id in self._trials if trial_id not in self._completed)
+        # Every trial told complete is one of the trials asked for (Ray's OptunaSearch and
+        # on_trial_complete below add an id to the completed set only after finding its
+        # trial), so this is a difference of sizes: Tune asks for a trial at nearly every step
+        # of its loop, and a count over every trial of the sweep made each ask O(trials).
+        return len(self._trials) - len(self._completed)
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._trials and TIME_BUDGET.expired():

@@ -179,3 +179,32 @@ def test_the_final_retrain_takes_the_machine_only_where_it_is_the_sweeps(
     from sweeper.trial import retrain_cpus
 
     assert retrain_cpus(compose("+experiment=smoke", *overrides), ray_cpus) == cpus
+
+
+def test_a_real_sweep_never_runs_more_trials_at_once_than_its_limit(ray_local, tmp_path):
+    """resources.max_concurrent_trials through Ray Tune itself: 6 dummy trials (the scaling
+    benchmark's, through the driver a sweep builds), a limit of 2, each trial asking a quarter
+    CPU so that Ray alone would run 8 at once. The searcher holds the limit (it counts its live
+    trials at every step of Tune's loop: issue 26 made that count O(1)); every trial ends."""
+    import json
+
+    from benchmarks.scaling import dummy_sweep
+
+    cfg, tuner = dummy_sweep(tmp_path / "sweep", concurrent=2, interval=1.0, trials=6,
+                             epochs=3, grace=3, trial_cpus=0.25)
+    with tune_settings(cfg):
+        grid = tuner.fit()
+    spans = []
+    for result in grid:
+        rows = [json.loads(line) for line in
+                (Path(result.path) / "result.json").read_text().splitlines()]
+        assert [row["epoch"] for row in rows] == [1, 2, 3]
+        # From the start of its first epoch (1 s before its first report) to its last report.
+        spans.append((rows[0]["reported_at"] - 1.0, rows[-1]["reported_at"]))
+    assert len(spans) == 6
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    at_once, most = 0, 0
+    for _, step in edges:
+        at_once += step
+        most = max(most, at_once)
+    assert most == 2, spans
