@@ -107,10 +107,13 @@ def _sizes(text: str) -> tuple[tuple[int, float], ...]:
 def _bookkeeping(text: str) -> tuple[int, int, float]:
     try:
         trials, at_once, seconds = text.split(":")
-        return int(trials), int(at_once), float(seconds)
+        parsed = int(trials), int(at_once), float(seconds)
     except ValueError:
+        parsed = (0, 0, 0.0)
+    if min(parsed) <= 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give TRIALS:AT_ONCE:SECONDS, e.g. 2000:16:1") from None
+            f"{text!r}: give TRIALS:AT_ONCE:SECONDS, all above 0, e.g. 2000:16:1")
+    return parsed
 
 
 def _draw(figures: dict, folder: Path) -> None:
@@ -147,10 +150,10 @@ def _render(figures: dict) -> str:
         sections.append(_search_section(figures["search"]))
     if "scaling" in figures:
         sections.append(_scaling_section(figures["scaling"]))
-    if "bookkeeping" in figures:
-        sections.append(_bookkeeping_section(figures["bookkeeping"]))
     if "worker_memory" in figures:
         sections.append(_worker_memory_section(figures["worker_memory"]))
+    if "bookkeeping" in figures:
+        sections.append(_bookkeeping_section(figures["bookkeeping"]))
     return "\n".join(sections)
 
 
@@ -392,14 +395,15 @@ def _bookkeeping_section(result: dict) -> str:
            f"{first['interval_s']:g} s and reports it with a checkpoint; each asks "
            f"2 / {first['concurrent']} CPUs. Plain Ray Tune as in the release test (default "
            "loggers, random search, FIFO; its TUNE_GLOBAL_CHECKPOINT_S tweak left out) and "
-           "sweeper's driver (TPE on the journal study, ASHA, callbacks), one after the other. "
-           "Ideal: trials x seconds / trials at once; the measured wall time includes starting "
-           "the Ray workers (at most 2 at a time on this machine).")
+           "sweeper's driver (TPE on the journal study, ASHA, callbacks): one run each, plain "
+           "Tune first. Ideal: trials x seconds / trials at once; the measured wall time "
+           "includes starting the Ray workers (Ray starts as many at a time as the node has "
+           "CPUs).")
     table = markdown_table(
         ["driver", "trials", "results", "wall s", "ideal s", "wall against ideal",
          "driver CPU ms a trial"],
         [[row["driver"], row["trials"], row["results"], f"{row['wall_s']:.0f}",
-          f"{row['ideal_s']:.0f}", f"{row['wall_s'] / row['ideal_s']:.2f}x",
+          f"{row['ideal_s']:g}", f"{row['wall_s'] / row['ideal_s']:.2f}x",
           f"{1000 * row['cpu_s'] / row['trials']:.1f}"] for row in rows])
     load = ", ".join(f"{value:.1f}" for value in result["load"])
     return (f"## 7. Bookkeeping: {first['trials']} trials of {first['interval_s']:g} s, "

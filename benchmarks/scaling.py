@@ -8,9 +8,11 @@ trials that report like sweeper's trainer (metrics and a small checkpoint every 
 file and, as before issue 26, on a SQLite file; its ASHA, its callbacks, its checkpoint
 settings) and through plain Ray Tune (random search, FIFO, its default loggers on and off).
 Each trial asks for ``2 / concurrency`` CPUs, so all of them run at once on 2 cores (each is
-a Ray worker process of about 100 MB: 128 at once fit this machine's 24 GB, 256 do not).
+a Ray worker process: about 95 MB on the 2-core test machine, where 64 trials at once took 6 GB,
+so 128 fit its 24 GB and 256 do not).
 Measured: the driver process's CPU time (user + system, over ``fit()``) per result; results
-per second over the whole run (starting the workers included: Ray starts 2 at a time here)
+per second over the whole run (starting the workers included: Ray starts as many at a time as
+the node has CPUs)
 against the pace the trials set (trials at once / seconds between reports); and how busy the
 driver was (its CPU time over the wall time: past 1, one core, results wait for it).
 """

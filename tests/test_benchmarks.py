@@ -253,3 +253,22 @@ def test_the_cnn_tuned_record_sets_each_sweep_in_its_own_column_with_its_own_loa
         line for line in text.splitlines() if line.startswith("| ")]
     assert f"(folder `{smoke_sweep.sweep_dir.name}`, 2026-12-01 05:00-06:00 UTC)" in again
     assert cnn_tuned.recorded_run("cnn_wide", results) is None
+
+
+def test_the_bookkeeping_table_sets_each_drivers_wall_time_against_the_ideal():
+    import argparse
+
+    from benchmarks.__main__ import _bookkeeping, _bookkeeping_section
+
+    rows = [{"driver": "Ray Tune, default loggers", "concurrent": 8, "interval_s": 0.5,
+             "trials": 40, "results": 40, "wall_s": 35.0, "cpu_s": 2.0, "ideal_s": 2.5},
+            {"driver": "sweeper", "concurrent": 8, "interval_s": 0.5, "trials": 40,
+             "results": 40, "wall_s": 5.0, "cpu_s": 1.0, "ideal_s": 2.5}]
+    text = _bookkeeping_section({"rows": rows, "load": [1.0, 2.0, 3.0]})
+    assert "## 7. Bookkeeping: 40 trials of 0.5 s, 8 at once" in text
+    assert "| Ray Tune, default loggers | 40 | 40 | 35 | 2.5 | 14.00x | 50.0 |" in text
+    assert "| sweeper | 40 | 40 | 5 | 2.5 | 2.00x | 25.0 |" in text
+    assert _bookkeeping("2000:16:1") == (2000, 16, 1.0)
+    for wrong in ("0:0:1", "5:x:1", "5:2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="all above 0"):
+            _bookkeeping(wrong)
