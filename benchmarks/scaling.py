@@ -12,9 +12,9 @@ a Ray worker process: about 95 MB on the 2-core test machine, where 64 trials at
 so 128 fit its 24 GB and 256 do not).
 Measured: the driver process's CPU time (user + system, over ``fit()``) per result; results
 per second over the whole run (starting the workers included: Ray starts as many at a time as
-the node has CPUs)
-against the pace the trials set (trials at once / seconds between reports); and how busy the
-driver was (its CPU time over the wall time: past 1, one core, results wait for it).
+the node has CPUs) against the pace the trials set (trials at once / seconds between reports);
+and how busy the driver was (its CPU time over the wall time: past 1, one core, results wait
+for it).
 """
 
 from __future__ import annotations

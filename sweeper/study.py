@@ -4,7 +4,7 @@ The study outlives the driver, ``optuna-dashboard`` can watch it while the sweep
 and a later sweep can learn from it. By default it is Optuna's journal file in the sweep
 folder (``optuna.log``: ``JournalStorage`` on ``JournalFileBackend``): an append-only log that
 the driver replays in memory, so reading the study for each suggestion costs no database
-query. With 256 trials running, a trial's ask and tell cost 49x less than on a SQLite file
+query. With 256 trials running, a trial's ask and tell cost 58x less than on a SQLite file
 (benchmarks/RESULTS.md section 5, ``benchmarks.scaling.study_cost``; issue 26).
 ``search.storage`` names a database instead (Optuna's RDB storage: ``sqlite:///...``,
 ``postgresql://...``), and a sweep folder begun with a SQLite study (``optuna.db``, sweeper
