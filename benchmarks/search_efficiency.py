@@ -21,7 +21,7 @@ NUM_TRIALS = 16
 # name -> (folder slug, overrides); the first three are the comparison the issue asks for, the
 # last measures one lever: sweeper's ASHA, which also compares a trial at a rung with what the
 # others reached in fewer epochs, against Ray's ASHA as it is. (An earlier run measured the joint
-# TPE model against one model per parameter the same way: see the README's Performance section.)
+# TPE model against one model per parameter the same way: docs/PERFORMANCE.md, "Search efficiency".)
 METHODS = {
     "TPE + ASHA": ("tpe-asha", ["search=tpe", "scheduler=asha"]),
     "TPE, no early stopping": ("tpe-full", ["search=tpe", "scheduler=none"]),
