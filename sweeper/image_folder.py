@@ -20,14 +20,17 @@ reads the format; TIFF it does not read):
 
 - EXIF orientation (JPEG, TIFF, WebP, PNG) is applied first
   (``PIL.ImageOps.exif_transpose``): the pixels as a photo viewer shows them. Keras
-  does not apply it; a phone photo stored sideways would train sideways.
+  does not apply it; a phone photo stored sideways would train sideways. A file whose
+  decoded size is not the one its header shows is refused (Pillow 13.0 scrambles an
+  uncompressed TIFF that its orientation tag turns).
 - ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``YCbCr``, ``HSV``: Pillow's ``convert`` to
   ``L`` or ``RGB`` (grayscale to rgb repeats the value; colour to grayscale is
   ITU-R 601-2 luma, ``L = R * 299/1000 + G * 587/1000 + B * 114/1000``).
 - Alpha (``LA``, ``La``, ``RGBA``, ``RGBa``, ``PA``, ``P`` with transparency) is
   dropped, as Keras drops it for rgb and grayscale: each pixel keeps its colour as if
   opaque (premultiplied colour is un-premultiplied first). Palette images with
-  transparency go through ``RGBA`` (the transparent entries keep their palette colour).
+  transparency go through ``RGBA`` (the transparent entries keep their palette colour, as
+  Keras keeps it for PNG; its GIF decoder makes them black).
 - ``CMYK`` (JPEG, TIFF): Pillow's conversion to RGB, ``255 - min(255, C + K)`` per
   channel; no colour profile is applied (Keras applies none either).
 - ``LAB`` (TIFF): converted to sRGB with Pillow's ImageCms (littlecms).
@@ -219,6 +222,19 @@ def _orientation(image) -> int:
         return 1
 
 
+def _shown_size(image) -> tuple[int, int]:
+    """An opened (not yet loaded) image's (height, width) as shown, its EXIF orientation
+    applied (a PNG's eXIf chunk after its pixels aside)."""
+    width, height = image.size
+    if image.format == "TIFF":
+        # The stored size: Pillow 13 reports a TIFF's size with its orientation applied (it
+        # turns TIFFs itself when loading), older versions do not.
+        width, height = image.tag_v2.get(256, width), image.tag_v2.get(257, height)
+    if _orientation(image) in SIDEWAYS:
+        height, width = width, height
+    return height, width
+
+
 def read_header(path: Path) -> tuple[tuple[int, int], str]:
     """An image file's (height, width) as shown (its EXIF orientation applied) and Pillow
     mode, from its header.
@@ -231,14 +247,7 @@ def read_header(path: Path) -> tuple[tuple[int, int], str]:
     try:
         with Image.open(path) as image:
             _refuse_mode(image.mode)
-            width, height = image.size
-            if image.format == "TIFF":
-                # The stored size: Pillow 13 reports a TIFF's size with its orientation
-                # applied (it turns TIFFs itself when loading), older versions do not.
-                width, height = image.tag_v2.get(256, width), image.tag_v2.get(257, height)
-            if _orientation(image) in SIDEWAYS:
-                height, width = width, height
-            return (height, width), image.mode
+            return _shown_size(image), image.mode
     except UndecodableImage:
         raise
     except _pillow_errors() as error:
@@ -288,8 +297,15 @@ def decode_image(path: str | Path, color_mode: str,
     try:
         with Image.open(path) as image:
             _refuse_mode(image.mode)
+            shown = _shown_size(image)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
+            if image.format != "PNG" and (image.height, image.width) != shown:
+                # Pillow 13.0 scrambles an uncompressed TIFF its orientation tag turns.
+                raise UndecodableImage(
+                    f"Pillow decodes it to {image.height}x{image.width} pixels, its header "
+                    f"says {shown[0]}x{shown[1]}; save it again (a TIFF with compression, "
+                    "e.g. LZW)")
             converted = to_model_mode(image, color_mode)
     except UndecodableImage:
         raise

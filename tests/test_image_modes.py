@@ -137,10 +137,14 @@ def write(path: Path, kind: str) -> tuple[np.ndarray, int]:
         assert image.mode == "I;16B"
         image.save(path)
         return np.repeat(GRAY[..., None], 3, -1), 0
-    if kind == "EXIF 6":
+    if kind.startswith("EXIF 6"):
         image, exif = exif_rotated(COLOUR)
-        if path.suffix == ".tif":  # LZW: Pillow 13 misreads an uncompressed turned TIFF
+        if kind == "EXIF 6 uncompressed":
+            image.save(path, exif=exif)
+        elif path.suffix == ".tif":
             image.save(path, exif=exif, compression="tiff_lzw")
+        elif path.suffix == ".webp":
+            image.save(path, exif=exif, lossless=True)
         else:
             image.save(path, exif=exif, **JPEG)
         # A missed or wrong turn differs by over 200 levels; JPEG's loss at these edges by 18.
@@ -164,7 +168,7 @@ DECODED = [
     ("CMYK", "jpg", "CMYK"), ("CMYK", "tif", "CMYK"), ("YCbCr", "tif", "YCbCr"),
     ("LAB", "tif", "LAB"), ("I;16 x*257", "png", "I;16"), ("I;16 any low byte", "png", "I;16"),
     ("I;16 x*257", "tif", "I;16"), ("I;16B", "tif", "I;16B"), ("EXIF 6", "jpg", "RGB"),
-    ("EXIF 6", "tif", "RGB"),
+    ("EXIF 6", "tif", "RGB"), ("EXIF 6", "webp", "RGB"),
 ]
 
 
@@ -189,6 +193,19 @@ def test_each_image_mode_decodes_to_the_pixels_it_shows(tmp_path, kind, suffix, 
         assert pixels.dtype == np.uint8 and pixels.shape == expected.shape, color_mode
         difference = np.abs(pixels.astype(int) - expected.astype(int)).max()
         assert difference <= tolerance, (color_mode, difference)
+
+
+def test_a_turned_image_pillow_decodes_to_another_size_is_refused_never_wrong(tmp_path):
+    """Pillow 13.0 scrambles an uncompressed TIFF that its orientation tag turns (a
+    compressed one it reads right): the right pixels, or refused in one line."""
+    path = tmp_path / "image.tif"
+    rgb, _ = write(path, "EXIF 6 uncompressed")
+    try:
+        pixels = decode_image(path, "rgb")
+    except UndecodableImage as error:
+        assert "Pillow decodes it to 24x28 pixels, its header says 28x24" in str(error)
+    else:
+        assert np.array_equal(pixels, rgb)
 
 
 @pytest.mark.parametrize(("kind", "what"), [("I", "32-bit integer"), ("F", "32-bit float")])
