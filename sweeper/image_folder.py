@@ -31,8 +31,8 @@ reads the format; TIFF it does not read):
   opaque (premultiplied colour is un-premultiplied first). Palette images with
   transparency go through ``RGBA`` (the transparent entries keep their palette colour, as
   Keras keeps it for PNG; its GIF decoder makes them black).
-- ``CMYK`` (JPEG, TIFF): Pillow's conversion to RGB, ``255 - min(255, C + K)`` per
-  channel; no colour profile is applied (Keras applies none either).
+- ``CMYK`` (JPEG, TIFF): Pillow's conversion to RGB, ``R = (255 - C) * (255 - K) / 255``
+  (G from M, B from Y); no colour profile is applied (Keras applies none either).
 - ``LAB`` (TIFF): converted to sRGB with Pillow's ImageCms (littlecms).
 - 16-bit grayscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``: 16-bit PNG and TIFF):
   scaled by its range, ``x >> 8`` (x / 257 rounded down), as TensorFlow's PNG decoder

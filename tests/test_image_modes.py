@@ -20,7 +20,7 @@ import pytest
 from cli_helpers import run_cli
 from data_helpers import FOLDER_CLASSES, class_images
 
-from sweeper.config import DataConfig
+from sweeper.config import ConfigError, DataConfig
 from sweeper.data import load_splits
 from sweeper.image_folder import UndecodableImage, decode_image, load_image_folder, read_header
 
@@ -316,6 +316,21 @@ def test_files_that_cannot_be_decoded_are_skipped_with_a_warning_naming_each(tmp
     for path in sorted(bad)[:5]:  # the warning shows five, in file order
         assert re.search(re.escape(f"{path} (") + "[^/]*" + bad[path], shown), path
     assert len(arrays["y_train"]) + len(arrays["y_test"]) == 18
+
+
+def test_a_folder_without_one_decodable_file_is_refused_saying_why(tmp_path):
+    from PIL import Image
+
+    for name in ("bags", "shirts"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_text("not a picture\n")
+        Image.fromarray(np.zeros((28, 28), np.float32)).save(tmp_path / name / "b.tif")
+    with pytest.raises(ConfigError) as caught:
+        load_image_folder(folder_config(tmp_path))
+    assert caught.value.key == "data.path"
+    assert caught.value.allowed == (
+        f"none of its 4 image files can be decoded, e.g. {tmp_path / 'bags' / 'a.png'} (not an "
+        "image file Pillow can identify)")
 
 
 @pytest.fixture
