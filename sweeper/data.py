@@ -179,10 +179,12 @@ def download_mnist(url: str, sha256: str | None) -> Path:
 def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
     """Images as uint8 pixels 0-255, converted only where the meaning is clear.
 
-    uint8 is kept; other integers in 0-255 are cast; floats in [0, 1] (images already scaled,
-    as many pipelines keep them) are multiplied by 255 and rounded; floats in [0, 255] are
-    rounded. Anything else is refused: a plain cast of [0, 1] floats made nearly every pixel 0
-    and trained to chance with exit 0 (issue 20). Each float conversion is logged.
+    uint8 is kept; other integers in 0-255 are cast; uint16 beyond 255 (16-bit pixels) is
+    scaled by its range, ``x >> 8``, as 16-bit image files are (:mod:`sweeper.image_folder`);
+    floats in [0, 1] (images already scaled, as many pipelines keep them) are multiplied by
+    255 and rounded; floats in [0, 255] are rounded. Anything else is refused: a plain cast of
+    [0, 1] floats made nearly every pixel 0 and trained to chance with exit 0 (issue 20). Each
+    conversion but the cast is logged.
 
     Raises:
         ConfigError: booleans or other types, values outside 0-255, or NaN/infinite values.
@@ -196,10 +198,15 @@ def to_pixels(images: np.ndarray, name: str, source: str) -> np.ndarray:
     if kind == "f" and images.size and not np.isfinite(images).all():
         raise ConfigError("data.path", source, f"{name} holds NaN or infinite values")
     low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+    if images.dtype == np.uint16 and high > 255:
+        logger.warning("%s holds 16-bit pixels (uint16 up to %d): scaled to 0-255 by their "
+                       "range (x >> 8), as 16-bit PNGs are", name, high)
+        return (images >> 8).astype(np.uint8)
     if low < 0 or high > 255:
         raise ConfigError("data.path", source,
-                          f"{name} values lie in [{low:g}, {high:g}]; expected pixels: uint8 "
-                          "0-255, or floats in [0, 1] or [0, 255] (not standardized values)")
+                          f"{name} values lie in [{low:g}, {high:g}] ({images.dtype}); expected "
+                          "pixels: uint8 0-255, uint16 16-bit pixels, or floats in [0, 1] or "
+                          "[0, 255] (not standardized values)")
     if kind == "f" and high <= 1.0:
         logger.warning("%s holds floats in [0, 1]: scaled by 255 to uint8 pixels", name)
         return np.rint(images * 255.0).astype(np.uint8)
@@ -221,7 +228,8 @@ def image_shape_problem(shape: tuple[int, ...]) -> str | None:
 def check_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """Refuse arrays that cannot be images and labels: shapes (N, H, W) or (N, H, W, C) with
     C in 1, 3, 4, the same image shape in train and test, one integer label per image
-    ((N,) or Keras' (N, 1)); images become uint8 pixels (:func:`to_pixels`)."""
+    ((N,) or Keras' (N, 1)), integers or strings; images become uint8 pixels
+    (:func:`to_pixels`)."""
     for split in ("train", "test"):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         problem = image_shape_problem(images.shape)
@@ -234,12 +242,15 @@ def check_arrays(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.nda
             raise ConfigError("data.path", source,
                               f"y_{split} has shape {labels.shape}; expected ({images.shape[0]},)"
                               f": one label for each of the {images.shape[0]} images of x_{split}")
-        if labels.dtype.kind not in "iu" and not (
+        if labels.dtype.kind in "US":  # class names as labels: named by themselves
+            arrays[f"y_{split}"] = labels.astype(str)
+        elif labels.dtype.kind in "iu" or (
                 labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+            arrays[f"y_{split}"] = labels.astype(np.int64)
+        else:
             raise ConfigError("data.path", source, f"y_{split} holds {labels.dtype} values; "
-                              "expected integer class labels")
+                              "expected integer class labels or class names (strings)")
         arrays[f"x_{split}"] = to_pixels(images, f"x_{split}", source)
-        arrays[f"y_{split}"] = labels.astype(np.int64)
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise ConfigError("data.path", source,
                           f"x_train holds images of shape {arrays['x_train'].shape[1:]} and x_test "
@@ -262,7 +273,8 @@ def encode_labels(arrays: dict[str, np.ndarray], source: str,
     as they are, and a class absent from the data keeps its place).
 
     Raises:
-        ConfigError: names that match neither way.
+        ConfigError: names that match neither way, or labels of both kinds (numbers in one
+            split, strings in the other).
     """
     if names is None and NPZ_CLASS_NAMES in arrays:
         given = arrays[NPZ_CLASS_NAMES]
@@ -270,8 +282,15 @@ def encode_labels(arrays: dict[str, np.ndarray], source: str,
             raise ConfigError("data.path", source, f"{NPZ_CLASS_NAMES} has shape {given.shape}; "
                               "expected one name per class")
         names = [str(name) for name in given.tolist()]
+    kinds = {arrays[split].dtype.kind in "US" for split in ("y_train", "y_test")}
+    if len(kinds) > 1:
+        raise ConfigError("data.path", source, "y_train and y_test hold labels of different "
+                          f"kinds ({arrays['y_train'].dtype}, {arrays['y_test'].dtype}); give "
+                          "both as integers or both as class names")
     values = np.unique(np.concatenate([arrays["y_train"], arrays["y_test"]]))
-    if names is not None and values.size and values.min() >= 0 and values.max() < len(names):
+    numbers = values.dtype.kind in "iu"
+    if (names is not None and numbers and values.size and values.min() >= 0
+            and values.max() < len(names)):
         mapped = {split: arrays[split] for split in ("y_train", "y_test")}
     elif names is None or len(names) == len(values):
         mapped = {split: np.searchsorted(values, arrays[split]) for split in ("y_train", "y_test")}
@@ -279,7 +298,7 @@ def encode_labels(arrays: dict[str, np.ndarray], source: str,
     else:
         raise ConfigError("data.path", source,
                           f"{len(names)} class names for {len(values)} distinct labels "
-                          f"({values.min()}..{values.max()}); give one name per distinct label "
+                          f"({values[0]}..{values[-1]}); give one name per distinct label "
                           "(sorted) or one per label value 0..K-1")
     dtype = label_dtype(len(names))
     return {**arrays, **{key: value.astype(dtype) for key, value in mapped.items()},

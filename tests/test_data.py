@@ -123,6 +123,52 @@ def test_npz_of_images_scaled_to_0_1_gets_its_pixels_back(tmp_path):
     assert np.array_equal(loaded["x_test"], arrays["x_test"])
 
 
+def fashion_pixels() -> dict[str, np.ndarray]:
+    """40 training and 10 test images of real Fashion-MNIST (classes 0, 1 and 7)."""
+    from data_helpers import class_images
+
+    x = np.concatenate([class_images(label, 17) for label in (0, 1, 7)])[:50]
+    y = np.repeat(np.array([0, 1, 7], np.uint8), 17)[:50]
+    return {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
+
+
+# Issue 41: image arrays of other types than uint8, as pipelines save them; each must load as
+# the very uint8 pixels it was made from (16-bit as 16-bit PNGs decode: x >> 8).
+PIXEL_TYPES = {
+    "uint16 made as x * 257": lambda x: x.astype(np.uint16) * 257,
+    "uint16 of any low byte": lambda x: x.astype(np.uint16) * 256 + (255 - x),
+    "uint16 holding 0-255": lambda x: x.astype(np.uint16),
+    "int64 holding 0-255": lambda x: x.astype(np.int64),
+    "float16 in [0, 1]": lambda x: (x / 255).astype(np.float16),
+    "float32 in [0, 1]": lambda x: (x / 255).astype(np.float32),
+    "float64 in [0, 255]": lambda x: x.astype(np.float64),
+}
+
+
+@pytest.mark.parametrize("kind", PIXEL_TYPES)
+def test_npz_pixels_of_any_type_load_as_the_uint8_pixels_they_were_made_from(tmp_path, kind):
+    arrays = fashion_pixels()
+    made = {**arrays, **{key: PIXEL_TYPES[kind](arrays[key]) for key in ("x_train", "x_test")}}
+    loaded = load_arrays(DataConfig(path=str(save_npz(tmp_path / "p.npz", **made))))
+    for key in ("x_train", "x_test"):
+        assert loaded[key].dtype == np.uint8 and np.array_equal(loaded[key], arrays[key]), key
+
+
+def test_npz_labels_that_are_class_names_name_the_classes(tmp_path):
+    arrays = fashion_pixels()
+    names = {0: "T-shirt", 1: "Trouser", 7: "Sneaker"}
+    as_names = {key: np.array([names[int(label)] for label in arrays[key]])
+                for key in ("y_train", "y_test")}
+    loaded = load_arrays(DataConfig(path=str(save_npz(tmp_path / "n.npz",
+                                                      **{**arrays, **as_names}))))
+    assert loaded["class_names"].tolist() == ["Sneaker", "T-shirt", "Trouser"]
+    for key in ("y_train", "y_test"):
+        assert [loaded["class_names"][label] for label in loaded[key]] == as_names[key].tolist()
+    mixed = {**arrays, "y_train": as_names["y_train"]}
+    with pytest.raises(ConfigError, match="labels of different kinds"):
+        load_arrays(DataConfig(path=str(save_npz(tmp_path / "m.npz", **mixed))))
+
+
 SPLIT_MISTAKES = [
     # (validation_fraction, max_train_samples, labels, key, words): issue 20's 0.99 of 20.
     (0.99, 20, None, "train.validation_fraction", "the training split is empty"),
@@ -169,6 +215,9 @@ BAD_NPZ = [
     ("lengths differ", lambda a: bad(a, y_test=a["y_test"][:-1]), "y_test has shape"),
     ("pixels out of range", lambda a: bad(a, x_train=a["x_train"] * 300.0),
      "expected pixels: uint8 0-255"),
+    # Issue 41: integers beyond 255 but not 16-bit pixels (uint16) have no agreed range.
+    ("int64 beyond 255", lambda a: bad(a, x_train=a["x_train"].astype(np.int64) * 16),
+     "(int64); expected pixels: uint8 0-255, uint16 16-bit pixels"),
     # Issue 20: standardized images (mean 0, std 1) were cast to uint8 and trained to chance.
     ("standardized", lambda a: bad(a, x_train=(a["x_train"] - 127.5) / 73.0), "not standardized"),
     ("NaN pixels", lambda a: bad(a, x_train=np.full((40, 28, 28), np.nan, np.float32)), "NaN"),
