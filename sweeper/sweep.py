@@ -34,6 +34,7 @@ from sweeper.config import (
     validate_trial_settings,
 )
 from sweeper.data import Splits, check_source, load_splits
+from sweeper.evaluate import majority_baseline
 from sweeper.layout import SweepLayout
 from sweeper.report import publish
 from sweeper.results import all_trials_ended, build_summary, rank, records_from_results
@@ -312,6 +313,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         cfg_t.name, cfg_t.search.metric, cfg_t.search.mode, cfg_t.train.epochs, records, layout,
         search_space=flatten_space(cfg_t.search.space),
         test=None if test is None else TestScores.from_dict(test),
+        baseline=majority_baseline(splits),
         state=COMPLETE if done else TIME_BUDGET_SPENT if budget_spent else INTERRUPTED,
         time_budget_s=cfg_t.search.time_budget_s if budget_spent else None,
         data=splits.describe(),
