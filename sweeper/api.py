@@ -5,6 +5,7 @@
     config = sweeper.compose(["+experiment=smoke", "data=fashion_mnist"])
     result = sweeper.run(config)            # trains; Ray starts and stops inside
     result.best.config, result.best.metric_value, result.test.accuracy
+    result.baseline.test_accuracy, result.warnings  # the majority class; why not to trust it
     result.to_dataframe()                   # one row per trial (pandas)
 
     sweeper.load("sweeps/smoke")            # any finished or interrupted sweep; no Ray, no TF

@@ -325,8 +325,11 @@ def plot_confusion_matrix(summary: Summary, records: list[TrialRecord]):
     axes.set_xticks(range(size), names, rotation=90 if size > 10 else 45, ha="right",
                     fontsize=7 if size > 20 else None)
     axes.set_yticks(range(size), names, fontsize=7 if size > 20 else None)
+    baseline = summary.baseline
+    against = ("" if baseline is None or baseline.test_accuracy is None else
+               f";\nalways predicting {baseline.class_name!r}: {baseline.test_accuracy:.4f}")
     axes.set(xlabel="predicted class", ylabel="true class",
-             title=f"Test confusion matrix (accuracy {test.accuracy:.4f})")
+             title=f"Test confusion matrix (accuracy {test.accuracy:.4f}{against})")
     figure.colorbar(image, ax=axes)
     return figure
 

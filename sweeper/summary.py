@@ -452,29 +452,33 @@ def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
     def code(text: Any) -> str:
         return f"`{text}`" if markdown else str(text)
 
+    baseline = summary.baseline
+    majority = None if baseline is None else (
+        f"always predicting {code(baseline.class_name) if markdown else repr(baseline.class_name)}")
     lines = []
     if best is None:
         if markdown:  # the console says it as the command's error
             lines.append(f"**The sweep failed:** {summary.error}.")
     else:
         values = ", ".join(f"{key}={cell(value)}" for key, value in best.config.items())
+        # A validation accuracy stands beside the baseline's on the same images.
+        against = ("" if metric != "val_accuracy" or majority is None
+                   or baseline.val_accuracy is None else
+                   f"; {majority}: {baseline.val_accuracy:.4f}")
         lines.append(f"Best: trial {code(trial_label(best))} {metric}={best.metric_value:.4f} at "
-                     f"epoch {best.epoch} ({summary.mode}imized on validation only) with "
-                     f"{code(values) if markdown else '{' + values + '}'}")
-    baseline = summary.baseline
-    majority = None if baseline is None else (
-        f"always predicting {code(baseline.class_name) if markdown else repr(baseline.class_name)}"
-        ", the training split's most frequent class")
+                     f"epoch {best.epoch} ({summary.mode}imized on validation only{against}) "
+                     f"with {code(values) if markdown else '{' + values + '}'}")
     if test:
-        against = ("" if baseline is None or baseline.test_accuracy is None else
-                   f" ({majority}: {baseline.test_accuracy:.4f})")
+        against = ("" if majority is None or baseline.test_accuracy is None else
+                   f" ({majority}, the training split's most frequent class: "
+                   f"{baseline.test_accuracy:.4f})")
         lines.append(f"Test ({test.num_samples} held-out images, model from its {test.source}): "
-                     f"accuracy {test.accuracy:.4f}{against}, macro precision "
-                     f"{test.precision_macro:.4f}, "
+                     f"accuracy {test.accuracy:.4f}{against}, "
+                     f"macro precision {test.precision_macro:.4f}, "
                      f"recall {test.recall_macro:.4f}, F1 {test.f1_macro:.4f}")
-    elif baseline is not None and baseline.val_accuracy is not None:
-        lines.append(f"Baseline: {majority}, scores validation accuracy "
-                     f"{baseline.val_accuracy:.4f}")
+    elif majority is not None and baseline.val_accuracy is not None:
+        lines.append(f"Baseline: {majority}, the training split's most frequent class, scores "
+                     f"validation accuracy {baseline.val_accuracy:.4f}")
     lines += [f"**Warning:** {text}." if markdown else f"warning: {text}"
               for text in summary.warnings]
     if summary.epochs_ratio is not None:

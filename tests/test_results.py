@@ -329,6 +329,9 @@ def test_a_model_clearly_better_than_the_majority_class_has_no_warning(tmp_path)
     summary = scored_summary(tmp_path, [[40, 10], [10, 40]], baseline_test=0.5)
     assert summary.test.accuracy == 0.8 and summary.warnings == []
     assert summary.to_dict()["warnings"] == []
+    best_line = next(line for line in outcome_lines(summary) if line.startswith("Best"))
+    assert "val_accuracy=0.8000 at epoch 1 (maximized on validation only; always predicting " \
+           "'cat': 0.5000)" in best_line
     test_line = next(line for line in outcome_lines(summary) if line.startswith("Test"))
     assert ("accuracy 0.8000 (always predicting 'cat', the training split's most frequent "
             "class: 0.5000)") in test_line
