@@ -108,6 +108,10 @@ def test_the_test_scores_stand_beside_the_majority_class_baseline(finished, smok
     assert baseline.replace(repr(smoke_splits.class_names[label]),
                             f"`{smoke_splits.class_names[label]}`") in report
     assert not any(line.startswith("warning:") for line in finished.stdout.splitlines())
+    # Said before the first trial too: every val_accuracy on the console has its reference.
+    assert (f"Baseline: always predicting {smoke_splits.class_names[label]!r}, the training "
+            f"split's most frequent class, scores validation accuracy "
+            f"{summary['baseline']['val_accuracy']:.4f}") in finished.stdout + finished.stderr
     assert "**Warning:**" not in report
 
 
