@@ -181,7 +181,7 @@ def clear_margin(baseline_accuracy: float, num_samples: int) -> float:
 
     The rule: more than :data:`CLEAR_MARGIN_STANDARD_ERRORS` (2) binomial standard errors
     ``sqrt(p (1 - p) / n)`` above the baseline's accuracy ``p``, the normal approximation of a
-    one-sided binomial test at about the 2.5% level of "the model is right no more often
+    one-sided binomial test at about the 2.3% level of "the model is right no more often
     than the baseline" (T. Mitchell, *Machine Learning*, 1997, section 5.2: the standard
     deviation of an accuracy measured on n independent samples). On 24 images with a 0.5
     baseline that is 0.70; on 1000 images with a 0.1 baseline, 0.119.
@@ -289,11 +289,11 @@ class Summary:
 
     @property
     def warnings(self) -> list[str]:
-        """Why the best model's scores should not be trusted, one sentence each (none: nothing
-        found). A model that is not clearly better than always predicting the majority class
-        (:func:`clear_margin`), on the test split, or on validation where the test split was
-        not scored; a model that predicts no test image as some class that has test images.
-        Each names what to try (:data:`NEXT_STEPS`)."""
+        """Why the best model's scores should not be trusted: one line, or none where nothing
+        was found. It is not clearly better than always predicting the majority class
+        (:func:`clear_margin`) on the test split, or on validation where the test split was
+        not scored; or it predicts no test image as some class that has test images. The line
+        names what to try (:data:`NEXT_STEPS`)."""
         problems = []
         baseline, test = self.baseline, self.test
         scored = self._baseline_comparison()
