@@ -5,6 +5,7 @@
     config = sweeper.compose(["+experiment=smoke", "data=fashion_mnist"])
     result = sweeper.run(config)            # trains; Ray starts and stops inside
     result.best.config, result.best.metric_value, result.test.accuracy
+    result.baseline.test_accuracy, result.warnings  # the majority class; why not to trust it
     result.to_dataframe()                   # one row per trial (pandas)
 
     sweeper.load("sweeps/smoke")            # any finished or interrupted sweep; no Ray, no TF
@@ -26,6 +27,7 @@ from sweeper.layout import SweepLayout
 from sweeper.summary import (
     STATE_COMPLETE,
     STATE_INTERRUPTED,
+    Baseline,
     BestTrial,
     Summary,
     TestScores,
@@ -75,6 +77,20 @@ class SweepResult:
     def test(self) -> TestScores | None:
         """The best model's scores on the held-out test split (None: not evaluated)."""
         return self.summary.test
+
+    @property
+    def baseline(self) -> Baseline | None:
+        """The majority-class baseline the scores are compared with: ``class_name`` (the
+        training split's most frequent class), ``val_accuracy`` and ``test_accuracy`` of
+        always predicting it (None: a sweep written before sweeper had it)."""
+        return self.summary.baseline
+
+    @property
+    def warnings(self) -> list[str]:
+        """Why the best model should not be trusted, one sentence each with what to try (it is
+        not clearly better than :attr:`baseline`, or predicts no test image as some class);
+        empty when nothing was found. The console and report.md show the same sentences."""
+        return self.summary.warnings
 
     @property
     def best_model(self) -> Path | None:

@@ -28,6 +28,7 @@ from sweeper.config import SweepConfig, TrialSettings, apply_params
 from sweeper.data import Splits
 from sweeper.layout import SweepLayout, write_json
 from sweeper.results import TrialRecord
+from sweeper.summary import Baseline
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,23 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
         },
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def majority_baseline(splits: Splits) -> Baseline:
+    """The majority-class baseline of ``splits``: the training split's most frequent class
+    (of equally frequent ones the lowest label, as scikit-learn's
+    ``DummyClassifier(strategy="most_frequent")`` fit on ``y_train`` picks it) and the
+    accuracy of always predicting it on the validation and test splits (None for an empty
+    split). Every score of the sweep is shown beside it (summary.json's ``baseline``)."""
+    label = int(np.bincount(np.asarray(splits.y_train, dtype=np.int64),
+                            minlength=splits.num_classes).argmax())
+
+    def accuracy(labels: np.ndarray) -> float | None:
+        return float(np.mean(np.asarray(labels) == label)) if len(labels) else None
+
+    return Baseline(class_index=label, class_name=str(splits.class_names[label]),
+                    val_accuracy=accuracy(splits.y_val), test_accuracy=accuracy(splits.y_test),
+                    val_samples=int(len(splits.y_val)), test_samples=int(len(splits.y_test)))
 
 
 def predict_labels(model, images: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from sweeper.summary import (
     Summary,
     TestScores,
     cell,
+    class_names,
     outcome_lines,
     trials_table,
     write_trials_csv,
@@ -324,20 +325,13 @@ def plot_confusion_matrix(summary: Summary, records: list[TrialRecord]):
     axes.set_xticks(range(size), names, rotation=90 if size > 10 else 45, ha="right",
                     fontsize=7 if size > 20 else None)
     axes.set_yticks(range(size), names, fontsize=7 if size > 20 else None)
+    baseline = summary.baseline
+    against = ("" if baseline is None or baseline.test_accuracy is None else
+               f";\nalways predicting {baseline.class_name!r}: {baseline.test_accuracy:.4f}")
     axes.set(xlabel="predicted class", ylabel="true class",
-             title=f"Test confusion matrix (accuracy {test.accuracy:.4f})")
+             title=f"Test confusion matrix (accuracy {test.accuracy:.4f}{against})")
     figure.colorbar(image, ax=axes)
     return figure
-
-
-def class_names(summary: Summary, num_classes: int) -> list[str]:
-    """The names of the classes 0..num_classes-1: the summary's data block, the test block's,
-    or the labels themselves for a summary written before either had them."""
-    for names in ((summary.data or {}).get("class_names"),
-                  (summary.test.per_class if summary.test else {}).get("class_names")):
-        if names and len(names) == num_classes:
-            return [str(name) for name in names]
-    return [str(label) for label in range(num_classes)]
 
 
 PLOTS: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -405,6 +399,8 @@ def report_markdown(summary: Summary, drawn: list[str],
         rows = [{"class": names[i], "precision": per_class["precision"][i],
                  "recall": per_class["recall"][i], "f1": per_class["f1"][i],
                  "support": per_class["support"][i],
+                 # Test images predicted as the class: 0 where the model ignores it.
+                 "predicted": sum(row[i] for row in test.confusion_matrix),
                  "in macro averages": "yes" if scored[i] else "no (no samples, never predicted)"}
                 for i in range(len(per_class["f1"]))]
         lines += ["## Test figures per class", "", *_markdown_table(rows), ""]

@@ -123,6 +123,78 @@ class TestScores:
         """From summary.json's or best_model.json's ``test`` block."""
         return _from_dict(cls, content)
 
+    @property
+    def never_predicted(self) -> list[int]:
+        """The classes (labels) that have test images but that the model predicted for none:
+        a model that ignores a class, which accuracy alone can hide."""
+        matrix = self.confusion_matrix
+        return [label for label, row in enumerate(matrix)
+                if sum(row) > 0 and sum(other[label] for other in matrix) == 0]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The majority-class baseline every score is compared with: always predict the training
+    split's most frequent class (scikit-learn's ``DummyClassifier(strategy="most_frequent")``
+    fit on the training labels; of equally frequent classes, the lowest label).
+
+    Attributes:
+        class_index, class_name: The class it always predicts.
+        val_accuracy, test_accuracy: Its accuracy on the validation and test splits, in
+            [0, 1] (None: the split is empty).
+        val_samples, test_samples: The images of each split.
+        strategy: ``most_frequent``, as scikit-learn names it.
+    """
+
+    class_index: int
+    class_name: str
+    val_accuracy: float | None
+    test_accuracy: float | None
+    val_samples: int
+    test_samples: int
+    strategy: str = "most_frequent"
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> Baseline:
+        """From summary.json's ``baseline`` block."""
+        return _from_dict(cls, content)
+
+
+# A score is clearly better than the baseline when it exceeds the baseline's accuracy p on the
+# same n images by more than this many binomial standard errors sqrt(p (1 - p) / n).
+CLEAR_MARGIN_STANDARD_ERRORS = 2.0
+
+# What to try when the best model is no better than the baseline: settings that exist today.
+# Issue 42's +experiment=photos and model=backbone join this list when they are built.
+NEXT_STEPS = (
+    "more epochs (train.epochs)",
+    "a smaller batch (train.batch_size)",
+    "other learning rates (search.space.train.lr)",
+    "batch norm (model.batch_norm=true)",
+    "augmentation (train.flip=horizontal, train.translation=0.1)",
+)
+
+
+def clear_margin(baseline_accuracy: float, num_samples: int) -> float:
+    """The accuracy a model must exceed on ``num_samples`` images to be clearly better than a
+    baseline that scores ``baseline_accuracy`` on them.
+
+    The rule: more than :data:`CLEAR_MARGIN_STANDARD_ERRORS` (2) binomial standard errors
+    ``sqrt(p (1 - p) / n)`` above the baseline's accuracy ``p``, the normal approximation of a
+    one-sided binomial test at about the 2.3% level of "the model is right no more often
+    than the baseline" (T. Mitchell, *Machine Learning*, 1997, section 5.2: the standard
+    deviation of an accuracy measured on n independent samples). On 24 images with a 0.5
+    baseline that is 0.70; on 1000 images with a 0.1 baseline, 0.119.
+
+    Args:
+        baseline_accuracy: The baseline's accuracy, in [0, 1].
+        num_samples: The images both were scored on (0: returns the baseline itself).
+    """
+    p = baseline_accuracy
+    if num_samples <= 0:
+        return p
+    return p + CLEAR_MARGIN_STANDARD_ERRORS * math.sqrt(p * (1.0 - p) / num_samples)
+
 
 @dataclass
 class Summary:
@@ -135,6 +207,8 @@ class Summary:
         trials: One record per trial, in trial-id order.
         best: The best trial, None when no trial produced a finite metric.
         test: The best model's test scores, None when not evaluated.
+        baseline: The majority-class baseline on validation and test (None: a summary written
+            before issue 42, or of a sweep read from its trial folders).
         search_space: The flat search space as written, ``{"train.lr": "tag(log, ...)"}``.
         state: complete, interrupted or time_budget.
         time_budget_s: The time budget that ran out (None unless state is time_budget).
@@ -155,6 +229,7 @@ class Summary:
     trials: list[TrialSummary] = field(default_factory=list)
     best: BestTrial | None = None
     test: TestScores | None = None
+    baseline: Baseline | None = None
     search_space: dict[str, str] = field(default_factory=dict)
     state: str = STATE_COMPLETE
     time_budget_s: float | None = None
@@ -212,6 +287,54 @@ class Summary:
         return (f"no trial produced a finite {self.metric} "
                 f"({len(failed)} of {len(self.trials)} failed)")
 
+    @property
+    def warnings(self) -> list[str]:
+        """Why the best model's scores should not be trusted: one line, or none where nothing
+        was found. It is not clearly better than always predicting the majority class
+        (:func:`clear_margin`) on the test split, or on validation where the test split was
+        not scored; or it predicts no test image as some class that has test images. The line
+        names what to try (:data:`NEXT_STEPS`)."""
+        problems = []
+        baseline, test = self.baseline, self.test
+        scored = self._baseline_comparison()
+        if scored is not None:
+            split, accuracy, expected, num_samples = scored
+            needed = clear_margin(expected, num_samples)
+            if accuracy <= needed:
+                problems.append(
+                    f"the best model ({split} accuracy {accuracy:.4f}) is not clearly better "
+                    f"than always predicting {baseline.class_name!r} ({expected:.4f}; clearly "
+                    f"better means above {needed:.4f} on these {num_samples} {split} images, "
+                    f"{CLEAR_MARGIN_STANDARD_ERRORS:g} standard errors more)")
+        ignored = test.never_predicted if test else []
+        if ignored:
+            names = class_names(self, len(test.confusion_matrix))
+            listed = ", ".join(repr(names[label]) for label in ignored[:5])
+            more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+            noun = "class" if len(ignored) == 1 else "classes"
+            problems.append(f"{'it' if problems else 'the best model'} predicts no test image "
+                            f"as {noun} {listed}{more}")
+        if not problems:
+            return []
+        return [" and ".join(problems) + ": try " + ", ".join(NEXT_STEPS[:-1])
+                + " or " + NEXT_STEPS[-1]]
+
+    def _baseline_comparison(self) -> tuple[str, float, float, int] | None:
+        """(split, the best model's accuracy, the baseline's, images) on the test split, or
+        on validation where the test split was not scored; None where either is unknown."""
+        baseline = self.baseline
+        if baseline is None or self.best is None:
+            return None
+        if self.test is not None:
+            if baseline.test_accuracy is None or not self.test.num_samples:
+                return None
+            return "test", self.test.accuracy, baseline.test_accuracy, self.test.num_samples
+        best = next((t for t in self.trials if t.trial_id == self.best.trial_id), None)
+        accuracy = best.val_accuracy if best is not None else None
+        if accuracy is None or baseline.val_accuracy is None or not baseline.val_samples:
+            return None
+        return "validation", accuracy, baseline.val_accuracy, baseline.val_samples
+
     def to_dict(self) -> dict[str, Any]:
         """summary.json's content (strict JSON: non-finite values are None)."""
         return {
@@ -229,6 +352,8 @@ class Summary:
             "search_space": dict(self.search_space),
             "best": None if self.best is None else _as_dict(self.best),
             "test": None if self.test is None else _as_dict(self.test),
+            "baseline": None if self.baseline is None else _as_dict(self.baseline),
+            "warnings": self.warnings,
             "paths": dict(self.paths),
             "trials": [{"trial_id": t.trial_id, "number": t.number, **_as_dict(t),
                         "last_metric_value": finite(t.last_metric_value),
@@ -249,15 +374,17 @@ class Summary:
         """A summary from summary.json's content; keys a summary of an earlier version lacks
         take their defaults, keys this version does not know are kept in ``extra``."""
         derived = {"num_trials", "trial_counts", "epochs_trained", "epochs_full_budget",
-                   "epochs_ratio", "epochs_saved", "error"}
+                   "epochs_ratio", "epochs_saved", "error", "warnings"}
         known = {f.name for f in fields(cls)} | derived
         best, test = content.get("best"), content.get("test")
+        baseline = content.get("baseline")
         return cls(
             experiment=content["experiment"], metric=content["metric"], mode=content["mode"],
             max_epochs=int(content["max_epochs"]),
             trials=[_from_dict(TrialSummary, t) for t in content.get("trials") or []],
             best=None if best is None else _from_dict(BestTrial, best),
             test=None if test is None else TestScores.from_dict(test),
+            baseline=None if baseline is None else Baseline.from_dict(baseline),
             search_space=dict(content.get("search_space") or {}),
             state=content.get("state", STATE_COMPLETE),
             time_budget_s=content.get("time_budget_s"),
@@ -303,29 +430,57 @@ def ranked(trials: list[TrialSummary], mode: str) -> list[TrialSummary]:
     return sorted(scored, key=lambda t: t.best_metric_value, reverse=(mode == "max"))
 
 
+def class_names(summary: Summary, num_classes: int) -> list[str]:
+    """The names of the classes 0..num_classes-1: the summary's data block, the test block's,
+    or the labels themselves for a summary written before either had them."""
+    for names in ((summary.data or {}).get("class_names"),
+                  (summary.test.per_class if summary.test else {}).get("class_names")):
+        if names and len(names) == num_classes:
+            return [str(name) for name in names]
+    return [str(label) for label in range(num_classes)]
+
+
 # --- rendering: the one place the outcome is put into words ---------------------------------
 
 def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
     """The outcome in a few sentences, for the console (``markdown=False``) and report.md:
-    the best trial, its test scores, the compute early stopping saved, the trials and data."""
+    the best trial, its test scores beside the majority-class baseline's, a warning where the
+    model is no better than that baseline or ignores a class (:attr:`Summary.warnings`), the
+    compute early stopping saved, the trials and data."""
     metric, best, test = summary.metric, summary.best, summary.test
 
     def code(text: Any) -> str:
         return f"`{text}`" if markdown else str(text)
 
+    baseline = summary.baseline
+    majority = None if baseline is None else (
+        f"always predicting {code(baseline.class_name) if markdown else repr(baseline.class_name)}")
     lines = []
     if best is None:
         if markdown:  # the console says it as the command's error
             lines.append(f"**The sweep failed:** {summary.error}.")
     else:
         values = ", ".join(f"{key}={cell(value)}" for key, value in best.config.items())
+        # A validation accuracy stands beside the baseline's on the same images.
+        against = ("" if metric != "val_accuracy" or majority is None
+                   or baseline.val_accuracy is None else
+                   f"; {majority}: {baseline.val_accuracy:.4f}")
         lines.append(f"Best: trial {code(trial_label(best))} {metric}={best.metric_value:.4f} at "
-                     f"epoch {best.epoch} ({summary.mode}imized on validation only) with "
-                     f"{code(values) if markdown else '{' + values + '}'}")
+                     f"epoch {best.epoch} ({summary.mode}imized on validation only{against}) "
+                     f"with {code(values) if markdown else '{' + values + '}'}")
     if test:
+        against = ("" if majority is None or baseline.test_accuracy is None else
+                   f" ({majority}, the training split's most frequent class: "
+                   f"{baseline.test_accuracy:.4f})")
         lines.append(f"Test ({test.num_samples} held-out images, model from its {test.source}): "
-                     f"accuracy {test.accuracy:.4f}, macro precision {test.precision_macro:.4f}, "
+                     f"accuracy {test.accuracy:.4f}{against}, "
+                     f"macro precision {test.precision_macro:.4f}, "
                      f"recall {test.recall_macro:.4f}, F1 {test.f1_macro:.4f}")
+    elif majority is not None and baseline.val_accuracy is not None:
+        lines.append(f"Baseline: {majority}, the training split's most frequent class, scores "
+                     f"validation accuracy {baseline.val_accuracy:.4f}")
+    lines += [f"**Warning:** {text}." if markdown else f"warning: {text}"
+              for text in summary.warnings]
     if summary.epochs_ratio is not None:
         # Epochs a trial did not train because it failed or was cut off (Ctrl-C, a time budget)
         # were not saved by early stopping: said apart, so the saving is not overstated.
@@ -347,7 +502,7 @@ def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
             lines.append(f"Data: {data['name']}, images of shape {shape}, "
                          f"{data['num_classes']} classes, {sizes['train']} training / "
                          f"{sizes['val']} validation / {sizes['test']} test images")
-        return [line if line.startswith("**") else f"- {line}" for line in lines]
+        return [line if line.startswith("**The sweep failed") else f"- {line}" for line in lines]
     return lines
 
 

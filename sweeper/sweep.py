@@ -34,6 +34,7 @@ from sweeper.config import (
     validate_trial_settings,
 )
 from sweeper.data import Splits, check_source, load_splits
+from sweeper.evaluate import majority_baseline
 from sweeper.layout import SweepLayout
 from sweeper.report import publish
 from sweeper.results import all_trials_ended, build_summary, rank, records_from_results
@@ -287,6 +288,10 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         warm_trials = earlier_trials(url, study, space)
 
     log_plan(cfg_t, layout.root, resuming=state == INTERRUPTED)
+    baseline = majority_baseline(splits)
+    if baseline.val_accuracy is not None:  # the reference for every val_accuracy that follows
+        logger.info("Baseline: always predicting %r, the training split's most frequent class, "
+                    "scores validation accuracy %.4f", baseline.class_name, baseline.val_accuracy)
     started_ray = connect(cfg_t.cluster, runtime_env=builder_runtime_env(cfg_t.model))
     try:
         if joins_cluster(cfg_t.cluster):
@@ -312,6 +317,7 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         cfg_t.name, cfg_t.search.metric, cfg_t.search.mode, cfg_t.train.epochs, records, layout,
         search_space=flatten_space(cfg_t.search.space),
         test=None if test is None else TestScores.from_dict(test),
+        baseline=baseline,
         state=COMPLETE if done else TIME_BUDGET_SPENT if budget_spent else INTERRUPTED,
         time_budget_s=cfg_t.search.time_budget_s if budget_spent else None,
         data=splits.describe(),

@@ -14,6 +14,8 @@ import numpy as np
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Three Fashion-MNIST classes, by the folder names the tests give them (sorted: labels 0, 1, 2).
 FOLDER_CLASSES = {"sneaker": 7, "trouser": 1, "tshirt": 0}
+# Fashion-MNIST classes that write_photo_folder can take photos of, by folder name.
+PHOTO_CLASSES = {"bag": 8, "sandal": 5, "shirt": 6}
 
 
 def fashion_arrays() -> dict[str, np.ndarray]:
@@ -66,6 +68,27 @@ def write_image_folder(root: Path, per_class: int, layout: str = "classes",
         first = root / ("train" if layout == "split" else "") / next(iter(FOLDER_CLASSES))
         whole = (first / "sneaker_0000.png").read_bytes()
         (first / "broken.png").write_bytes(whole[:60])
+    return root
+
+
+def write_photo_folder(root: Path, counts: dict[str, dict[str, int]], side: int = 40) -> Path:
+    """A small folder of colour photos in the split layout, ROOT/<split>/<class>/NNNN.png,
+    ``counts[split][class]`` images each; the classes are Fashion-MNIST class names
+    (``PHOTO_CLASSES``). Each image is a real Fashion-MNIST one enlarged to side x side
+    (bilinear) and tinted to RGB, the test images taken after the training ones."""
+    from PIL import Image
+
+    start = {name: 0 for split in counts.values() for name in split}
+    for split, classes in counts.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, pixels in enumerate(class_images(PHOTO_CLASSES[name], count, start[name])):
+                grey = Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR)
+                tinted = (np.asarray(grey, dtype=np.float32)[..., None]
+                          * np.array([1.0, 0.8, 0.5])).astype(np.uint8)
+                Image.fromarray(tinted, "RGB").save(folder / f"{index:04d}.png")
+            start[name] += count
     return root
 
 

@@ -79,6 +79,43 @@ def test_summary_holds_the_best_trials_test_scores(finished, smoke_config, smoke
 
 
 @pytest.mark.slow
+def test_the_test_scores_stand_beside_the_majority_class_baseline(finished, smoke_splits):
+    """summary.json's baseline is scikit-learn's most-frequent DummyClassifier fit on the
+    training labels, scored on the validation and test splits; the smoke sweep's model is
+    clearly better, so it and its report carry no warning."""
+    from sklearn.dummy import DummyClassifier
+
+    def flat(images):
+        return images.reshape(len(images), -1)
+
+    dummy = DummyClassifier(strategy="most_frequent").fit(flat(smoke_splits.x_train),
+                                                          smoke_splits.y_train)
+    label = int(dummy.predict(flat(smoke_splits.x_test[:1]))[0])
+    summary = finished.summary
+    assert summary["baseline"] == {
+        "strategy": "most_frequent", "class_index": label,
+        "class_name": smoke_splits.class_names[label],
+        "val_accuracy": pytest.approx(dummy.score(flat(smoke_splits.x_val), smoke_splits.y_val)),
+        "test_accuracy": pytest.approx(dummy.score(flat(smoke_splits.x_test),
+                                                   smoke_splits.y_test)),
+        "val_samples": len(smoke_splits.y_val), "test_samples": len(smoke_splits.y_test)}
+    assert summary["warnings"] == []
+    baseline = (f"accuracy {summary['test']['accuracy']:.4f} (always predicting "
+                f"{smoke_splits.class_names[label]!r}, the training split's most frequent class: "
+                f"{summary['baseline']['test_accuracy']:.4f})")
+    assert baseline in finished.stdout
+    report = (finished.sweep_dir / "report" / "report.md").read_text()
+    assert baseline.replace(repr(smoke_splits.class_names[label]),
+                            f"`{smoke_splits.class_names[label]}`") in report
+    assert not any(line.startswith("warning:") for line in finished.stdout.splitlines())
+    # Said before the first trial too: every val_accuracy on the console has its reference.
+    assert (f"Baseline: always predicting {smoke_splits.class_names[label]!r}, the training "
+            f"split's most frequent class, scores validation accuracy "
+            f"{summary['baseline']['val_accuracy']:.4f}") in finished.stdout + finished.stderr
+    assert "**Warning:**" not in report
+
+
+@pytest.mark.slow
 def test_the_printout_states_test_scores_compute_saved_and_files(finished):
     summary, out = finished.summary, finished.stdout
     assert f"accuracy {summary['test']['accuracy']:.4f}" in out

@@ -22,7 +22,7 @@ from sweeper.results import (
     make_record,
     records_from_results,
 )
-from sweeper.summary import Summary, TestScores, write_trials_csv
+from sweeper.summary import Summary, TestScores, outcome_lines, write_trials_csv
 
 TEST_SCORES = TestScores(num_samples=4, accuracy=0.75, precision_macro=0.5, recall_macro=0.5,
                          f1_macro=0.5, per_class={}, confusion_matrix=[[3, 1], [0, 0]])
@@ -266,3 +266,128 @@ def test_of_equal_best_epochs_the_one_whose_checkpoint_tune_kept_is_the_best():
     untouched = make_record("a", {}, rows, "val_accuracy", "max", max_epochs=3, error=None,
                             done=True, checkpoint_at={2: "c2", 3: "c3"}.get)
     assert (untouched.best_epoch, untouched.best_checkpoint) == (2, "c2")
+
+
+# --- the majority-class baseline and the warning (issue 42) ---------------------------------
+
+LABEL_SETS = [
+    # (training labels, validation labels, test labels): a clear majority that is not label 0,
+    # a tie (the lowest label wins, as in scikit-learn), a class absent from training, and an
+    # empty validation split.
+    ([1, 1, 1, 0, 2], [1, 0, 0], [1, 2, 2, 2]),
+    ([2, 2, 0, 0, 1], [0, 2, 1], [0, 0, 1, 2]),
+    ([2, 2, 2, 1], [0, 0, 2], [2, 1]),
+    ([0, 1, 1], [], [1, 0, 0]),
+]
+
+
+@pytest.mark.parametrize(("y_train", "y_val", "y_test"), LABEL_SETS)
+def test_the_majority_baseline_is_scikit_learns_most_frequent_dummy(y_train, y_val, y_test):
+    from sklearn.dummy import DummyClassifier
+
+    from sweeper.data import Splits
+    from sweeper.evaluate import majority_baseline
+
+    def images(labels):
+        return np.zeros((len(labels), 4, 4), dtype=np.uint8)
+
+    splits = Splits(images(y_train), np.array(y_train), images(y_val), np.array(y_val, int),
+                    images(y_test), np.array(y_test), class_names=("cat", "dog", "fox"))
+    baseline = majority_baseline(splits)
+    dummy = DummyClassifier(strategy="most_frequent").fit(images(y_train).reshape(-1, 16),
+                                                          y_train)
+    label = int(dummy.predict(np.zeros((1, 16)))[0])
+    assert (baseline.class_index, baseline.class_name) == (label, splits.class_names[label])
+    assert baseline.test_accuracy == pytest.approx(
+        dummy.score(images(y_test).reshape(-1, 16), y_test))
+    assert baseline.val_accuracy == (
+        pytest.approx(dummy.score(images(y_val).reshape(-1, 16), y_val)) if y_val else None)
+    assert (baseline.val_samples, baseline.test_samples) == (len(y_val), len(y_test))
+
+
+def scored_summary(tmp_path, matrix: list[list[int]], baseline_test: float,
+                   val_accuracy: float = 0.8, evaluated: bool = True) -> Summary:
+    """A one-trial summary whose best model has this test confusion matrix, beside a baseline
+    that always predicts class 0 ('cat') and scores ``baseline_test`` on the test split."""
+    from sweeper.summary import Baseline
+
+    pairs = [(true, predicted) for true, row in enumerate(matrix)
+             for predicted, count in enumerate(row) for _ in range(count)]
+    y_true, y_pred = np.array(pairs).T
+    test = TestScores.from_dict(classification_metrics(y_true, y_pred, len(matrix),
+                                                       ["cat", "dog", "fox"][:len(matrix)]))
+    total = test.num_samples
+    baseline = Baseline(class_index=0, class_name="cat", val_accuracy=0.5,
+                        test_accuracy=baseline_test, val_samples=40, test_samples=total)
+    return build_summary("exp", "val_accuracy", "max", 1, [record("a", 1e-3, [val_accuracy])],
+                         SweepLayout(tmp_path), test=test if evaluated else None,
+                         baseline=baseline)
+
+
+def test_a_model_clearly_better_than_the_majority_class_has_no_warning(tmp_path):
+    # 100 test images, baseline 0.5: clearly better is above 0.5 + 2 * sqrt(0.25 / 100) = 0.6.
+    summary = scored_summary(tmp_path, [[40, 10], [10, 40]], baseline_test=0.5)
+    assert summary.test.accuracy == 0.8 and summary.warnings == []
+    assert summary.to_dict()["warnings"] == []
+    best_line = next(line for line in outcome_lines(summary) if line.startswith("Best"))
+    assert "val_accuracy=0.8000 at epoch 1 (maximized on validation only; always predicting " \
+           "'cat': 0.5000)" in best_line
+    test_line = next(line for line in outcome_lines(summary) if line.startswith("Test"))
+    assert ("accuracy 0.8000 (always predicting 'cat', the training split's most frequent "
+            "class: 0.5000)") in test_line
+    assert not any(line.startswith("warning") for line in outcome_lines(summary))
+
+
+@pytest.mark.parametrize(("matrix", "warned"), [
+    # accuracy 0.60: at the margin, not above it
+    ([[30, 20], [20, 30]], "the best model (test accuracy 0.6000) is not clearly better than "
+                           "always predicting 'cat' (0.5000; clearly better means above 0.6000 "
+                           "on these 100 test images, 2 standard errors more)"),
+    # accuracy 0.80, clearly better, but it ignores the third class
+    ([[40, 5, 0], [5, 40, 0], [3, 2, 0]],
+     "the best model predicts no test image as class 'fox'"),
+    # both: one class for every image
+    ([[50, 0], [50, 0]], "the best model (test accuracy 0.5000) is not clearly better than "
+                         "always predicting 'cat' (0.5000; clearly better means above 0.6000 on "
+                         "these 100 test images, 2 standard errors more) and it predicts no "
+                         "test image as class 'dog'"),
+])
+def test_a_model_no_better_than_the_majority_class_or_ignoring_a_class_is_a_warning(
+        tmp_path, matrix, warned):
+    from sweeper.report import report_markdown
+    from sweeper.summary import NEXT_STEPS
+
+    summary = scored_summary(tmp_path, matrix, baseline_test=0.5)
+    [warning] = summary.warnings
+    assert warning.startswith(warned + ": try ")
+    assert all(step in warning for step in NEXT_STEPS)
+    assert summary.to_dict()["warnings"] == [warning]
+    assert f"warning: {warning}" in outcome_lines(summary)
+    assert f"- **Warning:** {warning}." in report_markdown(summary, drawn=[]).splitlines()
+
+
+def test_without_test_scores_the_best_validation_score_is_compared(tmp_path):
+    # 40 validation images, baseline 0.5: clearly better is above 0.5 + 2 * sqrt(0.25 / 40).
+    low = scored_summary(tmp_path, [[1, 0], [0, 1]], 0.5, val_accuracy=0.65, evaluated=False)
+    assert low.warnings[0].startswith("the best model (validation accuracy 0.6500) is not "
+                                      "clearly better than always predicting 'cat' (0.5000; "
+                                      "clearly better means above 0.6581 on these 40 "
+                                      "validation images")
+    assert "Baseline: always predicting 'cat', the training split's most frequent class, " \
+           "scores validation accuracy 0.5000" in outcome_lines(low)
+    assert scored_summary(tmp_path, [[1, 0], [0, 1]], 0.5, val_accuracy=0.7,
+                          evaluated=False).warnings == []
+
+
+def test_a_summary_without_a_baseline_still_loads_and_round_trips(tmp_path):
+    summary = scored_summary(tmp_path, [[40, 10], [10, 40]], baseline_test=0.5)
+    content = json.loads(json.dumps(summary.to_dict()))
+    assert content["baseline"] == {"class_index": 0, "class_name": "cat", "val_accuracy": 0.5,
+                                   "test_accuracy": 0.5, "val_samples": 40,
+                                   "test_samples": 100, "strategy": "most_frequent"}
+    assert Summary.from_dict(content).to_dict() == content
+    older = {key: value for key, value in content.items() if key not in ("baseline", "warnings")}
+    loaded = Summary.from_dict(older)  # a summary.json written before issue 42
+    assert loaded.baseline is None and loaded.extra == {} and loaded.warnings == []
+    assert any(line.startswith("Test (100 held-out images") and "always predicting" not in line
+               for line in outcome_lines(loaded))
