@@ -92,6 +92,17 @@ def preflight(argv: list[str]) -> list[str]:
         finished = load(root)
         report_outcome(SweepResult(finished.summary, finished.layout, ALREADY_COMPLETE))
         sys.exit(0)
+    if SweepLayout(root).data_fingerprint.is_file():
+        # A resume: its data must be what the sweep began with, checked before Hydra writes
+        # into the folder (the sweep loads it again to train: one more load per resume).
+        from sweeper.data import load_splits
+        from sweeper.sweep import check_data_unchanged
+
+        try:
+            check_data_unchanged(typed, root, load_splits(
+                typed.data, typed.train.validation_fraction, typed.train.seed))
+        except ConfigError as error:
+            _exit_usage(str(error))
     _claim(typed)
     _checked_config = typed
     return argv

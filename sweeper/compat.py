@@ -1014,6 +1014,26 @@ def end_tune_run_gracefully() -> None:
         tune_logger.removeFilter(not_a_signal)
 
 
+def tune_stop_event():
+    """The ``threading.Event`` Tune's Ctrl-C handler sets, while that handler is installed
+    (None otherwise): ``tune.run`` checks it only between steps of its loop, but a step can
+    wait up to 600 s for a new trial (``TuneController._update_trial_queue``), so a searcher
+    that knows of the request can end that wait at once. Read from the handler's closure
+    (``_setup_signal_catching`` in ray/tune/tune.py, Ray 2.60), as Tune offers no API."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__name__", "") != "signal_interrupt_tune_run":
+        return None
+    for cell in getattr(handler, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, threading.Event):
+            return cell.cell_contents
+    logger.warning("Cannot see Ray Tune's stop request (checked with Ray 2.60): a Ctrl-C may "
+                   "act only once Tune asks for its next trial")
+    return None
+
+
 class _WithoutMessage(logging.Filter):
     def __init__(self, start: str) -> None:
         super().__init__()

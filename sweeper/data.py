@@ -13,12 +13,14 @@ them to the model, the trainer, the evaluation and the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
+import hashlib
 import logging
 import pickle
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,6 +63,8 @@ class Splits:
     y_test: np.ndarray
     class_names: tuple[str, ...]
     name: str = ""
+    # data_fingerprint of the arrays these splits were cut from ({}: not known).
+    fingerprint: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -611,6 +615,43 @@ DATASET_CLASS_NAMES = {
 }
 
 
+def data_fingerprint(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What identifies a loaded dataset: its class names and, for each of the four arrays
+    (``x_train``, ``y_train``, ``x_test``, ``y_test``, before any subset or split), its shape,
+    dtype and a BLAKE2b hash of its bytes; ``digest`` hashes all of that in one string.
+
+    Cheap beside loading: 0.05-0.06 s for Fashion-MNIST's 70 000 images (55 MB) on one core.
+    """
+    names = arrays.get(NPZ_CLASS_NAMES)
+    parts: dict[str, Any] = {"class_names": None if names is None else [str(n) for n in names]}
+    for key in NPZ_KEYS:
+        array = np.ascontiguousarray(arrays[key])
+        parts[key] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                      "blake2b": hashlib.blake2b(memoryview(array).cast("B"),
+                                                 digest_size=16).hexdigest()}
+    summary = repr(sorted(parts.items())).encode()
+    return {**parts, "digest": hashlib.blake2b(summary, digest_size=16).hexdigest()}
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`data_fingerprint` results, in words (empty: the same
+    data): ``class names 3 -> 4 (...)``, ``x_train shape [2000, 28, 28] -> [...]``,
+    ``y_test content``."""
+    changes = []
+    before, after = saved.get("class_names"), current.get("class_names")
+    if before != after:
+        changes.append(f"class names {len(before or ())} -> {len(after or ())} "
+                       f"({', '.join(after or ())})")
+    for key in NPZ_KEYS:
+        old, new = saved.get(key) or {}, current.get(key) or {}
+        for what in ("shape", "dtype"):
+            if old.get(what) != new.get(what):
+                changes.append(f"{key} {what} {old.get(what)} -> {new.get(what)}")
+        if old.get("shape") == new.get("shape") and old.get("blake2b") != new.get("blake2b"):
+            changes.append(f"{key} content")
+    return changes
+
+
 def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Splits:
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
@@ -623,6 +664,7 @@ def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Split
         arrays = {**arrays, NPZ_CLASS_NAMES: np.array(known)}
     splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
                          cfg.max_test_samples, source=cfg.path or cfg.url, name=cfg.name)
+    splits = dataclasses.replace(splits, fingerprint=data_fingerprint(arrays))
     logger.info("Loaded %s: %s images of shape %s, %d classes", cfg.name, splits.sizes(),
                 splits.input_shape, splits.num_classes)
     return splits

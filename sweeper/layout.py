@@ -8,6 +8,8 @@ A sweep folder (``sweep_dir``, or ``<cluster.storage_path>/<name>`` on shared st
     best_model.keras       the best trial's model; best_model.json says where it came from
     best_config.yaml       the best trial's config, to train it again
     sweep_config.yaml      the settings a resume must match
+    data_fingerprint.json  the data it began with (sweeper.data.data_fingerprint): a resume
+                           must load the same
     optuna.log             the Optuna study, Optuna's journal file (unless search.storage
                            names a database; optuna.db: the SQLite study of a sweep begun
                            before issue 26, kept when it resumes)
@@ -51,6 +53,7 @@ class SweepLayout:
     BEST_MODEL_INFO = "best_model.json"
     BEST_CONFIG = "best_config.yaml"
     SWEEP_CONFIG = "sweep_config.yaml"
+    DATA_FINGERPRINT = "data_fingerprint.json"
     STUDY = "optuna.log"
     SQLITE_STUDY = "optuna.db"
     LOCK = ".sweep.lock"
@@ -109,6 +112,10 @@ class SweepLayout:
     @property
     def sweep_config(self) -> Path:
         return self.root / self.SWEEP_CONFIG
+
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.root / self.DATA_FINGERPRINT
 
     @property
     def study(self) -> Path:

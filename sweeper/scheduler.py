@@ -32,7 +32,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from sweeper import compat
 from sweeper.compat import end_tune_run_gracefully
-from sweeper.progress import EVENTS_LOGGER
+from sweeper.progress import EVENTS_LOGGER, trial_number
 
 events = logging.getLogger(EVENTS_LOGGER)
 
@@ -91,6 +91,7 @@ class TimeBudget:
     def arm(self, seconds: float | None) -> None:
         """Start counting anew, with ``seconds`` (None: no limit)."""
         self.seconds, self.started, self.spent = seconds, None, False
+        self.announced = False  # the console was told it is spent
         self.ended = False  # the run was told to end
 
     def expired(self) -> bool:
@@ -107,34 +108,38 @@ TIME_BUDGET = TimeBudget()
 
 
 class BudgetedScheduling:
-    """What a scheduler does once the sweep's :data:`TIME_BUDGET` is spent: choose no trial
-    to start (pending or paused), pause every running trial at its next epoch (Tune keeps its
-    checkpoint; a re-run resumes it), and, when none runs any more, end the run the way
-    Ctrl-C does, so the experiment is saved for a resume. Mixed into the schedulers below.
+    """What a scheduler does once the sweep's :data:`TIME_BUDGET` is spent: no trial starts
+    any more, the running ones pause at their next epoch, and when none runs the run ends.
 
-    The searcher asks for no new trial once the budget is spent
-    (:meth:`sweeper.searcher.PruningOptunaSearch.suggest`): Tune starts a queued trial on
-    freed resources without asking the scheduler, so the one trial Tune may have queued
-    before the budget ran out (its ``max_pending_trials`` is 1 with a searcher) can still
-    start and train one epoch. A trial counts as running from the moment it is chosen to
-    start: its worker may still be importing TensorFlow (Tune calls it PENDING until the
-    worker is up), and it trains its first epoch whatever the budget says by then.
+    At the first step after the budget ran out, one console line says what may still finish:
+    the trials running then (each finishes the epoch it trains and pauses there; Tune keeps
+    its checkpoint, a re-run resumes it). Every trial not yet running is paused before it
+    starts: the ones Tune had queued (up to its ``max_pending_trials``, waiting for a
+    worker or for their worker to come up) and a failed one waiting for its retry. Choosing
+    no trial to run is not enough, as Tune starts its queued trials on freed workers without
+    asking the scheduler (Ray 2.60, ``TuneController._maybe_add_actors`` steps 2 and 3);
+    Tune's own way for a scheduler to hold a trial back is to set it PAUSED (its HyperBand
+    does). The searcher proposes no new trial (:class:`sweeper.searcher.BudgetedSearch`).
+    When none runs any more, the run ends the way Ctrl-C ends it, so the experiment is
+    saved for a resume. Mixed into the schedulers below.
     """
-
-    def _in_flight(self) -> set[str]:
-        # Set lazily: a scheduler Tune restores from an older sweep was pickled without it.
-        if not hasattr(self, "_started_trials"):
-            self._started_trials: set[str] = set()
-        return self._started_trials
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         if not TIME_BUDGET.expired():
-            trial = super().choose_trial_to_run(tune_controller)
-            if trial is not None:
-                self._in_flight().add(trial.trial_id)
-            return trial
-        running = any(trial.status == Trial.RUNNING for trial in tune_controller.get_trials())
-        if not running and not self._in_flight() and not TIME_BUDGET.ended:
+            return super().choose_trial_to_run(tune_controller)
+        trials = tune_controller.get_trials()
+        running = [trial for trial in trials if trial.status == Trial.RUNNING]
+        waiting = [trial for trial in trials if trial.status == Trial.PENDING]
+        if not TIME_BUDGET.announced:
+            TIME_BUDGET.announced = True
+            events.info("The time budget of %g s is spent: no trial starts from now on%s%s",
+                        TIME_BUDGET.seconds, _running_phrase(trials, running),
+                        f"; {len(waiting)} waiting to start stay paused" if waiting else "")
+        for trial in waiting:
+            tune_controller.pause_trial(trial, should_checkpoint=False)  # stops its worker
+            if trial.status == Trial.PENDING:  # it had no worker yet
+                tune_controller._set_trial_status(trial, Trial.PAUSED)
+        if not running and not TIME_BUDGET.ended:
             events.info("The time budget of %g s is spent and no trial runs: ending the sweep "
                         "with its results so far", TIME_BUDGET.seconds)
             TIME_BUDGET.ended = True
@@ -151,27 +156,24 @@ class BudgetedScheduling:
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.CONTINUE and TIME_BUDGET.expired():
-            if not hasattr(self, "_notes"):  # set lazily, as _started_trials
+            if not hasattr(self, "_notes"):  # set lazily: older pickles lack it
                 self._notes: dict[str, list[str]] = {}
             self._notes.setdefault(trial.trial_id, []).append(
                 f"paused after epoch {result.get(TRAINING_ITERATION)}: the time budget of "
                 f"{TIME_BUDGET.seconds:g} s is spent")
             action = TrialScheduler.PAUSE
-        if action != TrialScheduler.CONTINUE:
-            self._in_flight().discard(trial.trial_id)
         return action
 
-    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
-        super().on_trial_complete(tune_controller, trial, result)
-        self._in_flight().discard(trial.trial_id)
 
-    def on_trial_error(self, tune_controller, trial: Trial) -> None:
-        super().on_trial_error(tune_controller, trial)
-        self._in_flight().discard(trial.trial_id)
-
-    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
-        super().on_trial_remove(tune_controller, trial)
-        self._in_flight().discard(trial.trial_id)
+def _running_phrase(trials: list[Trial], running: list[Trial]) -> str:
+    """``; trials 1 and 2 finish the epoch they train, then pause`` (empty: none runs)."""
+    if not running:
+        return ""
+    numbers = [str(number) for number in sorted(trial_number(trials, t) for t in running)]
+    if len(numbers) == 1:
+        return f"; trial {numbers[0]} finishes the epoch it trains, then pauses"
+    return (f"; trials {', '.join(numbers[:-1])} and {numbers[-1]} finish the epoch they "
+            "train, then pause")
 
 
 class BudgetedFIFO(BudgetedScheduling, FIFOScheduler):

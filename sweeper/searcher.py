@@ -30,6 +30,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeper import compat
@@ -252,3 +253,29 @@ class PruningOptunaSearch(OptunaSearch):
         """Let the sampler learn from an earlier sweep's trials before it samples."""
         self.study.add_trials(trials)
 
+
+
+class BudgetedSearch(SearchGenerator):
+    """Tune's wrapper of a searcher (``SearchGenerator``), finished as soon as no new trial
+    can come: also once the sweep's time budget is spent, or Tune was told to stop (Ctrl-C,
+    SIGTERM).
+
+    Tune waits for the searcher's next trial whenever no trial is pending, running or paused,
+    up to 600 s, asking once a second and looking at nothing but whether the searcher is
+    finished (Ray 2.60, ``TuneController._update_trial_queue``): with the budget spent while
+    the last trial failed, the driver sat idle for ten minutes, deaf to Ctrl-C. Being
+    finished is computed, never stored, so a resumed sweep asks for trials again.
+    """
+
+    def is_finished(self) -> bool:
+        if super().is_finished() or TIME_BUDGET.expired():
+            return True
+        stop = self.__dict__.get("_stop_requested")
+        if stop is None:  # found while Tune's handler is installed, kept once found
+            stop = self._stop_requested = compat.tune_stop_event()
+        return stop is not None and stop.is_set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_stop_requested", None)  # an Event does not pickle; found again in the run
+        return state

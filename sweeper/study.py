@@ -15,15 +15,19 @@ A location is a string: a database URL (it has ``://``) or the path of a journal
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
+import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.storages import JournalStorage
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.compat import journal_file
@@ -36,6 +40,9 @@ STUDY_FILENAME = SweepLayout.STUDY
 SQLITE_STUDY_FILENAME = SweepLayout.SQLITE_STUDY
 SQLITE_PREFIX = "sqlite:///"
 WARM_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+# The study's user attribute that says what its trials measured (:func:`sweep_attrs`), so
+# that a later sweep's warm start can check it.
+SWEEP_ATTR = "sweeper_sweep"
 
 
 def study_location(configured: str | None, sweep_dir: Path) -> str:
@@ -241,7 +248,14 @@ def _within(distribution: BaseDistribution, value) -> bool:
 
 def earlier_trials(location: str, study_name: str,
                    space: dict[str, BaseDistribution]) -> list[FrozenTrial]:
-    """Finished and pruned trials of an earlier study that fit ``space``, ready to add."""
+    """Finished and pruned trials of an earlier study that fit ``space``, ready to add.
+
+    A trial fits when it has exactly the space's parameters, each with a value the space's
+    distribution can sample (a categorical's choices, a range's bounds and step); it is added
+    with this sweep's distributions, whatever the earlier ones were (log or linear, another
+    range). The others are left out and counted in the log line. Check the two studies
+    measure the same thing first (:func:`check_warm_start`).
+    """
     study = optuna.load_study(study_name=study_name, storage=read_storage(location))
     copies = []
     for trial in study.get_trials(deepcopy=False, states=WARM_STATES):
@@ -250,10 +264,105 @@ def earlier_trials(location: str, study_name: str,
         copies.append(optuna.trial.create_trial(
             state=trial.state,
             values=trial.values,
-            params=trial.params,
+            # In this space's types: an earlier 3.0 becomes 3 for an integer parameter.
+            params={name: distribution.to_external_repr(distribution.to_internal_repr(
+                trial.params[name])) for name, distribution in space.items()},
             distributions=space,
             intermediate_values=trial.intermediate_values,
             user_attrs={"warm_start_from": f"{study_name}#{trial.number}"},
         ))
-    logger.info("Warm start: %d trials of study %s fit the search space", len(copies), study_name)
+    left_out = len(study.get_trials(deepcopy=False, states=WARM_STATES)) - len(copies)
+    logger.info("Warm start: %d trials of study %s fit the search space%s", len(copies),
+                study_name, f" ({left_out} left out: outside it)" if left_out else "")
     return copies
+
+
+def sweep_attrs(metric: str, mode: str, epochs: int, data: dict[str, Any],
+                data_digest: str | None) -> dict[str, Any]:
+    """What a sweep's trial values mean, kept in its study (:data:`SWEEP_ATTR`): the metric,
+    ``max``/``min``, a trial's full epoch budget, the data settings' ``name``, ``path`` and
+    ``url``, and the loaded data's digest (:func:`sweeper.data.data_fingerprint`)."""
+    return {"metric": metric, "mode": mode, "epochs": epochs,
+            "data": {key: data.get(key) for key in ("name", "path", "url")},
+            "data_digest": data_digest}
+
+
+def record_sweep_attrs(study: optuna.Study, attrs: dict[str, Any]) -> None:
+    """Keep ``attrs`` (:func:`sweep_attrs`) in ``study`` unless it holds them already."""
+    if SWEEP_ATTR not in study.user_attrs:
+        study.set_user_attr(SWEEP_ATTR, attrs)
+
+
+def _attrs_beside(location: str) -> dict[str, Any]:
+    """:func:`sweep_attrs` of a study made before they were kept in it, from the sweep folder
+    that holds its file (sweep_config.yaml, data_fingerprint.json); {} when there is none."""
+    if is_database(location):
+        if not location.startswith(SQLITE_PREFIX):
+            return {}
+        location = location.removeprefix(SQLITE_PREFIX)
+    layout = SweepLayout(Path(location).parent)
+    if not layout.sweep_config.is_file():
+        return {}
+    saved = yaml.safe_load(layout.sweep_config.read_text()) or {}
+    search, data = saved.get("search") or {}, saved.get("data") or {}
+    digest = None
+    if layout.data_fingerprint.is_file():
+        digest = json.loads(layout.data_fingerprint.read_text()).get("digest")
+    return sweep_attrs(search.get("metric"), search.get("mode"),
+                       (saved.get("train") or {}).get("epochs"), data, digest)
+
+
+def check_warm_start(location: str, study_name: str, source: str, attrs: dict[str, Any]) -> None:
+    """Refuse a warm start whose earlier trials measured something else than this sweep will.
+
+    ``attrs`` is this sweep's :func:`sweep_attrs` (``data_digest`` None before its data is
+    loaded: the digests are then compared later). The earlier study's come from the study
+    itself or, for one made before sweeper kept them there, from its sweep folder. Must
+    match: the study's single direction and ``search.mode``; the metric; ``train.epochs``
+    (a trial's COMPLETE or PRUNED state and its per-epoch values depend on the budget); the
+    data, by digest, or for an older sweep without one by ``data.name``, ``path`` and
+    ``url``. A study that says nothing of its metric (not made by sweeper) is taken to hold
+    this sweep's metric; its direction must still match. Optuna itself would add any of these
+    trials without a word: it checks only that a trial's parameters fit its distributions
+    (which :func:`earlier_trials` makes sure of).
+
+    Raises:
+        ConfigError: ``search.warm_start=SOURCE is invalid: ...`` naming what differs.
+    """
+    study = optuna.load_study(study_name=study_name, storage=read_storage(location))
+    if len(study.directions) != 1:
+        raise ConfigError("search.warm_start", source,
+                          f"study {study_name} has {len(study.directions)} objectives; a warm "
+                          "start needs a study of one")
+    direction = "max" if study.direction == StudyDirection.MAXIMIZE else "min"
+    earlier = study.user_attrs.get(SWEEP_ATTR) or _attrs_beside(location)
+    metric = earlier.get("metric")
+    if metric is None:
+        logger.info("Warm start: study %s does not say what its values measure; taken as %s",
+                    study_name, attrs["metric"])
+    problems = []
+    if (metric or attrs["metric"], direction) != (attrs["metric"], attrs["mode"]):
+        problems.append(f"its trials measured {metric or 'values'} ({direction}), this sweep "
+                        f"searches {attrs['metric']} ({attrs['mode']})")
+    if earlier.get("epochs") not in (None, attrs["epochs"]):
+        problems.append(f"its trials had train.epochs={earlier['epochs']}, this sweep "
+                        f"{attrs['epochs']}")
+    if earlier.get("data_digest") and attrs["data_digest"]:
+        if earlier["data_digest"] != attrs["data_digest"]:
+            problems.append(f"its trials trained on other data ({_data_named(earlier)}; "
+                            f"this sweep {_data_named(attrs)})")
+    elif (not earlier.get("data_digest") and earlier.get("data")
+          and earlier["data"] != attrs["data"]):
+        problems.append(f"its trials trained on other data ({_data_named(earlier)}; this "
+                        f"sweep {_data_named(attrs)})")
+    if problems:
+        raise ConfigError("search.warm_start", source,
+                          "; ".join(problems) + ": its values would mislead this search; warm "
+                          "start from a sweep of the same metric, mode, epochs and data, or "
+                          "leave search.warm_start out")
+
+
+def _data_named(attrs: dict[str, Any]) -> str:
+    data = attrs.get("data") or {}
+    where = data.get("path") or data.get("url")
+    return f"{data.get('name')}{f' at {where}' if where else ''}"

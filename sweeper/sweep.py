@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,18 +34,20 @@ from sweeper.config import (
     validate_sweep_settings,
     validate_trial_settings,
 )
-from sweeper.data import Splits, check_source, load_splits
+from sweeper.data import Splits, check_source, fingerprint_changes, load_splits
 from sweeper.evaluate import majority_baseline
-from sweeper.layout import SweepLayout
+from sweeper.layout import SweepLayout, write_json
 from sweeper.report import publish
 from sweeper.results import all_trials_ended, build_summary, rank, records_from_results
 from sweeper.space import build_search_space, configured_point, flatten_space
 from sweeper.study import (
+    check_warm_start,
     earlier_trials,
     open_storage,
     resolve_warm_start,
     study_location,
     study_url_in_sweep,
+    sweep_attrs,
 )
 from sweeper.summary import (
     STATE_COMPLETE,
@@ -156,6 +159,41 @@ def claim_sweep_dir(cfg: SweepConfig, root: Path, state: str) -> None:
         saved_file.write_text(yaml.safe_dump(config_fingerprint(cfg), sort_keys=False))
 
 
+def check_data_unchanged(cfg: SweepConfig, root: Path, splits: Splits) -> None:
+    """Refuse data that differs from what the sweep in ``root`` began with; reads, writes
+    nothing. A sweep folder without a record of its data (begun before it was kept) passes.
+
+    Raises:
+        ConfigError: ``data.path=... is invalid: ...`` naming what changed (class names,
+            an array's shape, dtype or content).
+    """
+    record = SweepLayout(root).data_fingerprint
+    if not record.is_file():
+        return
+    changes = fingerprint_changes(json.loads(record.read_text()), splits.fingerprint)
+    if changes:
+        shown = "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else "")
+        raise ConfigError("data.path" if cfg.data.path else "data.name",
+                          cfg.data.path or cfg.data.name,
+                          f"the data changed since the sweep in {root} began ({shown}); put "
+                          "back the data it began with, or fresh=true for a new sweep on "
+                          "this data")
+
+
+def record_data(root: Path, splits: Splits) -> None:
+    """Keep the fingerprint of the data a sweep trains on, unless its folder holds one."""
+    record = SweepLayout(root).data_fingerprint
+    if splits.fingerprint and not record.is_file():
+        write_json(record, splits.fingerprint, indent=1)
+
+
+def this_sweep_attrs(cfg: SweepConfig, splits: Splits | None = None) -> dict[str, Any]:
+    """What this sweep's trial values mean (:func:`sweeper.study.sweep_attrs`)."""
+    digest = splits.fingerprint.get("digest") if splits is not None else None
+    return sweep_attrs(cfg.search.metric, cfg.search.mode, cfg.train.epochs,
+                       dataclasses.asdict(cfg.data), digest)
+
+
 def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, BaseDistribution]]:
     """Type-check, range-check and parse the search space; raises ConfigError."""
     typed = cfg if isinstance(cfg, SweepConfig) else to_sweep_config(cfg)
@@ -164,7 +202,8 @@ def validate(cfg: DictConfig | SweepConfig) -> tuple[SweepConfig, dict[str, Base
                               typed.train.batch_size)
     validate_sweep_settings(typed)
     if typed.search.warm_start:
-        resolve_warm_start(typed.search.warm_start, typed.search.warm_start_study)
+        url, study = resolve_warm_start(typed.search.warm_start, typed.search.warm_start_study)
+        check_warm_start(url, study, typed.search.warm_start, this_sweep_attrs(typed))
     if typed.cluster.address is None:
         from sweeper.tuner import local_capacity
 
@@ -279,13 +318,16 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         from sweeper.model import check_network
 
         check_network(cfg_t.model, splits.input_shape, splits.num_classes)
-    claim_sweep_dir(cfg_t, layout.root, state)
-    location = study_location(cfg_t.search.storage, layout.root)
-    storage = open_storage(location)
+    check_data_unchanged(cfg_t, layout.root, splits)
     warm_trials = None
     if cfg_t.search.warm_start and state == NEW:
         url, study = resolve_warm_start(cfg_t.search.warm_start, cfg_t.search.warm_start_study)
+        check_warm_start(url, study, cfg_t.search.warm_start, this_sweep_attrs(cfg_t, splits))
         warm_trials = earlier_trials(url, study, space)
+    claim_sweep_dir(cfg_t, layout.root, state)
+    record_data(layout.root, splits)
+    location = study_location(cfg_t.search.storage, layout.root)
+    storage = open_storage(location)
 
     log_plan(cfg_t, layout.root, resuming=state == INTERRUPTED)
     baseline = majority_baseline(splits)
@@ -296,7 +338,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
     try:
         if joins_cluster(cfg_t.cluster):
             log_cluster()
-        tuner = build_tuner(cfg_t, space, splits, layout, storage, warm_trials)
+        tuner = build_tuner(cfg_t, space, splits, layout, storage, warm_trials,
+                            study_attrs=this_sweep_attrs(cfg_t, splits))
         TIME_BUDGET.arm(cfg_t.search.time_budget_s)
         with tune_settings(cfg_t):
             grid = tuner.fit()

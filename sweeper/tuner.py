@@ -40,8 +40,9 @@ from sweeper.data import Splits
 from sweeper.layout import TRIAL_FOLDER_PREFIX, SweepLayout, write_json
 from sweeper.progress import DETAIL, TrialEvents
 from sweeper.scheduler import BudgetedASHA, BudgetedFIFO
-from sweeper.searcher import PruningOptunaSearch, make_sampler
+from sweeper.searcher import BudgetedSearch, PruningOptunaSearch, make_sampler
 from sweeper.space import configured_point
+from sweeper.study import record_sweep_attrs
 from sweeper.tensorboard import TensorBoardCallback
 from sweeper.trial import run_trial
 
@@ -51,7 +52,8 @@ def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], stud
                   max_epochs: int, max_concurrent: int | None = None,
                   storage: optuna.storages.BaseStorage | None = None,
                   warm_trials: list | None = None,
-                  points_to_evaluate: list[dict] | None = None) -> PruningOptunaSearch:
+                  points_to_evaluate: list[dict] | None = None,
+                  study_attrs: dict[str, Any] | None = None) -> PruningOptunaSearch:
     """The Optuna searcher of a new sweep, its study in ``storage`` (None: in memory).
 
     Args:
@@ -62,6 +64,8 @@ def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], stud
         max_concurrent: Trials running at once (None: no limit).
         points_to_evaluate: Configurations to train first, before sampling
             (``search.start_with_defaults``: the config's own recipe).
+        study_attrs: What the trial values mean (:func:`sweeper.study.sweep_attrs`), kept
+            in the study for a later sweep's warm start to check.
     """
     searcher = PruningOptunaSearch(
         space=space,
@@ -75,6 +79,8 @@ def make_searcher(search: SearchConfig, space: dict[str, BaseDistribution], stud
         max_concurrent=max_concurrent,
         points_to_evaluate=points_to_evaluate,
     )
+    if study_attrs is not None:
+        record_sweep_attrs(searcher.study, study_attrs)
     if warm_trials:
         searcher.add_warm_start(warm_trials)
     return searcher
@@ -413,7 +419,8 @@ def _trial_dirname(trial) -> str:
 
 def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Splits | None,
                 layout: SweepLayout, storage: optuna.storages.BaseStorage | None = None,
-                warm_trials: list | None = None, trainable=None) -> tune.Tuner:
+                warm_trials: list | None = None, trainable=None,
+                study_attrs: dict[str, Any] | None = None) -> tune.Tuner:
     """A new Tuner for the sweep, or the interrupted one restored from its folder.
 
     ``trainable``: what each trial runs (default: sweeper's trainer on ``splits`` with the
@@ -432,11 +439,11 @@ def build_tuner(cfg: SweepConfig, space: dict[str, BaseDistribution], splits: Sp
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(
+            search_alg=BudgetedSearch(make_searcher(
                 cfg.search, space, cfg.name, cfg.train.epochs, max_concurrent_trials(cfg),
                 storage, warm_trials,
                 points_to_evaluate=[configured_point(cfg, space)]
-                if cfg.search.start_with_defaults else None),
+                if cfg.search.start_with_defaults else None, study_attrs=study_attrs)),
             scheduler=scheduler,
             num_samples=cfg.search.num_trials,
             trial_dirname_creator=_trial_dirname,

@@ -327,3 +327,57 @@ def test_mnist_through_keras_downloader_and_cache(tmp_path):
     key, message = out["wrong_sha256"]
     assert key == "data.url"
     assert "hash" in message and "data.path" in message
+
+
+def _resume_check(cfg, root, splits):
+    from sweeper.sweep import check_data_unchanged, record_data
+
+    record_data(root, splits)
+    return lambda changed: check_data_unchanged(cfg, root, changed)
+
+
+def test_a_resume_on_changed_data_is_refused_naming_what_changed(tmp_path, fashion_npz):
+    """Issue 41: a sweep resumed on an npz overwritten since it began. Every way the loader's
+    input can change reaches the fingerprint: the content alone (same shapes and classes),
+    the classes, an image folder with a file added or removed. A subset or seed is part of
+    the config check, not of the data's (the fingerprint is of the whole loaded arrays)."""
+    from types import SimpleNamespace
+
+    from sweeper.config import DataConfig
+    from sweeper.data import load_splits
+
+    arrays = dict(np.load(fashion_npz))
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    data = DataConfig(name="npz", path=str(path), max_train_samples=300)
+    cfg = SimpleNamespace(data=data)
+    check = _resume_check(cfg, tmp_path, load_splits(data, 0.1, 0))
+    check(load_splits(data, 0.1, 0))  # the same file: no change
+    check(load_splits(DataConfig(name="npz", path=str(path), max_train_samples=500), 0.1, 1))
+    arrays["x_test"][0, 0, 0] ^= 1  # one pixel of the test split
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError) as raised:
+        check(load_splits(data, 0.1, 0))
+    assert str(raised.value) == (
+        f"data.path='{path}' is invalid: the data changed since the sweep in {tmp_path} began "
+        "(x_test content); put back the data it began with, or fresh=true for a new sweep on "
+        "this data")
+
+
+def test_an_image_folder_with_a_file_added_or_removed_is_other_data(tmp_path):
+    from types import SimpleNamespace
+
+    from data_helpers import write_image_folder
+
+    from sweeper.config import DataConfig
+    from sweeper.data import load_splits
+
+    folder = write_image_folder(tmp_path / "images", per_class=12, broken=False)
+    data = DataConfig(name="image_folder", path=str(folder), image_size=[28, 28])
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    check = _resume_check(SimpleNamespace(data=data), sweep, load_splits(data, 0.2, 0))
+    image = folder / "tshirt" / "tshirt_0000.png"
+    image.rename(folder / "tshirt" / "moved.png.bak")  # removed (not an image any more)
+    with pytest.raises(ConfigError, match=r"\(x_train shape \[\d+, 28, 28, 3\] -> "):
+        check(load_splits(data, 0.2, 0))

@@ -191,13 +191,20 @@ def test_every_decision_is_recorded_in_order_with_who_took_it():
 
 
 class FakeController:
-    """What the budget reads of Tune's controller: its trials."""
+    """What the budget uses of Tune's controller (as Tune hands it to a scheduler): its
+    trials, and pausing one, which Tune ignores for a trial that has no worker yet."""
 
     def __init__(self, trials_: list[Trial]) -> None:
         self.trials = trials_
 
     def get_trials(self) -> list[Trial]:
         return self.trials
+
+    def pause_trial(self, trial: Trial, should_checkpoint: bool = True) -> None:
+        pass  # these trials have no worker
+
+    def _set_trial_status(self, trial: Trial, status: str) -> None:
+        trial.set_status(status)
 
 
 def test_a_spent_time_budget_pauses_trials_asha_lets_go_on_and_starts_none(monkeypatch):
@@ -208,24 +215,27 @@ def test_a_spent_time_budget_pauses_trials_asha_lets_go_on_and_starts_none(monke
     monkeypatch.setattr(scheduler_module, "end_tune_run_gracefully", lambda: ended.append(1))
     asha = BudgetedASHA(metric="val_accuracy", mode="max", max_t=9, grace_period=1,
                         reduction_factor=3)
-    first, second = trials(2)
-    controller = FakeController([first, second])
+    first, second, queued = trials(3)
+    controller = FakeController([first, second, queued])
     try:
         TIME_BUDGET.arm(3600)
         assert asha.choose_trial_to_run(controller) is first  # PENDING trials start in order
         first.set_status(Trial.RUNNING)
         assert asha.choose_trial_to_run(controller) is second
-        asha.on_trial_add(None, first)
-        asha.on_trial_add(None, second)
+        second.set_status(Trial.RUNNING)
+        for trial in (first, second):
+            asha.on_trial_add(None, trial)
         assert asha.on_trial_result(controller, first, {"training_iteration": 1,
                                                         "val_accuracy": 0.8}) == CONTINUE
         TIME_BUDGET.arm(1e-9)
-        # The second trial's worker is still starting: Tune calls it PENDING, the budget
-        # counts it as running (it trains its first epoch), so the run does not end yet.
+        # The queued trial (Tune would start it on the next free worker without asking the
+        # scheduler: issue 41) is paused before it starts; the run goes on while two run.
         assert asha.choose_trial_to_run(controller) is None and not ended
+        assert queued.status == Trial.PAUSED
         # ASHA's own decision stands and is recorded; only a trial it lets go on pauses.
         assert asha.on_trial_result(controller, second, {"training_iteration": 1,
                                                          "val_accuracy": 0.1}) == STOP
+        second.set_status(Trial.TERMINATED)
         assert asha.on_trial_result(controller, first, {"training_iteration": 2,
                                                         "val_accuracy": 0.9}) == \
             TrialScheduler.PAUSE

@@ -16,6 +16,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from sweeper.study import (
+    earlier_trials,
     fits_space,
     open_storage,
     read_storage,
@@ -255,3 +256,137 @@ def test_earlier_trials_outside_the_space_are_not_carried():
     assert fits_space(inside, space)
     assert not fits_space(outside, space)
     assert not fits_space(other_keys, space)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, needle", [
+    (["search.metric=val_loss", "search.mode=min"],
+     "its trials measured val_accuracy (max), this sweep searches val_loss (min)"),
+    (["search.mode=min"], "its trials measured val_accuracy (max), this sweep searches "
+                          "val_accuracy (min)"),
+    (["train.epochs=3"], "its trials had train.epochs=2, this sweep 3"),
+])
+def test_a_warm_start_measuring_something_else_is_refused_before_ray(
+        diverging_sweep, compose, tmp_path, overrides, needle):
+    """Issue 41: a warm start from a sweep that maximized val_accuracy put its accuracies into
+    a loss study without a word. Optuna adds any such trial (it checks only that parameters
+    fit their distributions): sweeper compares what the study says its values measure."""
+    from sweeper.config import ConfigError
+    from sweeper.sweep import validate
+
+    _, earlier, _ = diverging_sweep
+    cfg = compose(*TINY, f"sweep_dir={tmp_path}/warm", "name=warm", "scheduler=none",
+                  "train.optimizer=sgd", f"search.warm_start={earlier}",
+                  "search.space.train.lr=choice(0.05, 0.01)", *overrides)
+    with pytest.raises(ConfigError) as raised:
+        validate(cfg)
+    message = str(raised.value)
+    assert message.startswith(f"search.warm_start='{earlier}' is invalid: ")
+    assert needle in message and "\n" not in message
+    assert not (tmp_path / "warm").exists()
+
+
+@pytest.mark.slow
+def test_a_warm_start_from_another_dataset_is_refused_before_anything_is_written(
+        diverging_sweep, compose, tmp_path, fashion_npz):
+    """The same metric on other data: the earlier sweep's data digest (kept in its study)
+    differs from this sweep's, found once the data is loaded, before Ray and before the new
+    sweep's folder is made. A smaller subset of the same data is the same data set."""
+    from sweeper.config import ConfigError
+
+    _, earlier, _ = diverging_sweep
+    cfg = compose(*TINY, "data=npz", f"data.path={fashion_npz}", f"sweep_dir={tmp_path}/warm",
+                  "name=warm", "scheduler=none", "train.optimizer=sgd",
+                  f"search.warm_start={earlier}", "search.space.train.lr=choice(0.05, 0.01)")
+    with pytest.raises(ConfigError) as raised:
+        run_sweep(cfg)
+    assert "its trials trained on other data (fashion_mnist at /usr/share/datasets/" \
+           f"fashion-mnist; this sweep npz at {fashion_npz})" in str(raised.value)
+    assert not (tmp_path / "warm").exists()
+    attrs = sweep_study(earlier, "smoke").user_attrs["sweeper_sweep"]
+    assert attrs["metric"] == "val_accuracy" and attrs["epochs"] == 2
+    assert len(attrs["data_digest"]) == 32
+
+
+def _earlier_sweep_folder(compose, folder, direction, *overrides):
+    """A sweep folder as sweeper made it before studies said what they measure: its
+    sweep_config.yaml and an optuna.log whose study has no sweeper attributes."""
+    import yaml
+
+    from sweeper.config import to_sweep_config
+    from sweeper.sweep import config_fingerprint
+
+    folder.mkdir()
+    earlier = to_sweep_config(compose(*TINY, *overrides))
+    (folder / "sweep_config.yaml").write_text(yaml.safe_dump(config_fingerprint(earlier)))
+    study = optuna.create_study(storage=open_storage(str(folder / "optuna.log")),
+                                study_name="old", direction=direction)
+    study.add_trial(optuna.trial.create_trial(
+        params={"train.lr": 0.001}, value=0.5,
+        distributions={"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}))
+
+
+@pytest.mark.parametrize("earlier, now, refused", [
+    # An older sweep's folder: its sweep_config.yaml says what its values measured.
+    (["search.metric=val_loss", "search.mode=min"], [], "its trials measured val_loss (min)"),
+    (["data=npz", "data.path=/elsewhere/x.npz"], [], "its trials trained on other data (npz "
+                                                     "at /elsewhere/x.npz"),
+    ([], ["data.max_train_samples=500"], None),  # a subset of the same data: the same data set
+])
+def test_an_older_sweeps_warm_start_is_checked_against_its_sweep_config(
+        compose, tmp_path, earlier, now, refused):
+    from sweeper.config import ConfigError
+    from sweeper.sweep import validate
+
+    mode = "min" if "search.mode=min" in earlier else "max"
+    _earlier_sweep_folder(compose, tmp_path / "old", "minimize" if mode == "min" else "maximize",
+                          *earlier)
+    cfg = compose(*TINY, f"search.warm_start={tmp_path / 'old'}", *now)
+    if refused is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as raised:
+        validate(cfg)
+    assert refused in str(raised.value)
+
+
+@pytest.mark.parametrize("direction, refused", [("maximize", False), ("minimize", True)])
+def test_a_study_that_does_not_say_what_it_measured_must_have_the_sweeps_direction(
+        compose, tmp_path, direction, refused):
+    """A study not made by sweeper (no attributes, no sweep folder around it): its values are
+    taken as this sweep's metric, so its direction must be this sweep's mode."""
+    from sweeper.config import ConfigError
+    from sweeper.sweep import validate
+
+    url = f"sqlite:///{tmp_path}/other.db"
+    optuna.create_study(storage=url, study_name="other", direction=direction)
+    cfg = compose(*TINY, f"search.warm_start={url}")
+    if not refused:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as raised:
+        validate(cfg)
+    assert "its trials measured values (min), this sweep searches val_accuracy (max)" in str(
+        raised.value)
+
+
+def test_earlier_trials_are_added_in_this_spaces_distributions_and_types(tmp_path):
+    """Optuna adds a trial whatever distributions the study's other trials used (a float
+    parameter may come back as categorical or integer) and refuses only a value outside the
+    trial's own distribution: the carried trials get this space's distributions, with their
+    values in its types, and those outside it are left out."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    path = str(tmp_path / "optuna.log")
+    earlier = optuna.create_study(storage=open_storage(path), study_name="old")
+    for blocks, lr in ((3.0, 0.001), (2.5, 0.001), (2.0, 0.5)):
+        earlier.add_trial(optuna.trial.create_trial(
+            params={"model.blocks": blocks, "train.lr": lr}, value=0.5,
+            distributions={"model.blocks": FloatDistribution(1, 4),
+                           "train.lr": FloatDistribution(1e-4, 1.0)}))
+    space = {"model.blocks": IntDistribution(1, 4),
+             "train.lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    carried = earlier_trials(path, "old", space)
+    assert [trial.params for trial in carried] == [{"model.blocks": 3, "train.lr": 0.001}]
+    assert type(carried[0].params["model.blocks"]) is int
+    assert carried[0].distributions == space

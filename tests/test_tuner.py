@@ -208,3 +208,68 @@ def test_a_real_sweep_never_runs_more_trials_at_once_than_its_limit(ray_local, t
         at_once += step
         most = max(most, at_once)
     assert most == 2, spans
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_last_trial_fails_after_the_budget_ends_at_once(compose, ray_local,
+                                                                      tmp_path, caplog):
+    """Issue 41: with the time budget spent while the last trial failed, Tune waited up to
+    600 s for the searcher's next trial (nothing pending, running or paused), deaf to Ctrl-C.
+    Now the searcher is finished once the budget is spent: the run ends when its last trial
+    does. The trial reports an epoch at once (it runs when the budget ends), then fails."""
+    import time
+
+    from sweeper.layout import SweepLayout
+    from sweeper.scheduler import TIME_BUDGET
+    from sweeper.study import open_storage, study_location
+    from sweeper.sweep import validated
+    from sweeper.tuner import build_tuner
+
+    def fails_after_the_budget(config, fail_after_s):
+        tune.report({"val_accuracy": 0.5, "val_loss": 0.5, "epoch": 1})
+        time.sleep(fail_after_s)
+        raise RuntimeError("this trial fails once the time budget is spent")
+
+    cfg, space = validated(compose(
+        "+experiment=smoke", "data=fashion_mnist", f"sweep_dir={tmp_path}/sweep",
+        "search.num_trials=3", "resources.max_concurrent_trials=1", "scheduler=none",
+        "recovery.max_failures=0", "search.time_budget_s=8"))
+    layout = SweepLayout.for_config(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(fails_after_the_budget, fail_after_s=15), {"cpu": 1})
+    tuner = build_tuner(cfg, space, None, layout,
+                        open_storage(study_location(None, layout.root)), trainable=trainable)
+    TIME_BUDGET.arm(8)
+    started = time.monotonic()
+    try:
+        with tune_settings(cfg), caplog.at_level("INFO", logger="sweeper.events"):
+            grid = tuner.fit()
+    finally:
+        TIME_BUDGET.arm(None)
+    took = time.monotonic() - started
+    assert took < 120, took  # 600 s and more before the fix; about 20 s now
+    assert len(grid) == 1 and grid[0].error is not None  # the one trial, failed
+    spent = [record.getMessage() for record in caplog.records
+             if record.getMessage().startswith("The time budget of 8 s is spent: ")]
+    assert spent and "trial 1 finishes the epoch it trains, then pauses" in spent[0], spent
+
+
+def test_a_searcher_sees_tunes_stop_request_at_once(compose):
+    """Ctrl-C during Tune's wait for a new trial (up to 600 s, asking only whether the
+    searcher is finished) ended the run only when the wait did: the searcher is finished as
+    soon as Tune's own Ctrl-C handler has been called."""
+    from ray.tune.tune import _setup_signal_catching
+
+    from sweeper.searcher import BudgetedSearch
+
+    cfg = to_sweep_config(compose("+experiment=smoke"))
+    search = BudgetedSearch(make_searcher(cfg.search, build_search_space(cfg), "s", 1))
+    search.add_configurations({"s": {"run": lambda config: None, "num_samples": 3}})
+    own = signal.getsignal(signal.SIGINT)
+    try:
+        _setup_signal_catching()  # what tune.run installs for its loop
+        assert not search.is_finished()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert search.is_finished()
+    finally:
+        signal.signal(signal.SIGINT, own)
