@@ -155,29 +155,31 @@ def test_the_mixed_precision_export_loads_and_predicts_without_sweeper(tiny_spli
 
     images = tiny_splits.x_val[:16]
     np.save(tmp_path / "images.npy", images)
-    for precision in MIXED:
-        cfg = settings(precision, epochs=2, optimizer="adamw", lr=0.01, weight_decay=0.01,
-                       schedule="cosine", warmup_epochs=1, min_lr_ratio=0.1,
-                       label_smoothing=0.1)
+    exports = {"mixed_float16": 0.0, "mixed_float16_smoothed": 0.1, "mixed_bfloat16": 0.1}
+    for name, smoothing in exports.items():
+        cfg = settings(name.removesuffix("_smoothed"), epochs=2, optimizer="adamw", lr=0.01,
+                       weight_decay=0.01, schedule="cosine", warmup_epochs=1,
+                       min_lr_ratio=0.1, label_smoothing=smoothing)
         model, _ = trained(cfg, tiny_splits)
-        np.save(tmp_path / f"{precision}.npy", model.predict(images, verbose=0))
-        save_portable(model, tmp_path / f"{precision}.keras")
+        np.save(tmp_path / f"{name}.npy", model.predict(images, verbose=0))
+        save_portable(model, tmp_path / f"{name}.keras")
     # Keras warns (UserWarning) when an archive's optimizer state does not fit the optimizer.
-    script = """
+    script = f"""
 import sys, warnings
 warnings.filterwarnings("error", category=UserWarning)
 import keras, numpy as np
-for precision in ("mixed_float16", "mixed_bfloat16"):
-    model = keras.models.load_model(f"{precision}.keras")
+for name in {list(exports)}:
+    model = keras.models.load_model(f"{{name}}.keras")
     np.testing.assert_allclose(model.predict(np.load("images.npy"), verbose=0),
-                               np.load(f"{precision}.npy"), atol=1e-6)
+                               np.load(f"{{name}}.npy"), atol=1e-6)
     assert int(model.optimizer.iterations) == 20, int(model.optimizer.iterations)
     np.testing.assert_allclose(float(model.optimizer.learning_rate), 0.001, rtol=1e-5)
-    print(precision, type(model.optimizer).__name__)
+    print(name, type(model.optimizer).__name__)
 assert "sweeper" not in sys.modules
 """
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert loaded.stdout.split() == ["mixed_float16", "LossScaleOptimizer",
+                                     "mixed_float16_smoothed", "LossScaleOptimizer",
                                      "mixed_bfloat16", "AdamW"]
