@@ -67,8 +67,8 @@ def variables_by_key(model) -> dict[str, object]:
         keyed[key] = variable
         slot_owner[variable.path.replace("/", "_")] = key
     inner = base_optimizer(model.optimizer)
-    wrapper = [variable for variable in model.optimizer.variables
-               if not any(variable is own for own in inner.variables)]
+    own = {id(variable) for variable in inner.variables}
+    wrapper = [variable for variable in model.optimizer.variables if id(variable) not in own]
     for variable in [*inner.variables, *wrapper]:
         name = variable.path.split("/", 1)[-1]  # without the optimizer's own (numbered) name
         owner = next((path for path in sorted(slot_owner, key=len, reverse=True)

@@ -147,9 +147,9 @@ BEST_CONFIG_HEADER = """\
 # It trains what the best trial trained: the same model, data, split, seed (initial weights,
 # data order, augmentation) and training settings. train.epochs is the sweep's: the budget
 # the learning-rate schedule and warmup span, as in the best trial, and the epochs the run
-# trains. Its first epochs are the best trial's (bit for bit with search.reproducible=true);
-# where the best trial was stopped early (by ASHA, its patience or the time budget) this run
-# goes on to train.epochs, and its summary picks the best epoch again.
+# trains. Its first epochs train as the best trial's did (same seed, data order and rates);
+# where the best trial was stopped early (by ASHA or the time budget) this run goes on to
+# train.epochs (train.patience still applies), and its summary picks the best epoch again.
 # What belonged to the search rather than to the trial is set for a sweep of one trial:
 #   search.num_trials 1, the searched settings pinned with choice(best value);
 #   scheduler none (ASHA stops a trial only against other trials);

@@ -141,9 +141,10 @@ def test_best_config_trains_the_best_trial_without_the_searchs_limits(finished, 
     search stopped "train the best configuration again" after 3 of 5 epochs."""
     import dataclasses
 
-    from sweeper.config import apply_params, to_sweep_config, validate_sweep_settings
+    from sweeper.config import apply_params
     from sweeper.evaluate import BEST_CONFIG_HEADER, write_best_config
     from sweeper.results import load_records
+    from sweeper.sweep import validate
 
     records = load_records(finished.sweep_dir / "trials", "val_accuracy", "max",
                            smoke_config.train.epochs)
@@ -154,8 +155,9 @@ def test_best_config_trains_the_best_trial_without_the_searchs_limits(finished, 
             storage=f"sqlite:///{tmp_path / 'studies.db'}"))
     path = write_best_config(searched, best, tmp_path)
     assert BEST_CONFIG_HEADER in path.read_text()
-    saved = to_sweep_config(_compose_best_config(tmp_path))
-    validate_sweep_settings(saved)
+    saved, space = validate(_compose_best_config(tmp_path))  # as a re-run checks it
+    assert {key: dist.choices for key, dist in space.items()} == {
+        key: (value,) for key, value in best.config.items()}
     search = saved.search
     assert (search.num_trials, search.time_budget_s, search.warm_start, search.storage) == (
         1, None, None, None)
