@@ -40,8 +40,15 @@ def variables_by_key(model) -> dict[str, object]:
     model built), so each path component is numbered anew within this model, in order of
     appearance (``conv2d_3`` -> ``conv2d``, ``conv2d_4`` -> ``conv2d_1``). An optimizer slot
     (``adam_1/cnn_conv2d_3_kernel_momentum``) is keyed by its model variable's key and the
-    slot's name; the optimizer's own variables (``iteration``) by their names.
+    slot's name; the optimizer's own variables (``iteration``) by their names. Under
+    ``mixed_float16`` Keras wraps the optimizer in a LossScaleOptimizer: the inner optimizer's
+    variables are keyed as without it, the wrapper's loss scale (``dynamic_scale``,
+    ``step_counter``) by its names; the wrapper's own ``iteration`` and ``learning_rate``,
+    which it keeps but never uses (its step count and rate are the inner optimizer's), are
+    left out rather than keyed like the inner optimizer's.
     """
+    from sweeper.model import base_optimizer
+
     canonical: dict[str, str] = {}
     seen: dict[str, int] = {}
 
@@ -59,13 +66,16 @@ def variables_by_key(model) -> dict[str, object]:
         key = f"{_MODEL}/" + "/".join(stable(part) for part in variable.path.split("/"))
         keyed[key] = variable
         slot_owner[variable.path.replace("/", "_")] = key
-    for variable in model.optimizer.variables:
+    inner = base_optimizer(model.optimizer)
+    own = {id(variable) for variable in inner.variables}
+    wrapper = [variable for variable in model.optimizer.variables if id(variable) not in own]
+    for variable in [*inner.variables, *wrapper]:
         name = variable.path.split("/", 1)[-1]  # without the optimizer's own (numbered) name
         owner = next((path for path in sorted(slot_owner, key=len, reverse=True)
                       if name.startswith(f"{path}_")), None)
         key = (f"{_OPTIMIZER}/{slot_owner[owner]}:{name[len(owner) + 1:]}" if owner
                else f"{_OPTIMIZER}/{name}")
-        keyed[key] = variable
+        keyed.setdefault(key, variable)
     return keyed
 
 

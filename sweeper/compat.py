@@ -413,6 +413,7 @@ def check_installed() -> list[str]:
     check("Ray's _system_config prestart_worker_first_driver", _system_config_known)
     check("OptunaSearch's _ot_study/_ot_trials/_completed_trials and optuna.Trial", optuna_search)
     check("TensorFlow's gradient registry", lambda: _gradient_registry() is not None)
+    check("Keras' Optimizer._learning_rate (the schedule it was given)", _schedule_reachable)
     check("ResultGrid._experiment_analysis.trials and Tune's experiment tags", _result_grid)
     check("Tune's experiment-state saving (snapshots_on_a_timer)", _snapshot_internals)
     check("Optuna's table of intermediate values (add_intermediate_values)", _study_table)
@@ -424,6 +425,14 @@ def check_installed() -> list[str]:
           lambda: "def signal_interrupt_tune_run" in inspect.getsource(
               __import__("ray.tune.tune", fromlist=["tune"])))
     return problems
+
+
+def _schedule_reachable() -> bool:
+    """An optimizer's schedule is what learning_rate_of returns."""
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    return learning_rate_of(keras.optimizers.Adam(schedule)) is schedule
 
 
 def _snapshot_internals() -> bool:
@@ -549,6 +558,18 @@ def forget_custom_gradients(keep: frozenset[str]) -> int:
     for name in stale:
         del registry[name]
     return len(stale)
+
+
+# Keras optimizers give a schedule's current value (optimizer.learning_rate) but not the
+# LearningRateSchedule object they were built with; TensorFlow 2.11's release notes name
+# optimizer._learning_rate for it ("If you need to access the LearningRateSchedule object"),
+# and no public accessor has come since. sweeper.model's EpochSchedule is told the batches per
+# epoch through it when a fit begins, and the export replaces it. Checked with Keras 3.15.1.
+def learning_rate_of(optimizer: Any) -> Any:
+    """The float variable or LearningRateSchedule an optimizer was given as its learning rate
+    (of the optimizer itself: unwrap a LossScaleOptimizer first)."""
+    return _attribute(optimizer, "_learning_rate", "reading an optimizer's learning-rate "
+                      "schedule (sweeper.model.epoch_schedule)")
 
 
 # TensorFlow's start-up lines that no user can act on (TensorFlow 2.21 with its CUDA stubs, on a

@@ -280,8 +280,9 @@ class FinalConfig:
 
     # Score the best trial once on the test split that no trial saw.
     evaluate: bool = True
-    # Retrain the best config on train+validation for its best epoch count before scoring;
-    # false scores the best trial's own checkpoint.
+    # Retrain the best config on train+validation for its best epoch count before scoring,
+    # at the learning rates the best trial had in those epochs (its schedule spans
+    # train.epochs; no train.patience); false scores the best trial's own checkpoint.
     retrain: bool = False
 
 

@@ -125,18 +125,22 @@ def best_config(cfg: SweepConfig, best: TrialRecord) -> SweepConfig:
 def retrain_config(cfg: SweepConfig, best: TrialRecord) -> dict[str, Any]:
     """The best trial's full config as a primary Hydra config that trains it once more.
 
-    Everything is the sweep's composed config with the sampled values filled in,
-    except what makes a re-run train exactly this trial in a sweep of its own:
-    each searched setting is pinned with a one-value ``choice``, one trial, and a
-    new name (so the original sweep folder is not resumed).
+    Everything is the sweep's composed config with the sampled values filled in, so the
+    trial-level settings are the best trial's: model, data and split, seed, train.epochs
+    (the budget its learning-rate schedule spans) and train.patience. The sweep-level
+    settings are those of a sweep of this one trial (:data:`BEST_CONFIG_HEADER` says why):
+    each searched setting pinned with a one-value ``choice``, one trial, no scheduler, no
+    time budget, no warm start, the study in the new sweep's own folder, and a new name (so
+    the original sweep folder is not resumed).
     """
     filled = OmegaConf.to_container(OmegaConf.structured(best_config(cfg, best)))
     space: dict[str, dict[str, str]] = {}
     for key, value in best.config.items():
         group, _, name = key.partition(".")
         space.setdefault(group, {})[name] = f"choice({_hydra_literal(value)})"
-    filled["search"]["space"] = space
-    filled["search"]["num_trials"] = 1
+    filled["search"].update(space=space, num_trials=1, time_budget_s=None, warm_start=None,
+                            warm_start_study=None, storage=None)
+    filled["scheduler"]["name"] = "none"
     filled["name"] = f"{cfg.name}_best"
     filled["sweep_dir"] = "sweeps/${name}"
     return {
@@ -155,6 +159,26 @@ def _hydra_literal(value: Any) -> str:
     return repr(value)
 
 
+# What "train the best configuration again" means, setting by setting: best_config.yaml's
+# header below the first lines that name the trial and the command.
+BEST_CONFIG_HEADER = """\
+# It trains what the best trial trained: the same model, data, split, seed (initial weights,
+# data order, augmentation) and training settings. train.epochs is the sweep's: the budget
+# the learning-rate schedule and warmup span, as in the best trial, and the epochs the run
+# trains. Its first epochs train as the best trial's did (same seed, data order and rates);
+# where the best trial was stopped early (by ASHA or the time budget) this run goes on to
+# train.epochs (train.patience still applies), and its summary picks the best epoch again.
+# What belonged to the search rather than to the trial is set for a sweep of one trial:
+#   search.num_trials 1, the searched settings pinned with choice(best value);
+#   scheduler none (ASHA stops a trial only against other trials);
+#   search.time_budget_s null (a budget of the search, not of the trial: the run trains to
+#   its end); search.warm_start null; search.storage null (the study goes to the new sweep's
+#   own folder, not into the sweep it came from); a new name and folder (<name>_best).
+# final.retrain (if true) retrains on train+validation for the best epoch's count, with the
+# learning rates of the same epochs of the full train.epochs schedule.
+"""
+
+
 def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> Path:
     path = SweepLayout(sweep_dir).best_config
     header = (
@@ -162,6 +186,7 @@ def write_best_config(cfg: SweepConfig, best: TrialRecord, sweep_dir: Path) -> P
         "# sampled values filled in and pinned. Train it again in a sweep of its own with\n"
         "#   python -m sweeper --config-dir FOLDER --config-name best_config\n"
         f"# where FOLDER is the one that holds this file (the sweep folder, {sweep_dir.name}/).\n"
+        + BEST_CONFIG_HEADER
     )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(retrain_config(cfg, best))))
     return path
@@ -189,21 +214,26 @@ def retrain_epochs(cfg: SweepConfig, best: TrialRecord) -> int:
 def retrain_model(cfg: SweepConfig, best: TrialRecord, splits: Splits):
     """A fresh model of the best config trained on train+validation for its best epoch count.
 
-    The trainer still wants a validation split; it gets the validation images, which are
-    now part of training, so its validation figures mean nothing and are not used.
+    It trains as the best trial did up to the epoch it scored best at: the learning-rate
+    schedule (and warmup) stays defined over the sweep's ``train.epochs``, so the rate at
+    epoch k is the best trial's at epoch k, and training ends after :func:`retrain_epochs`
+    epochs. The trainer still wants a validation split; it gets the validation images, which
+    are now part of training, so its validation figures mean nothing: they are not used, and
+    ``train.patience`` (which would stop on them) is off.
     """
     from sweeper.trainer import train
 
     cfg_best = best_config(cfg, best)
-    cfg_best.train.epochs = retrain_epochs(cfg, best)
+    cfg_best.train.patience = 0
+    epochs = retrain_epochs(cfg, best)
     merged = dataclasses.replace(
         splits,
         x_train=np.concatenate([splits.x_train, splits.x_val]),
         y_train=np.concatenate([splits.y_train, splits.y_val]),
     )
-    logger.info("Retraining trial %s on train+validation for %d epochs", best.trial_id,
-                cfg_best.train.epochs)
-    return train(TrialSettings.of(cfg_best), merged)
+    logger.info("Retraining trial %s on train+validation for %d of %d epochs", best.trial_id,
+                epochs, cfg_best.train.epochs)
+    return train(TrialSettings.of(cfg_best), merged, last_epoch=epochs)
 
 
 def retrain_here(cfg: SweepConfig, best: TrialRecord, splits: Splits) -> RetrainedModel:

@@ -18,6 +18,7 @@ from typing import Any
 import keras
 from keras import layers, regularizers
 
+from sweeper import compat
 from sweeper.builder import builder_kwargs, model_target, resolve_builder
 from sweeper.config import ConfigError, ModelConfig, TrainConfig
 
@@ -256,11 +257,47 @@ def uses_schedule(train_cfg: TrainConfig) -> bool:
     return train_cfg.schedule != "constant" or train_cfg.warmup_epochs > 0
 
 
-def set_steps_per_epoch(model: keras.Model, steps: int) -> None:
-    """Tell the model's learning-rate schedule (if any) how many batches an epoch has."""
-    schedule = getattr(model.optimizer, "_learning_rate", None)
-    if isinstance(schedule, EpochSchedule):
+def base_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer :func:`make_optimizer` made, that updates the weights.
+
+    Under ``mixed_float16`` Keras' ``compile`` wraps it in a ``LossScaleOptimizer``, which
+    scales the loss and hands the unscaled gradients on; the learning rate, its schedule,
+    weight decay and clipping are the inner optimizer's, and so is its state (step count,
+    moments) but for the loss scale. Any other optimizer is returned as it is.
+    """
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def epoch_schedule(optimizer: keras.optimizers.Optimizer) -> EpochSchedule | None:
+    """The :class:`EpochSchedule` ``optimizer`` (or the one it wraps) follows; None: none."""
+    rate = compat.learning_rate_of(base_optimizer(optimizer))
+    return rate if isinstance(rate, EpochSchedule) else None
+
+
+def set_steps_per_epoch(model: keras.Model, steps: int) -> bool:
+    """Tell the model's learning-rate schedule (if any) how many batches an epoch has.
+
+    Returns:
+        Whether the model's optimizer follows an :class:`EpochSchedule` (the trainer checks
+        this against ``train.schedule``: a schedule never told would run its whole budget
+        within the first epochs).
+    """
+    schedule = epoch_schedule(model.optimizer)
+    if schedule is not None:
         schedule.steps_per_epoch.assign(float(steps))
+    return schedule is not None
+
+
+def reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
+    """Set a built optimizer's state to a fresh build's: step counts and moments at 0, and a
+    ``LossScaleOptimizer``'s loss scale at its ``initial_scale`` (at 0 it would scale every
+    gradient to 0 and every update to NaN)."""
+    for variable in optimizer.variables:
+        variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer.dynamic_scale.assign(optimizer.initial_scale)
 
 
 def make_optimizer(train_cfg: TrainConfig) -> keras.optimizers.Optimizer:
@@ -340,20 +377,26 @@ def save_portable(model: keras.Model, path: Path | str) -> None:
     A model compiled with sweeper's :class:`EpochSchedule` or :class:`SmoothedSparseCrossentropy`
     would need ``import sweeper.model`` before loading (Keras looks the classes up by their
     registered names); its training config is saved with Keras' own instead: the same
-    optimizer at the learning rate the schedule had reached, and sparse cross-entropy. The
-    weights and layers (augmentation included) are saved as they are.
+    optimizer at the learning rate the schedule had reached (inside Keras' LossScaleOptimizer
+    under ``mixed_float16``, as compile wraps it), and sparse cross-entropy. The weights and
+    layers (augmentation included) are saved as they are.
     """
     optimizer, loss = model.optimizer, model.loss
-    if isinstance(getattr(optimizer, "_learning_rate", None), EpochSchedule) or isinstance(
-            loss, SmoothedSparseCrossentropy):
-        config = {**optimizer.get_config(), "learning_rate": float(optimizer.learning_rate)}
+    if epoch_schedule(optimizer) is not None or isinstance(loss, SmoothedSparseCrossentropy):
+        inner = base_optimizer(optimizer)
+        config = {**inner.get_config(), "learning_rate": float(inner.learning_rate)}
         if isinstance(loss, SmoothedSparseCrossentropy):
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=loss.from_logits)
-        portable = type(optimizer).from_config(config)
+        portable = type(inner).from_config(config)
+        if inner is not optimizer:  # the loss scaling stays, its scale carried over below
+            portable = keras.optimizers.LossScaleOptimizer(
+                portable, initial_scale=optimizer.initial_scale,
+                dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
         if optimizer.built:
-            # Built and given the trained optimizer's state (step count, moments), matched by
-            # variable path: an unbuilt optimizer is saved with 2 variables, and loading the
-            # archive then warns "Skipping variable loading for optimizer" and drops them.
+            # Built and given the trained optimizer's state (step count, moments, loss scale),
+            # matched by variable path: an unbuilt optimizer is saved with 2 variables, and
+            # loading the archive then warns "Skipping variable loading for optimizer" and
+            # drops them.
             portable.build(model.trainable_variables)
             state = {variable.path: variable for variable in optimizer.variables}
             for variable in portable.variables:

@@ -271,7 +271,7 @@ class WarmModel:
         """A model as :func:`build_model` would build it for these arguments."""
         import keras
 
-        from sweeper.model import jit_compile_setting, uses_schedule
+        from sweeper.model import jit_compile_setting, reset_optimizer, uses_schedule
 
         key = (repr(cfg.model), tuple(input_shape), num_classes,
                compiled_settings(cfg.train), jit_compile_setting(cfg.train))
@@ -294,8 +294,7 @@ class WarmModel:
         np.random.seed(cfg.train.seed)
         self._model.set_weights(self._initial_weights)
         optimizer = self._model.optimizer
-        for variable in optimizer.variables:
-            variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+        reset_optimizer(optimizer)
         if not uses_schedule(cfg.train):  # a schedule's learning rate is part of the key
             optimizer.learning_rate = cfg.train.lr
         return self._model
@@ -303,7 +302,7 @@ class WarmModel:
 
 def train(cfg: TrialSettings | SweepConfig, splits: Splits,
           on_epoch_end: EpochCallback | None = None, model=None, initial_epoch: int = 0,
-          should_stop: Callable[[], bool] | None = None):
+          should_stop: Callable[[], bool] | None = None, last_epoch: int | None = None):
     """Train the CNN of ``cfg`` on ``splits`` for ``cfg.train.epochs`` epochs.
 
     Args:
@@ -316,6 +315,9 @@ def train(cfg: TrialSettings | SweepConfig, splits: Splits,
         initial_epoch: Epochs already trained by ``model``.
         should_stop: Asked after every batch; True ends training at once (the trial was
             stopped and its worker is wanted for the next one).
+        last_epoch: End after this epoch (1-based) of the ``cfg.train.epochs`` budget, over
+            which the learning-rate schedule stays defined (``final.retrain`` stops at the
+            best trial's best epoch with the rates that trial had); None: the whole budget.
 
     With ``train.patience`` > 0 training also ends after that many epochs without a better
     ``search.metric`` (Keras' EarlyStopping; a trial continued from a checkpoint counts its
@@ -326,14 +328,24 @@ def train(cfg: TrialSettings | SweepConfig, splits: Splits,
 
     Raises:
         TrialDiverged: The training loss became NaN or infinite.
+        RuntimeError: ``cfg.train`` asks for a learning-rate schedule that the model's
+            optimizer does not follow (or the other way round).
     """
     import keras
 
-    from sweeper.model import set_steps_per_epoch
+    from sweeper.model import set_steps_per_epoch, uses_schedule
 
     if model is None:
         model = build_model(cfg, splits.input_shape, splits.num_classes)
-    set_steps_per_epoch(model, math.ceil(len(splits.y_train) / cfg.train.batch_size))
+    steps = math.ceil(len(splits.y_train) / cfg.train.batch_size)
+    if set_steps_per_epoch(model, steps) != uses_schedule(cfg.train):
+        # A schedule never told the batches per epoch would spend its whole budget in the
+        # first epochs and train at rate 0 from then on, without a word.
+        raise RuntimeError(f"train.schedule={cfg.train.schedule} with train.warmup_epochs="
+                           f"{cfg.train.warmup_epochs}, but the model's optimizer "
+                           f"({type(model.optimizer).__name__}) does not follow sweeper's "
+                           "EpochSchedule accordingly")
+    end = cfg.train.epochs if last_epoch is None else min(last_epoch, cfg.train.epochs)
     train_data = make_dataset(splits.x_train, splits.y_train, cfg.train.batch_size,
                               shuffle_seed=cfg.train.seed + initial_epoch)
     val_data = make_dataset(splits.x_val, splits.y_val, max(cfg.train.batch_size, 256))
@@ -345,12 +357,12 @@ def train(cfg: TrialSettings | SweepConfig, splits: Splits,
         # After the epoch's report, so the last epoch is reported and checkpointed.
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=settings.metric, mode=settings.mode, patience=cfg.train.patience))
-    if initial_epoch < cfg.train.epochs:
+    if initial_epoch < end:
         try:
             model.fit(
                 train_data,
                 validation_data=val_data,
-                epochs=cfg.train.epochs,
+                epochs=end,
                 initial_epoch=initial_epoch,
                 callbacks=callbacks,
                 shuffle=False,  # the dataset shuffles itself, seeded

@@ -251,6 +251,47 @@ def test_the_learning_rate_each_epoch_including_across_a_resume(small_splits, tm
     assert before + after == pytest.approx(whole, abs=1e-6)
 
 
+RETRAINS = [
+    # The schedule over the sweep's 4 epochs, stopped after the best trial's best epoch 2
+    # (squeezed into 2 epochs, the cosine had reached 0 where the trial was at 0.0075).
+    (dict(lr=0.01, schedule="cosine", warmup_epochs=1), 2),
+    # Patience would watch validation images the retrain trains on: it stopped after 2 epochs
+    # of a learning rate too small to change a prediction, where the best trial had 3 (its
+    # own validation images, held out, went on improving; here its rates are recorded
+    # without patience).
+    (dict(lr=1e-12, patience=1), 3),
+]
+
+
+@pytest.mark.parametrize(("train", "best_epoch"), RETRAINS)
+def test_the_final_retrain_has_the_best_trials_rates_up_to_its_best_epoch(small_splits, train,
+                                                                         best_epoch):
+    """final.retrain trains best_epoch epochs, each at the learning rate the best trial had in
+    the same epoch (Keras' own read-back after each epoch)."""
+    from sweeper.evaluate import retrain_model
+    from sweeper.model import epoch_schedule
+    from sweeper.results import COMPLETED, TrialRecord
+    from sweeper.trainer import train as train_trial
+
+    cfg = trial_config(epochs=4, model={"filters": 8, "dense_units": 16}, **train)
+    trial_rates: list[float] = []
+    trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, patience=0))
+    train_trial(trial, small_splits, on_epoch_end=lambda metrics, model: trial_rates.append(
+        float(model.optimizer.learning_rate)))
+    best = TrialRecord(trial_id="best", config={}, status=COMPLETED, epochs_trained=4,
+                       last_value=0.5, best_value=0.5, best_epoch=best_epoch)
+    model = retrain_model(cfg, best, small_splits)
+    steps = math.ceil((len(small_splits.y_train) + len(small_splits.y_val)) / 64)
+    assert int(model.optimizer.iterations) == best_epoch * steps
+    assert float(model.optimizer.learning_rate) == pytest.approx(trial_rates[best_epoch - 1],
+                                                                 abs=1e-9)
+    schedule = epoch_schedule(model.optimizer)
+    if schedule is not None:  # the same schedule: the rate after each epoch is the trial's
+        assert (schedule.epochs, float(schedule.steps_per_epoch)) == (4, steps)
+        assert [float(schedule(epoch * steps)) for epoch in range(1, 5)] == pytest.approx(
+            trial_rates, abs=1e-7)
+
+
 def test_a_warm_worker_hands_out_the_next_trials_schedule(small_splits):
     from sweeper.trainer import WarmModel
 
@@ -311,7 +352,7 @@ def test_patience_ends_a_trial_that_stops_improving(small_splits):
 # ---- a model of the user's own ----------------------------------------------------------------
 
 def test_optimizer_schedule_augmentation_and_smoothing_apply_to_a_users_model():
-    from sweeper.model import EpochSchedule, SmoothedSparseCrossentropy
+    from sweeper.model import SmoothedSparseCrossentropy, epoch_schedule
     from sweeper.trainer import build_model
 
     cfg = trial_config(optimizer="adamw", weight_decay=0.01, schedule="cosine",
@@ -320,7 +361,7 @@ def test_optimizer_schedule_augmentation_and_smoothing_apply_to_a_users_model():
     model = build_model(cfg, (28, 28), 10)
     assert "RandomTranslation" in layer_names(model)
     assert type(model.optimizer).__name__ == "AdamW"
-    assert isinstance(model.optimizer._learning_rate, EpochSchedule)
+    assert epoch_schedule(model.optimizer).epochs == 4
     assert isinstance(model.loss, SmoothedSparseCrossentropy)
 
 

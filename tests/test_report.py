@@ -156,6 +156,7 @@ def test_best_config_reproduces_the_composed_config(finished, smoke_config):
     assert plain_saved.pop("name") == "smoke_best"
     assert plain_saved.pop("sweep_dir") == "sweeps/smoke_best"
     assert plain_saved["search"].pop("num_trials") == 1
+    assert plain_saved["scheduler"].pop("name") == "none"  # one trial: nothing to compare with
     pinned = build_search_space(saved)
     assert {key: dist.choices for key, dist in pinned.items()} == {
         key: (value,) for key, value in best["config"].items()}
@@ -164,8 +165,45 @@ def test_best_config_reproduces_the_composed_config(finished, smoke_config):
     for key in ("name", "sweep_dir"):
         plain_expected.pop(key)
     del plain_expected["search"]["num_trials"], plain_expected["search"]["space"]
+    del plain_expected["scheduler"]["name"]
     assert plain_saved == plain_expected
     assert saved.train.lr == best["config"]["train.lr"]
+
+
+@pytest.mark.slow
+def test_best_config_trains_the_best_trial_without_the_searchs_limits(finished, smoke_config,
+                                                                      tmp_path):
+    """best_config.yaml of a sweep with a time budget, a warm start and a study database
+    trains the best trial alone, to the end of the sweep's train.epochs: the budget of the
+    search stopped "train the best configuration again" after 3 of 5 epochs."""
+    import dataclasses
+
+    from sweeper.config import apply_params
+    from sweeper.evaluate import BEST_CONFIG_HEADER, write_best_config
+    from sweeper.results import load_records
+    from sweeper.sweep import validate
+
+    records = load_records(finished.sweep_dir / "trials", "val_accuracy", "max",
+                           smoke_config.train.epochs)
+    best = next(r for r in records if r.trial_id == finished.summary["best"]["trial_id"])
+    searched = dataclasses.replace(
+        smoke_config, search=dataclasses.replace(
+            smoke_config.search, time_budget_s=240.0, warm_start=str(finished.sweep_dir),
+            storage=f"sqlite:///{tmp_path / 'studies.db'}"))
+    path = write_best_config(searched, best, tmp_path)
+    assert BEST_CONFIG_HEADER in path.read_text()
+    saved, space = validate(_compose_best_config(tmp_path))  # as a re-run checks it
+    assert {key: dist.choices for key, dist in space.items()} == {
+        key: (value,) for key, value in best.config.items()}
+    search = saved.search
+    assert (search.num_trials, search.time_budget_s, search.warm_start, search.storage) == (
+        1, None, None, None)
+    assert saved.scheduler.name == "none"
+    # Every trial-level setting is the best trial's: train.epochs the budget its schedule
+    # spanned, trained to the end.
+    trial = apply_params(smoke_config, best.config)
+    assert (saved.train, saved.model, saved.data) == (trial.train, trial.model, trial.data)
+    assert saved.train.epochs == smoke_config.train.epochs
 
 
 def _compose_best_config(sweep_dir: Path):
