@@ -111,7 +111,8 @@ class SweepResult:
 
 
 def compose(overrides: Sequence[str] = (),
-            config_dir: str | Path | Sequence[str | Path] | None = None) -> SweepConfig:
+            config_dir: str | Path | Sequence[str | Path] | None = None,
+            config_name: str = "config") -> SweepConfig:
     """The validated sweep config of ``python -m sweeper OVERRIDES``.
 
     Args:
@@ -120,6 +121,8 @@ def compose(overrides: Sequence[str] = (),
             search-space expressions and paths need no extra quoting.
         config_dir: A folder of your own configs searched beside sweeper's (``--config-dir``),
             e.g. one with ``experiment/mine.yaml``; or several.
+        config_name: The primary config (``--config-name``), e.g. ``best_config`` with a
+            sweep folder as ``config_dir``; default: sweeper's own ``config``.
 
     Returns:
         The typed config (:class:`sweeper.config.SweepConfig`), every value checked: types,
@@ -137,7 +140,7 @@ def compose(overrides: Sequence[str] = (),
     folders = ([] if config_dir is None else [str(config_dir)]
                if isinstance(config_dir, (str, Path)) else [str(d) for d in config_dir])
     try:
-        cfg = compose_config(quoted, folders or None)
+        cfg = compose_config(quoted, folders or None, config_name)
     except Exception as error:  # Hydra and OmegaConf raise many types for a user's mistake
         raise ConfigError.from_line(describe_composition_error(error, quoted)) from None
     finally:

@@ -26,9 +26,12 @@ from sweeper.layout import SweepLayout
 from sweeper.overrides import (
     CONFIG_NAME,
     CONFIG_PATH,
+    CommandLine,
+    compose_config,
+    describe_composition_error,
     hydra_quoted,
+    parse_command_line,
     quote_space_overrides,
-    split_hydra_args,
 )
 from sweeper.summary import (
     STATE_INTERRUPTED,
@@ -37,6 +40,7 @@ from sweeper.summary import (
     file_lines,
     format_table,
     outcome_lines,
+    table_heading,
 )
 
 EXIT_USAGE = 2
@@ -52,25 +56,31 @@ _sweep_lock = None
 # before any trial ran, so a mistake leaves no half-made sweep behind.
 _created_dir: Path | None = None
 # The config preflight composed and validated; Hydra's run uses it rather than checking the
-# same config again (None under --multirun, where Hydra composes each run's own).
+# same config again.
 _checked_config: SweepConfig | None = None
+# Set once Hydra calls the sweep: a failure before (Hydra's own) leaves no folder behind.
+_hydra_ran = False
 
 
 def preflight(argv: list[str]) -> list[str]:
     """Compose and validate before Hydra runs anything; exits 2 with one line on a mistake.
 
+    Args:
+        argv: The command line's arguments, flags and overrides in any order, as typed.
+
     Returns the arguments to run with: ``fresh=true`` becomes an explicit new name and folder,
     so that Hydra's own files land in the new sweep's folder too.
     """
     global _checked_config
-    overrides, config_dirs, hydra_only = split_hydra_args(argv)
-    if hydra_only:
+    command = _parsed(argv)
+    if command.prints_only:
         return argv
     from sweeper.sweep import COMPLETE, check_sweep_dir, fresh_variant, mark_validated, sweep_state
     from sweeper.sweep import validated as checked
 
     try:
-        typed = compose(overrides, config_dirs or None)
+        typed = compose(command.overrides, command.config_dirs or None,
+                        config_name=command.config_name)
         _, space = checked(typed)
         if typed.sweep_dir.startswith("~"):
             # Hydra makes its run folder (.hydra/, sweep.log) from sweep_dir as written: a
@@ -144,6 +154,41 @@ def _remove_created_dir() -> None:
         shutil.rmtree(_created_dir, ignore_errors=True)
 
 
+def _parsed(argv: list[str]) -> CommandLine:
+    """The command line read (sweeper.overrides.parse_command_line), its overrides quoted for
+    Hydra; exits 2 with one line on a mistake."""
+    try:
+        command = parse_command_line(argv)
+    except ConfigError as error:
+        _exit_usage(str(error))
+    command.overrides = quote_space_overrides(command.overrides)
+    return command
+
+
+def _check_composes(command: CommandLine) -> None:
+    """Exit 2 with one line where Hydra could not compose the config it is asked to print."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        compose_config(command.overrides, command.config_dirs, command.config_name)
+    except Exception as error:  # Hydra and OmegaConf raise many types for a user's mistake
+        _exit_usage(describe_composition_error(error, command.overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _run_hydra(command: CommandLine) -> None:
+    """Hand the command line to Hydra, flags before overrides (its parser takes no override
+    after a flag's value); a folder this run made is removed if Hydra fails before the sweep
+    begins."""
+    sys.argv = [sys.argv[0], *command.hydra_argv()]
+    try:
+        hydra_main()
+    finally:
+        if not _hydra_ran:
+            _remove_created_dir()
+
+
 def _exit_usage(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
@@ -210,7 +255,7 @@ def report_outcome(result: SweepResult) -> None:
              "(fresh=true starts a new sweep beside it).")
     else:
         _say()
-        _say(f"Best trials ({summary.metric}, {summary.mode}):")
+        _say(table_heading(summary))
         _say(format_table(summary))
         _say()
     print_results(summary, result.layout)
@@ -221,6 +266,8 @@ def hydra_main(cfg: DictConfig) -> None:
     from sweeper.progress import RECORD_LOGGER, configure_output
     from sweeper.sweep import SweepFailed
 
+    global _hydra_ran
+    _hydra_ran = True
     configure_output(cfg.verbose)
     logging.getLogger(RECORD_LOGGER).info("Sweep config:\n%s", OmegaConf.to_yaml(cfg))
     try:
@@ -254,12 +301,16 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["report"]:
         report_command(argv[1:])
         return
-    quoted = quote_space_overrides(argv)
-    ready = preflight(quoted)
+    command = _parsed(argv)
+    if command.prints_only:  # --help, --cfg, --info: Hydra prints; no sweep, no folder
+        if any(flag.startswith(("--cfg", "--info", "--help")) for flag in command.flags):
+            _check_composes(command)
+        _run_hydra(command)
+        return
+    ready = preflight(argv)
     # fresh=true has become an explicit name and folder: resuming continues that sweep.
-    _user_argv[:] = [*argv, *ready[len(quoted):]]
-    sys.argv = [sys.argv[0], *ready]
-    hydra_main()
+    _user_argv[:] = ready
+    _run_hydra(_parsed(ready))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from sweeper.config import ClusterConfig, ConfigError
+from sweeper.summary import counted
 
 logger = logging.getLogger(__name__)
 
@@ -53,5 +54,6 @@ def log_cluster() -> None:
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
     resources = ray.cluster_resources()
-    logger.info("Ray cluster: %d node(s), %g CPUs, %g GPUs", len(nodes),
-                resources.get("CPU", 0), resources.get("GPU", 0))
+    logger.info("Ray cluster: %s, %s, %s", counted(len(nodes), "node"),
+                counted(float(resources.get("CPU", 0)), "CPU"),
+                counted(float(resources.get("GPU", 0)), "GPU"))

@@ -283,6 +283,20 @@ def init_local_ray(**kwargs: Any) -> None:
     ray.init(address="local", _system_config=LOCAL_RAY_SYSTEM_CONFIG, **kwargs)
 
 
+# ray.init imports Ray's CLI logger, which calls colorama.init(strip=False) (Ray 2.60,
+# ray/autoscaler/_private/cli_logger.py, with the colorama 0.4.6 Ray bundles); colorama then
+# writes ESC[0m to a terminal's stdout at exit, a stray code after the last line of every run
+# (ray-project/ray#17979). Nothing of sweeper's is coloured, so that reset has nothing to undo.
+def drop_colorama_reset_at_exit() -> None:
+    """Unregister colorama's exit handler, where Ray's import registered one."""
+    import atexit
+    import sys
+
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None and callable(getattr(initialise, "reset_all", None)):
+        atexit.unregister(initialise.reset_all)
+
+
 # --- Optuna through Ray's OptunaSearch --------------------------------------------------------
 # sweeper.searcher.PruningOptunaSearch tells Optuna what Ray's OptunaSearch does not (early-
 # stopped trials as PRUNED, every epoch as an intermediate value; ray-project/ray#15283 set

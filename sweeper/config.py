@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 from sweeper.metrics import METRIC_NAMES
+from sweeper.summary import counted
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -321,7 +322,7 @@ def register_configs() -> None:
     # user's model file its own free-form keys, and neither inherits the other's settings.
     schema.model = {}
     ConfigStore.instance().store(name="sweep_schema", node=schema)
-    ConfigStore.instance().store(group="model", name="cnn_schema", node=ModelConfig)
+    ConfigStore.instance().store(name="cnn_model_schema", node=ModelConfig, package="model")
 
 
 # The config groups a search space may touch: what a trial trains with.
@@ -550,9 +551,9 @@ def check_resources_fit(resources: ResourcesConfig, cpus: float, gpus: float,
                         where: str) -> None:
     """Refuse per-trial resources ``where`` can never offer (else Ray waits for them forever)."""
     _require(resources.cpu_per_trial <= cpus, "resources.cpu_per_trial",
-             resources.cpu_per_trial, f"{where} has {cpus:g} CPUs")
+             resources.cpu_per_trial, f"{where} has {counted(float(cpus), 'CPU')}")
     _require(resources.gpu_per_trial <= gpus, "resources.gpu_per_trial",
-             resources.gpu_per_trial, f"{where} has {gpus:g} GPUs")
+             resources.gpu_per_trial, f"{where} has {counted(float(gpus), 'GPU')}")
 
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:

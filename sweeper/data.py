@@ -28,6 +28,7 @@ import numpy as np
 
 from sweeper.compat import import_tensorflow
 from sweeper.config import ConfigError, DataConfig
+from sweeper.summary import counted
 
 logger = logging.getLogger(__name__)
 
@@ -593,8 +594,9 @@ def make_splits(arrays: dict[str, np.ndarray], validation_fraction: float, seed:
     val_idx, train_idx = np.sort(order[:sizes["val"]]), np.sort(order[sizes["val"]:])
     classes = np.unique(y[train_idx])
     if len(classes) < 2:
-        raise ConfigError("data.path", source, f"the training split holds {len(classes)} class "
-                          f"({classes.tolist()}); a classifier needs two or more")
+        raise ConfigError("data.path", source, f"the training split holds "
+                          f"{counted(len(classes), 'class', 'classes')} ({classes.tolist()}); "
+                          "a classifier needs two or more")
     names = arrays.get(NPZ_CLASS_NAMES)
     if names is None:  # labels already 0..K-1: named by their values
         top = max(int(arrays["y_train"].max(initial=0)), int(arrays["y_test"].max(initial=0)))

@@ -21,6 +21,7 @@ from keras import layers, regularizers
 from sweeper import compat
 from sweeper.builder import builder_kwargs, model_target, resolve_builder
 from sweeper.config import ConfigError, ModelConfig, TrainConfig
+from sweeper.summary import counted
 
 OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -181,14 +182,16 @@ def check_network(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple
     except Exception as error:  # the user's code may fail in any way
         message = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError("model._target_", target, f"failed to build the model for "
-                          f"{tuple(input_shape)} images and {num_classes} classes "
+                          f"{tuple(input_shape)} images and "
+                          f"{counted(num_classes, 'class', 'classes')} "
                           f"({type(error).__name__}: {message})") from None
     finally:
         keras.backend.clear_session()
     shape = tuple(model.output_shape)
     if shape != (None, num_classes):
         raise ConfigError("model._target_", target,
-                          f"its output shape is {shape}; the data has {num_classes} classes, "
+                          f"its output shape is {shape}; the data has "
+                          f"{counted(num_classes, 'class', 'classes')}, "
                           f"so it must be (batch, {num_classes})")
 
 

@@ -25,6 +25,7 @@ from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 from sweeper import compat
 from sweeper.compat import trial_creation_number
 from sweeper.metrics import METRIC_NAMES
+from sweeper.summary import counted
 
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
@@ -225,8 +226,8 @@ class TrialEvents(Callback):
         number = trial_number(trials, trial)
         took = time.time() - self._started_at.get(trial.trial_id, time.time())
         epochs = (trial.last_result or {}).get(TRAINING_ITERATION, 0)
-        events.info("Trial %d ended after %s epoch%s (%.0f s)  %s", number, epochs,
-                    "" if epochs == 1 else "s", took, self._status(trials, ended=trial))
+        events.info("Trial %d ended after %s (%.0f s)  %s", number, counted(epochs, "epoch"),
+                    took, self._status(trials, ended=trial))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
@@ -239,7 +240,7 @@ def describe_decision(decision: dict, metric: str) -> str:
     """One scheduler decision in words: what, where, and the values compared."""
     value = f"{metric} {decision['value']:.4f}"
     if decision["decision"] == "full_budget":
-        return f"trained the full budget ({decision['epoch']} epochs): {value}"
+        return f"trained the full budget ({counted(decision['epoch'], 'epoch')}): {value}"
     rung = f"at rung {decision['rung']} (epoch {decision['epoch']})"
     compared = []
     if decision.get("asha_cutoff") is not None:

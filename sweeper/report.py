@@ -89,11 +89,17 @@ def plot_best_so_far(summary: Summary, records: list[TrialRecord]):
     by_time.set_xlim(left=0)
     by_time.set(xlabel="seconds since the first trial started",
                 ylabel=f"best {metric} so far", title="Best so far, by time")
-    numbers = list(range(1, len(ordered) + 1))
+    # Each trial at its number, as on the console and in summary.json; a sweep too old to
+    # have numbers, in the order its trials started.
+    numbered = all(r.number is not None for r in ordered)
+    if numbered:
+        ordered = sorted(ordered, key=lambda r: r.number)
+    numbers = [r.number for r in ordered] if numbered else list(range(1, len(ordered) + 1))
     values = [r.best_value for r in ordered]
     by_trial.scatter(numbers, values, s=16, alpha=0.6, label="trial's best")
     by_trial.step(numbers, _running_best(values, mode), where="post", label="best so far")
-    by_trial.set(xlabel="trial number (by start)", ylabel=metric, title="Best so far, by trial")
+    by_trial.set(xlabel="trial number" if numbered else "trial, in the order they started",
+                 ylabel=metric, title="Best so far, by trial")
     by_trial.xaxis.set_major_locator(_integer_ticks())
     by_trial.legend(loc="best")
     return figure

@@ -255,8 +255,7 @@ class Summary:
                  UNFINISHED: "not yet ended"}
         parts = [f"{count} {words[status]}" for status, count in self.trial_counts.items()
                  if count]
-        noun = "trial" if self.num_trials == 1 else "trials"
-        return f"{self.num_trials} {noun}" + (f" ({', '.join(parts)})" if parts else "")
+        return counted(self.num_trials, "trial") + (f" ({', '.join(parts)})" if parts else "")
 
     @property
     def epochs_trained(self) -> int:
@@ -283,7 +282,8 @@ class Summary:
             return None
         failed = [t for t in self.trials if t.status == FAILED]
         if self.trials and len(failed) == len(self.trials):
-            return f"all {len(self.trials)} trials failed (first error: {failed[0].error})"
+            every = "the trial" if len(failed) == 1 else f"all {len(failed)} trials"
+            return f"{every} failed (first error: {failed[0].error})"
         return (f"no trial produced a finite {self.metric} "
                 f"({len(failed)} of {len(self.trials)} failed)")
 
@@ -487,11 +487,11 @@ def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
         cut = sum(summary.max_epochs - t.epochs_trained for t in summary.trials
                   if t.status in (FAILED, UNFINISHED))
         lines.append(f"Epochs trained: {summary.epochs_trained} of {summary.epochs_full_budget} "
-                     f"for a full-budget search of the same {summary.num_trials} trials "
-                     f"({summary.epochs_ratio:.0%}); early stopping saved "
-                     f"{summary.epochs_saved - cut} epochs"
-                     + (f", {cut} more were not trained by failed or unfinished trials"
-                        if cut else ""))
+                     f"for a full-budget search of the same "
+                     f"{counted(summary.num_trials, 'trial')} ({summary.epochs_ratio:.0%}); "
+                     f"early stopping saved {counted(summary.epochs_saved - cut, 'epoch')}"
+                     + (f", {cut} more {'was' if cut == 1 else 'were'} not trained by failed "
+                        "or unfinished trials" if cut else ""))
     if markdown:
         counts = ", ".join(f"{n} {status}" for status, n in summary.trial_counts.items() if n)
         lines.append(f"Trials: {summary.num_trials} ({counts})")
@@ -500,7 +500,8 @@ def outcome_lines(summary: Summary, markdown: bool = False) -> list[str]:
             sizes = data["sizes"]
             shape = "x".join(str(side) for side in data["input_shape"])
             lines.append(f"Data: {data['name']}, images of shape {shape}, "
-                         f"{data['num_classes']} classes, {sizes['train']} training / "
+                         f"{counted(data['num_classes'], 'class', 'classes')}, "
+                         f"{sizes['train']} training / "
                          f"{sizes['val']} validation / {sizes['test']} test images")
         return [line if line.startswith("**The sweep failed") else f"- {line}" for line in lines]
     return lines
@@ -548,8 +549,30 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(summary: Summary, limit: int = 5) -> str:
-    """A plain-text table of the best trials, for the end of a sweep."""
+def counted(count: float, noun: str, plural: str | None = None) -> str:
+    """``1 trial``, ``0 trials``, ``2.5 CPUs``: a count with its noun, singular for exactly
+    one; ``plural`` where adding an s is wrong (``class``, ``classes``)."""
+    shown = f"{count:g}" if isinstance(count, float) else str(count)
+    return f"{shown} {noun if count == 1 else plural or noun + 's'}"
+
+
+# Rows of the table of best trials at the end of a sweep (trials.csv holds them all).
+TABLE_ROWS = 5
+
+
+def table_heading(summary: Summary, limit: int = TABLE_ROWS) -> str:
+    """The line above :func:`format_table`: how many trials it shows of how many, and by what
+    (``Best 5 of 6 trials by val_accuracy (max); all in trials.csv:``)."""
+    shown, total = min(len(ranked(summary.trials, summary.mode)), limit), len(summary.trials)
+    by = f"by {summary.metric} ({summary.mode})"
+    if shown < total:
+        return f"Best {shown} of {counted(total, 'trial')} {by}; all in trials.csv:"
+    return f"The trial {by}:" if total == 1 else f"All {total} trials, best first {by}:"
+
+
+def format_table(summary: Summary, limit: int = TABLE_ROWS) -> str:
+    """A plain-text table of the best trials, for the end of a sweep (:func:`table_heading`
+    says how many it shows)."""
     best = ranked(summary.trials, summary.mode)[:limit]
     if not best:
         return "No trial reported a finite " + summary.metric + "."

@@ -55,6 +55,7 @@ from sweeper.summary import (
     STATE_TIME_BUDGET,
     Summary,
     TestScores,
+    counted,
 )
 
 if TYPE_CHECKING:
@@ -380,9 +381,10 @@ def log_plan(cfg: SweepConfig, root: Path, resuming: bool) -> None:
     asha = (f"ASHA (grace {scheduler.grace_period}, reduction {scheduler.reduction_factor:g})"
             if scheduler.name == "asha" else "no early stopping")
     at_once = max_concurrent_trials(cfg)
-    logger.info("Sweep %r%s: %d trials of up to %d epochs, %s at a time; %s searcher, %s; "
+    logger.info("Sweep %r%s: %s of up to %s, %s at a time; %s searcher, %s; "
                 "best %s (%s)", cfg.name, " (resumed)" if resuming else "",
-                cfg.search.num_trials, cfg.train.epochs, at_once or "as many as fit",
+                counted(cfg.search.num_trials, "trial"), counted(cfg.train.epochs, "epoch"),
+                at_once or "as many as fit",
                 cfg.search.sampler.upper() if cfg.search.sampler == "tpe" else cfg.search.sampler,
                 asha, cfg.search.metric, cfg.search.mode)
     for key, expression in flatten_space(cfg.search.space).items():

@@ -316,6 +316,7 @@ def connect(cluster: ClusterConfig, runtime_env: dict[str, Any] | None = None) -
         compat.init_local_ray(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                               include_dashboard=False, logging_level=logging.WARNING,
                               runtime_env=runtime_env)
+    compat.drop_colorama_reset_at_exit()
     return True
 
 

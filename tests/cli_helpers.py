@@ -43,6 +43,42 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 900,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_terminal(args: list[str], cwd: Path, env: dict[str, str],
+                    timeout: float = 900) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as its stdin, stdout and stderr (Python's pty, as a
+    person at a terminal runs it); returns its exit code and everything the terminal got."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "sweeper", *args], cwd=cwd, env=env,
+                               stdin=follower, stdout=follower, stderr=follower,
+                               start_new_session=True)
+    os.close(follower)
+    received, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if not ready:
+                if process.poll() is not None:
+                    break  # ended, and nothing more came within a second
+                continue
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                break
+            if not data:
+                break
+            received.append(data)
+        else:
+            kill_tree(process)
+            raise TimeoutError(f"the CLI ran past {timeout:.0f} s in a terminal")
+        returncode = process.wait(timeout=60)
+    finally:
+        os.close(leader)
+    return returncode, b"".join(received).decode(errors="replace")
+
+
 def processes() -> dict[int, tuple[int, str, list[str]]]:
     """Every live process as pid -> (parent pid, name, command line), read from /proc."""
     table = {}

@@ -287,7 +287,9 @@ def test_a_sweep_of_an_own_model_on_fashion_mnist(tmp_path, fashion_mnist_dir, m
                   "print('state:', sweeper.run(config).state)\n")
         command = [sys.executable, "-c", script]
     else:
-        command = [sys.executable, "-m", "sweeper", "--config-dir", "conf_mine", *overrides]
+        # --config-dir after an override, as a user may type it (issue 41).
+        command = [sys.executable, "-m", "sweeper", *overrides[:1], "--config-dir", "conf_mine",
+                   *overrides[1:]]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

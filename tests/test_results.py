@@ -391,3 +391,44 @@ def test_a_summary_without_a_baseline_still_loads_and_round_trips(tmp_path):
     assert loaded.baseline is None and loaded.extra == {} and loaded.warnings == []
     assert any(line.startswith("Test (100 held-out images") and "always predicting" not in line
                for line in outcome_lines(loaded))
+
+
+def test_counts_read_right_for_one_and_for_zero(tmp_path):
+    """Every count in console and report text through one rule (issue 41 found "1 trials"):
+    a one-trial, one-epoch sweep, a failed one, and the final table's heading."""
+    from sweeper.progress import describe_decision
+    from sweeper.summary import counted, format_table, outcome_lines, table_heading
+
+    assert [counted(1, "trial"), counted(0, "trial"), counted(2, "class", "classes"),
+            counted(1.0, "CPU"), counted(0.5, "GPU")] == [
+        "1 trial", "0 trials", "2 classes", "1 CPU", "0.5 GPUs"]
+    one = build_summary("one", "val_accuracy", "max", 1, [record("a", 1e-3, [0.5])],
+                        SweepLayout(tmp_path))
+    assert one.counts_phrase() == "1 trial (1 completed)"
+    line = next(text for text in outcome_lines(one) if text.startswith("Epochs trained"))
+    assert line == ("Epochs trained: 1 of 1 for a full-budget search of the same 1 trial "
+                    "(100%); early stopping saved 0 epochs")
+    assert table_heading(one) == "The trial by val_accuracy (max):"
+    decision = {"decision": "full_budget", "epoch": 1, "value": 0.5}
+    assert describe_decision(decision, "val_accuracy") == (
+        "trained the full budget (1 epoch): val_accuracy 0.5000")
+    failed = build_summary("f", "val_accuracy", "max", 3,
+                           [record("a", 1.0, [], FAILED, "worker died")], SweepLayout(tmp_path))
+    assert failed.to_dict()["error"] == "the trial failed (first error: worker died)"
+    cut = build_summary("c", "val_accuracy", "max", 3,
+                        [record("a", 1e-3, [0.5, 0.6, 0.7]), record("b", 1e-2, [0.4, 0.5],
+                                                                     UNFINISHED)],
+                        SweepLayout(tmp_path))
+    line = next(text for text in outcome_lines(cut) if text.startswith("Epochs trained"))
+    assert line.endswith("early stopping saved 0 epochs, 1 more was not trained by failed or "
+                         "unfinished trials")
+    # The final table shows at most 5 trials and says so.
+    seven = build_summary("s", "val_accuracy", "max", 1,
+                          [record(f"t{i}", 1e-3, [i / 10]) for i in range(7)],
+                          SweepLayout(tmp_path))
+    assert table_heading(seven) == "Best 5 of 7 trials by val_accuracy (max); all in trials.csv:"
+    assert len(format_table(seven).splitlines()) == 2 + 5
+    two = build_summary("s", "val_accuracy", "max", 1,
+                        [record("a", 1e-3, [0.1]), record("b", 1e-3, [0.2])],
+                        SweepLayout(tmp_path))
+    assert table_heading(two) == "All 2 trials, best first by val_accuracy (max):"

@@ -25,7 +25,7 @@ def test_the_cli_exits_0_and_says_where_results_are(finished):
     assert f"tensorboard --logdir {sweep_dir / 'tensorboard'}" in finished.stdout
     assert f"Optuna study:    optuna-dashboard {sweep_dir / 'optuna.log'}" in finished.stdout
     assert (sweep_dir / "optuna.log").is_file()
-    assert "Best trials (val_accuracy, max):" in finished.stdout
+    assert "Best 5 of 6 trials by val_accuracy (max); all in trials.csv:" in finished.stdout
 
 
 def test_the_cli_started_its_own_ray(finished):
