@@ -31,7 +31,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # The versions every workaround below was checked with.
-CHECKED_WITH = {"ray": "2.60.0", "optuna": "5.0.0", "tensorflow": "2.21.0", "keras": "3.15.1"}
+CHECKED_WITH = {"ray": "2.60.0", "optuna": "5.1.0", "tensorflow": "2.21.0", "keras": "3.15.1"}
 
 
 class CompatibilityError(RuntimeError):

@@ -82,7 +82,7 @@ MISTAKES = [
     # Issue 22: bad data of the new kinds, each refused in one line before Ray.
     (["data=image_folder", "data.path={empty_folder}"], "class folder"),
     (["data=image_folder", "data.path={class_without_images}"],
-     "holds no images (.png, .jpg, .jpeg, .bmp, .gif, .webp)"),
+     "holds no images (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)"),
     (["data=image_folder", "data.path={one_class_folder}"], "a classifier needs two or more"),
     (["data=image_folder", "data.path={mixed_sizes_folder}"], "data.image_size=None is invalid"),
     (["data=image_folder"], "data.path=None is invalid: data=image_folder reads"),
