@@ -169,26 +169,65 @@ def check_network(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple
     """Build the model once and check what it gives, before any trial builds it.
 
     Raises:
-        ConfigError: The builder raised, returned no keras.Model, or its output is not one
-            score per class, (batch, num_classes).
+        ConfigError: The builder raised, returned no keras.Model, its output is not one
+            score per class, (batch, num_classes), or the model does not survive being saved
+            as a ``.keras`` archive and loaded back as the export will do after the sweep
+            (a custom layer that is not registered, or whose ``get_config`` misses an
+            argument).
     """
     target = model_target(model_cfg)
     try:
-        model = build_cnn(model_cfg, input_shape, num_classes)
-    except ConfigError:
-        raise
-    except Exception as error:  # the user's code may fail in any way
-        message = (str(error).strip().splitlines() or [""])[0]
-        raise ConfigError("model._target_", target, f"failed to build the model for "
-                          f"{tuple(input_shape)} images and {num_classes} classes "
-                          f"({type(error).__name__}: {message})") from None
+        try:
+            model = build_cnn(model_cfg, input_shape, num_classes)
+        except ConfigError:
+            raise
+        except Exception as error:  # the user's code may fail in any way
+            raise ConfigError("model._target_", target, f"failed to build the model for "
+                              f"{tuple(input_shape)} images and {num_classes} classes "
+                              f"({type(error).__name__}: {_first_line(error)})") from None
+        shape = tuple(model.output_shape)
+        if shape != (None, num_classes):
+            raise ConfigError("model._target_", target,
+                              f"its output shape is {shape}; the data has {num_classes} "
+                              f"classes, so it must be (batch, {num_classes})")
+        _check_save_and_load(model, target)
     finally:
         keras.backend.clear_session()
-    shape = tuple(model.output_shape)
-    if shape != (None, num_classes):
-        raise ConfigError("model._target_", target,
-                          f"its output shape is {shape}; the data has {num_classes} classes, "
-                          f"so it must be (batch, {num_classes})")
+
+
+def _check_save_and_load(model: keras.Model, target: str) -> None:
+    """Save ``model`` as a ``.keras`` archive, load it back and compare their predictions."""
+    import tempfile
+
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (2, *model.input_shape[1:]),
+                                               dtype=np.uint8)
+    advice = ("; register custom layers with @keras.saving.register_keras_serializable and "
+              "give them a get_config that returns every argument of their __init__")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        try:
+            model.save(path)
+            loaded = keras.models.load_model(path, compile=False)
+        except Exception as error:  # Keras raises many kinds; any one means the export fails
+            raise ConfigError("model._target_", target, "its model does not survive save and "
+                              f"load: {_first_line(error)}{advice}") from None
+    before, after = np.asarray(model(images)), np.asarray(loaded(images))
+    if before.shape != after.shape or not np.allclose(before, after, rtol=1e-5, atol=1e-6):
+        raise ConfigError("model._target_", target, "its model gives other outputs after "
+                          "save and load (a layer's get_config leaves out a setting)" + advice)
+
+
+def _first_line(error: BaseException) -> str:
+    """The part of an error message that says what went wrong, on one line: Keras wraps the
+    cause of a failed deserialization after "Exception encountered:" and appends the whole
+    config of the layer to "Could not locate class ..."."""
+    text = str(error).strip()
+    if "Exception encountered:" in text:
+        text = text.rsplit("Exception encountered:", 1)[1].strip()
+    line = (text.splitlines() or [""])[0]
+    return line.split(". Make sure custom classes", 1)[0].rstrip(".")
 
 
 def jit_compile_setting(train_cfg: TrainConfig) -> bool | str:
