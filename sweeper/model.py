@@ -3,9 +3,9 @@ or the builder function a model config's ``_target_`` names (sweeper.builder).
 
 Conv(f)-MaxPool-Conv(2f)-MaxPool-Conv(2f)-Flatten-Dense(units)-Dense(K, softmax);
 with f=32, units=64, 28x28 grayscale images and K=10 this is the network of the
-Keras/TensorFlow CNN tutorial. The model takes raw uint8 images of the data's
-shape ((N, H, W) or (N, H, W, C)) and rescales them itself, so an exported model
-needs no preprocessing code beside it.
+Keras/TensorFlow CNN tutorial. The model takes raw images of the data's
+shape ((N, H, W) or (N, H, W, C)): uint8 pixels, or floats in [0, 1] (:func:`pixel_scale`),
+and rescales them itself, so an exported model needs no preprocessing code beside it.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def augmentation(train_cfg: TrainConfig) -> list[layers.Layer]:
 
 def build_cnn(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int, ...],
               num_classes: int, augment: list[layers.Layer] | None = None) -> keras.Model:
-    """The uncompiled model of ``model_cfg``, taking raw uint8 images of ``input_shape``.
+    """The uncompiled model of ``model_cfg``, taking raw images of ``input_shape``: uint8
+    pixels, or floats in [0, 1] (:func:`pixel_scale`).
 
     Its builder (``model_cfg._target_``, the classic CNN by default) builds the network for
     float32 (H, W, C) images in [0, 1]; this puts the rescaling (and, for images without
@@ -142,13 +143,15 @@ def build_cnn(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int
     if not isinstance(network, keras.Model):
         raise ConfigError("model._target_", target,
                           f"returned a {type(network).__name__}, not a keras.Model")
-    front = [layers.Rescaling(1.0 / 255)]
+    front = [pixel_scale(tuple(input_shape))]
     if len(input_shape) == 2:  # MNIST's (28, 28) gets its channel axis inside the model
         front.append(layers.Reshape(image_shape))
     front += augment or []
     # Under mixed precision float16 probabilities (or logits) underflow: end in float32.
     back = [layers.Activation("linear", dtype="float32", name="float32_outputs")]
-    raw = keras.Input(shape=tuple(input_shape), dtype="uint8", name="image")
+    # float32, not uint8: Keras casts what a model is given to its input's dtype, and floats
+    # in [0, 1] cast to uint8 are 0 or 1, black images (issue 41: 0.10 accuracy, no word).
+    raw = keras.Input(shape=tuple(input_shape), dtype="float32", name="image")
     if isinstance(network, keras.Sequential):
         if network.layers[-1].compute_dtype == "float32":
             back = []
@@ -162,6 +165,23 @@ def build_cnn(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int
     for layer in back:
         outputs = layer(outputs)
     return keras.Model(raw, outputs, name=network.name)
+
+
+def pixel_scale(input_shape: tuple[int, ...]) -> keras.Model:
+    """Images of ``input_shape`` to float32 in [0, 1], each as its values mean: pixels 0-255
+    (uint8, or any number type) are divided by 255, and an image whose every value is at most
+    1 is taken as already in [0, 1] (floats a user scaled) and kept as it is.
+
+    Built of Keras operations only, so the exported model loads with plain
+    ``keras.models.load_model``. A uint8 image whose pixels are all 0 or 1 (next to black) is
+    read as [0, 1] too, in training as in prediction.
+    """
+    ops = keras.ops
+    images = keras.Input(shape=input_shape, dtype="float32", name="pixels")
+    peak = ops.max(ops.reshape(images, (-1, math.prod(input_shape))), axis=1, keepdims=True)
+    unit = ops.cast(ops.less_equal(peak, 1.0), "float32")  # 1: already in [0, 1]
+    scale = ops.reshape(1.0 / 255 + unit * (1.0 - 1.0 / 255), (-1,) + (1,) * len(input_shape))
+    return keras.Model(images, images * scale, name="pixel_scale")
 
 
 def check_network(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int, ...],

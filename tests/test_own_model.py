@@ -233,10 +233,12 @@ def test_the_cnn_builder_gives_the_classic_network_through_the_one_path():
 
     model = build_cnn({"_target_": CNN_TARGET}, (28, 28), 10)
     assert model.count_params() == 93_322
-    assert [type(layer).__name__ for layer in model.layers] == [
-        "Rescaling", "Reshape", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D",
+    assert [layer.name for layer in model.layers[:1]] == ["pixel_scale"]
+    assert [type(layer).__name__ for layer in model.layers[1:]] == [
+        "Reshape", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D",
         "Flatten", "Dense", "Dropout", "Dense"]
-    assert (model.input_shape, model.inputs[0].dtype) == ((None, 28, 28), "uint8")
+    # float32: Keras casts inputs to the input's dtype, and uint8 made [0, 1] floats black.
+    assert (model.input_shape, model.inputs[0].dtype) == ((None, 28, 28), "float32")
 
 
 def test_a_model_config_of_the_users_own_composes_with_its_keys_and_searched_types(
