@@ -341,6 +341,31 @@ def test_check_network_refuses_a_builder_that_raises(user_folder):
         check_network({"_target_": "my_models.mlp", "width": "wide"}, (28, 28), 10)
 
 
+def test_an_export_that_fails_after_training_is_one_line_not_a_traceback(monkeypatch, caplog,
+                                                                         tmp_path):
+    """Issue 41: three tracebacks, then state complete and exit 0; now export_final gives the
+    reason in one line, which run_sweep raises as SweepFailed (exit 1) after writing the
+    trials' results."""
+    import logging
+
+    import sweeper.evaluate
+    from sweeper.config import SweepConfig
+    from sweeper.sweep import export_final
+
+    def fails(*args, **kwargs):
+        raise ValueError("Could not locate class 'Unregistered'.\nFull object config: {...}")
+
+    monkeypatch.setattr(sweeper.evaluate, "export_best", fails)
+
+    class Best:
+        trial_id = "abc123"
+
+    with caplog.at_level(logging.INFO):
+        test, error = export_final(SweepConfig(), Best(), None, tmp_path)
+    assert (test, error) == (None, "ValueError: Could not locate class 'Unregistered'.")
+    assert "Traceback" not in caplog.text
+
+
 def hparams_of(logdir: Path) -> dict[str, dict[str, object]]:
     from tensorboard.backend.event_processing.plugin_event_multiplexer import (
         EventMultiplexer,
