@@ -9,8 +9,8 @@ Side by side in one run, each figure in a fresh process:
 - per trial: four trials of a learning-rate search in one worker process (``WarmModel.get``
   and one epoch on 2 000 Fashion-MNIST images, as ``sweeper.trial.run_trial`` does), for the
   built-in CNN and for the very same network written as the user's builder. A worker
-  reuses either compiled model between such trials (``WarmModel``), as long as none of its
-  layers draws random numbers while training.
+  reuses either compiled model between such trials (``WarmModel``), as long as its layers
+  draw their random numbers from Keras seed generators, or none.
 
     python -m benchmarks.own_model            # prints a markdown table
     python -m benchmarks.own_model --write    # and records it in benchmarks/RESULTS.md

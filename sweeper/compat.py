@@ -428,6 +428,7 @@ def check_installed() -> list[str]:
     check("OptunaSearch's _ot_study/_ot_trials/_completed_trials and optuna.Trial", optuna_search)
     check("TensorFlow's gradient registry", lambda: _gradient_registry() is not None)
     check("Keras' Optimizer._learning_rate (the schedule it was given)", _schedule_reachable)
+    check("Keras' global SeedGenerator", _global_seed_generator_known)
     check("ResultGrid._experiment_analysis.trials and Tune's experiment tags", _result_grid)
     check("Tune's experiment-state saving (snapshots_on_a_timer)", _snapshot_internals)
     check("Optuna's table of intermediate values (add_intermediate_values)", _study_table)
@@ -521,6 +522,10 @@ def _system_config_known() -> bool:
             return all(content.find(key.encode()) >= 0 for key in LOCAL_RAY_SYSTEM_CONFIG)
     return False
 
+def _global_seed_generator_known() -> bool:
+    return keras_global_seed_generator() is keras_global_seed_generator()
+
+
 # tensorflow/tensorflow#97697 (also #27492, keras-team/tf-keras#286 and its proposed fix
 # keras-team/tf-keras#898): tf.custom_gradient, traced in a graph, registers its gradient
 # function under a new name "CustomGradient-<uid>" in TensorFlow's global gradient registry
@@ -584,6 +589,29 @@ def learning_rate_of(optimizer: Any) -> Any:
     (of the optimizer itself: unwrap a LossScaleOptimizer first)."""
     return _attribute(optimizer, "_learning_rate", "reading an optimizer's learning-rate "
                       "schedule (sweeper.model.epoch_schedule)")
+
+
+# Keras' process-wide SeedGenerator, which every keras.random call with seed=None draws from
+# (keras.random.dropout(x, rate) in a user's layer, say), has no public handle: Keras 3.15.1
+# keeps it in keras.src.backend.common.global_state under "global_seed_generator" and makes
+# it lazily (keras.src.random.seed_generator.global_seed_generator); set_random_seed drops it.
+# A traced training step holds the generator it found when it was traced, so a reused model
+# (sweeper.trainer.WarmModel) must restart that one. No upstream issue found; checked with
+# Keras 3.15.1.
+def keras_global_seed_generator():
+    """Keras' global ``SeedGenerator``, made now if no random op has made it yet.
+
+    Raises:
+        CompatibilityError: Keras no longer keeps it where 3.15 did.
+    """
+    from keras.src.random import seed_generator
+
+    make = getattr(seed_generator, "global_seed_generator", None)
+    generator = make() if callable(make) else None
+    if not isinstance(generator, seed_generator.SeedGenerator):
+        raise CompatibilityError("keras.src.random.seed_generator.global_seed_generator",
+                                 "restarting the random numbers of a reused model")
+    return generator
 
 
 # TensorFlow's start-up lines that no user can act on (TensorFlow 2.21 with its CUDA stubs, on a

@@ -152,10 +152,19 @@ def retrain_config(cfg: SweepConfig, best: TrialRecord) -> dict[str, Any]:
 
 
 def _hydra_literal(value: Any) -> str:
+    """``value`` in Hydra's override grammar: read back, it is the same value of the same type
+    (lists and dicts, nested too, for a builder's settings)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_hydra_literal(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{name}: {_hydra_literal(item)}"
+                               for name, item in value.items()) + "}"
     return repr(value)
 
 

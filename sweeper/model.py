@@ -3,9 +3,9 @@ or the builder function a model config's ``_target_`` names (sweeper.builder).
 
 Conv(f)-MaxPool-Conv(2f)-MaxPool-Conv(2f)-Flatten-Dense(units)-Dense(K, softmax);
 with f=32, units=64, 28x28 grayscale images and K=10 this is the network of the
-Keras/TensorFlow CNN tutorial. The model takes raw uint8 images of the data's
-shape ((N, H, W) or (N, H, W, C)) and rescales them itself, so an exported model
-needs no preprocessing code beside it.
+Keras/TensorFlow CNN tutorial. The model takes raw images of the data's
+shape ((N, H, W) or (N, H, W, C)): uint8 pixels, or floats in [0, 1] (:func:`pixel_scale`),
+and rescales them itself, so an exported model needs no preprocessing code beside it.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def augmentation(train_cfg: TrainConfig) -> list[layers.Layer]:
 
 def build_cnn(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int, ...],
               num_classes: int, augment: list[layers.Layer] | None = None) -> keras.Model:
-    """The uncompiled model of ``model_cfg``, taking raw uint8 images of ``input_shape``.
+    """The uncompiled model of ``model_cfg``, taking raw images of ``input_shape``: uint8
+    pixels, or floats in [0, 1] (:func:`pixel_scale`).
 
     Its builder (``model_cfg._target_``, the classic CNN by default) builds the network for
     float32 (H, W, C) images in [0, 1]; this puts the rescaling (and, for images without
@@ -144,13 +145,15 @@ def build_cnn(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int
     if not isinstance(network, keras.Model):
         raise ConfigError("model._target_", target,
                           f"returned a {type(network).__name__}, not a keras.Model")
-    front = [layers.Rescaling(1.0 / 255)]
+    front = [pixel_scale(tuple(input_shape))]
     if len(input_shape) == 2:  # MNIST's (28, 28) gets its channel axis inside the model
         front.append(layers.Reshape(image_shape))
     front += augment or []
     # Under mixed precision float16 probabilities (or logits) underflow: end in float32.
     back = [layers.Activation("linear", dtype="float32", name="float32_outputs")]
-    raw = keras.Input(shape=tuple(input_shape), dtype="uint8", name="image")
+    # float32, not uint8: Keras casts what a model is given to its input's dtype, and floats
+    # in [0, 1] cast to uint8 are 0 or 1, black images (issue 41: 0.10 accuracy, no word).
+    raw = keras.Input(shape=tuple(input_shape), dtype="float32", name="image")
     if isinstance(network, keras.Sequential):
         if network.layers[-1].compute_dtype == "float32":
             back = []
@@ -166,33 +169,89 @@ def build_cnn(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int
     return keras.Model(raw, outputs, name=network.name)
 
 
+def pixel_scale(input_shape: tuple[int, ...]) -> keras.Model:
+    """Images of ``input_shape`` to float32 in [0, 1], each as its values mean: pixels 0-255
+    (uint8, or any number type) are divided by 255, and an image whose every value is at most
+    1 is taken as already in [0, 1] (floats a user scaled) and kept as it is.
+
+    Built of Keras operations only, so the exported model loads with plain
+    ``keras.models.load_model``. A uint8 image whose pixels are all 0 or 1 (next to black) is
+    read as [0, 1] too, in training as in prediction.
+    """
+    ops = keras.ops
+    images = keras.Input(shape=input_shape, dtype="float32", name="pixels")
+    peak = ops.max(ops.reshape(images, (-1, math.prod(input_shape))), axis=1, keepdims=True)
+    unit = ops.cast(ops.less_equal(peak, 1.0), "float32")  # 1: already in [0, 1]
+    scale = ops.reshape(1.0 / 255 + unit * (1.0 - 1.0 / 255), (-1,) + (1,) * len(input_shape))
+    return keras.Model(images, images * scale, name="pixel_scale")
+
+
 def check_network(model_cfg: ModelConfig | Mapping[str, Any], input_shape: tuple[int, ...],
                   num_classes: int) -> None:
     """Build the model once and check what it gives, before any trial builds it.
 
     Raises:
-        ConfigError: The builder raised, returned no keras.Model, or its output is not one
-            score per class, (batch, num_classes).
+        ConfigError: The builder raised, returned no keras.Model, its output is not one
+            score per class, (batch, num_classes), or the model does not survive being saved
+            as a ``.keras`` archive and loaded back as the export will do after the sweep
+            (a custom layer that is not registered, or whose ``get_config`` misses an
+            argument).
     """
     target = model_target(model_cfg)
     try:
-        model = build_cnn(model_cfg, input_shape, num_classes)
-    except ConfigError:
-        raise
-    except Exception as error:  # the user's code may fail in any way
-        message = (str(error).strip().splitlines() or [""])[0]
-        raise ConfigError("model._target_", target, f"failed to build the model for "
-                          f"{tuple(input_shape)} images and "
-                          f"{counted(num_classes, 'class', 'classes')} "
-                          f"({type(error).__name__}: {message})") from None
+        try:
+            model = build_cnn(model_cfg, input_shape, num_classes)
+        except ConfigError:
+            raise
+        except Exception as error:  # the user's code may fail in any way
+            raise ConfigError("model._target_", target, f"failed to build the model for "
+                              f"{tuple(input_shape)} images and "
+                              f"{counted(num_classes, 'class', 'classes')} "
+                              f"({type(error).__name__}: {_first_line(error)})") from None
+        shape = tuple(model.output_shape)
+        if shape != (None, num_classes):
+            raise ConfigError("model._target_", target,
+                              f"its output shape is {shape}; the data has "
+                              f"{counted(num_classes, 'class', 'classes')}, "
+                              f"so it must be (batch, {num_classes})")
+        _check_save_and_load(model, target)
     finally:
         keras.backend.clear_session()
-    shape = tuple(model.output_shape)
-    if shape != (None, num_classes):
-        raise ConfigError("model._target_", target,
-                          f"its output shape is {shape}; the data has "
-                          f"{counted(num_classes, 'class', 'classes')}, "
-                          f"so it must be (batch, {num_classes})")
+
+
+def _check_save_and_load(model: keras.Model, target: str) -> None:
+    """Save ``model`` as a ``.keras`` archive, load it back and compare their predictions."""
+    import tempfile
+
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (2, *model.input_shape[1:]),
+                                               dtype=np.uint8)
+    advice = ("; register custom layers with @keras.saving.register_keras_serializable and "
+              "give them a get_config that returns every argument of their __init__")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        try:
+            model.save(path)
+            loaded = keras.models.load_model(path, compile=False)
+        except Exception as error:  # Keras raises many kinds; any one means the export fails
+            raise ConfigError("model._target_", target, "its model does not survive save and "
+                              f"load: {_first_line(error)}{advice}") from None
+    before, after = np.asarray(model(images)), np.asarray(loaded(images))
+    if before.shape != after.shape or not np.allclose(before, after, rtol=1e-5, atol=1e-6):
+        raise ConfigError("model._target_", target, "its model gives other outputs after "
+                          "save and load (a layer's get_config leaves out a setting)" + advice)
+
+
+def _first_line(error: BaseException) -> str:
+    """The part of an error message that says what went wrong, on one line: Keras wraps the
+    cause of a failed deserialization after "Exception encountered:" and appends the whole
+    config of the layer to "Could not locate class ..."."""
+    text = str(error).strip()
+    if "Exception encountered:" in text:
+        text = text.rsplit("Exception encountered:", 1)[1].strip()
+    line = (text.splitlines() or [""])[0]
+    return line.split(". Make sure custom classes", 1)[0].rstrip(".")
 
 
 def jit_compile_setting(train_cfg: TrainConfig) -> bool | str:
@@ -291,16 +350,6 @@ def set_steps_per_epoch(model: keras.Model, steps: int) -> bool:
     if schedule is not None:
         schedule.steps_per_epoch.assign(float(steps))
     return schedule is not None
-
-
-def reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
-    """Set a built optimizer's state to a fresh build's: step counts and moments at 0, and a
-    ``LossScaleOptimizer``'s loss scale at its ``initial_scale`` (at 0 it would scale every
-    gradient to 0 and every update to NaN)."""
-    for variable in optimizer.variables:
-        variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer.dynamic_scale.assign(optimizer.initial_scale)
 
 
 def make_optimizer(train_cfg: TrainConfig) -> keras.optimizers.Optimizer:

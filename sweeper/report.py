@@ -237,7 +237,7 @@ def _study(summary: Summary, records: list[TrialRecord]):
     """An Optuna study holding the sweep's scored trials, for Optuna's analysis tools."""
     import optuna
 
-    from sweeper.space import parse_distribution
+    from sweeper.space import encode_choice, parse_distribution
 
     space = summary.search_space
     if not space:
@@ -247,7 +247,7 @@ def _study(summary: Summary, records: list[TrialRecord]):
     direction = "maximize" if summary.mode == "max" else "minimize"
     study = optuna.create_study(direction=direction)
     for record in _scored(records):
-        params = {k: v for k, v in record.config.items() if k in distributions}
+        params = {k: encode_choice(v) for k, v in record.config.items() if k in distributions}
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: distributions[k] for k in params},
             value=record.best_value))
@@ -275,7 +275,7 @@ def plot_search_space(summary: Summary, records: list[TrialRecord]):
     from matplotlib.ticker import NullFormatter
     from optuna.distributions import CategoricalDistribution
 
-    from sweeper.space import parse_distribution
+    from sweeper.space import choice_text, parse_distribution
 
     space = summary.search_space
     scored = _scored(records)
@@ -294,8 +294,8 @@ def plot_search_space(summary: Summary, records: list[TrialRecord]):
         distribution = parse_distribution(key, text)
         values = [r.config.get(key) for r in scored]
         if isinstance(distribution, CategoricalDistribution):
-            labels = [str(c) for c in distribution.choices]
-            positions = [labels.index(str(v)) for v in values]
+            labels = [choice_text(c) for c in distribution.choices]
+            positions = [labels.index(choice_text(v)) for v in values]
             axes.set_xticks(range(len(labels)), labels)
             values = positions
         elif getattr(distribution, "log", False):

@@ -37,6 +37,7 @@ from sweeper import compat
 from sweeper.compat import add_intermediate_values, windowed_tpe_sampler
 from sweeper.metrics import diverged
 from sweeper.scheduler import TIME_BUDGET
+from sweeper.space import decode_params
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class PruningOptunaSearch(OptunaSearch):
         stored_as = compat.storage_id(ot_trial)
         self._running_ids().add(stored_as)
         self.__dict__.setdefault("_known_steps", {})[stored_as] = set()
-        return params
+        # Lists and dicts are held in the study as their JSON text (sweeper.space): the
+        # trial, and everything that shows its config, gets the values themselves.
+        return decode_params(params)
 
     def _running_ids(self) -> set[int]:
         """Storage ids of the study's RUNNING trials that this driver may still tell: those it

@@ -15,16 +15,24 @@ plugin guesses the type from how the bounds are written instead, so ``interval(0
 a float setting became an integer distribution there, and here until issue 19.) Unlike the
 plugin, ``range`` keeps Hydra's meaning (the stop is excluded), so ``range(16, 65,
 step=16)`` samples 16, 32, 48 or 64 and never 65.
+
+``choice`` may also hold lists and dicts (``choice([16, 32], [32, 64])`` for a builder taking
+a list of widths). Optuna's categorical choices can only be None, bools, numbers and strings,
+so such a value is kept in the distribution as its JSON text behind :data:`ENCODED`
+(``"json:[16, 32]"``, as the study and optuna-dashboard show it) and decoded
+(:func:`decode_params`) where the searcher hands a trial its values: the trial, the console,
+the summary, TensorBoard and ``best_config.yaml`` all get the list itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, QuotedString, RangeSweep
 from hydra.errors import HydraException
 from optuna.distributions import (
     BaseDistribution,
@@ -114,12 +122,17 @@ def parse_distribution(key: str, expression: Any, declared: type | None = None) 
         if tags:
             raise _fail(key, expression, "tag(log, ...) applies to interval and range only")
         choices = [_plain(choice) for choice in sweep.list]
-        if not choices or any(isinstance(c, (list, dict)) for c in choices):
-            raise _fail(key, expression, "choice needs one or more plain values")
+        if not choices:
+            raise _fail(key, expression, "choice needs one or more values")
+        for choice in choices:
+            if isinstance(choice, str) and choice.startswith(ENCODED):
+                raise _fail(key, expression, f"a text value may not start with {ENCODED!r} "
+                                             "(sweeper's mark for lists and dicts)")
         choices = [_as_kind(key, expression, choice, kind) for choice in choices]
-        if len(set(map(repr, choices))) != len(choices):
+        encoded = [encode_choice(choice) for choice in choices]
+        if len(set(map(repr, encoded))) != len(encoded):
             raise _fail(key, expression, "choice has repeated values")
-        return CategoricalDistribution(choices)
+        return CategoricalDistribution(encoded)
 
     if isinstance(sweep, (RangeSweep, IntervalSweep)) and kind in (str, bool):
         raise _fail(key, expression, f"{key} is {_TYPE_WORDS[kind]} setting; "
@@ -195,8 +208,47 @@ def _range_distribution(key: str, expression: str, sweep: RangeSweep, kind: type
 
 
 def _plain(value: Any) -> Any:
-    """Hydra may hand back its own node types; Optuna wants plain Python values."""
+    """Hydra may hand back its own node types; lists and dicts (nested too) stay lists and
+    dicts, anything else that is not a plain value becomes its text."""
+    if isinstance(value, QuotedString):  # 'a' inside a list: Hydra keeps its quotes apart
+        return value.text
+    if isinstance(value, Mapping):
+        return {str(name): _plain(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(item) for item in value]
     return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+
+
+# The mark of a list or dict kept in an Optuna categorical distribution as its JSON text.
+ENCODED = "json:"
+
+
+def encode_choice(value: Any) -> Any:
+    """``value`` as Optuna can hold it in a categorical distribution: None, bools, numbers and
+    strings as they are, lists and dicts (tuples become lists) as ``"json:<JSON text>"``."""
+    if isinstance(value, (list, tuple, Mapping)):
+        return ENCODED + json.dumps(_plain(value))
+    return value
+
+
+def decode_choice(value: Any) -> Any:
+    """The value :func:`encode_choice` was given (a list for a tuple); others as they are."""
+    if isinstance(value, str) and value.startswith(ENCODED):
+        return json.loads(value[len(ENCODED):])
+    return value
+
+
+def decode_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampled ``{"group.setting": value}`` with every list and dict decoded, as a trial
+    gets them."""
+    return {key: decode_choice(value) for key, value in params.items()}
+
+
+def choice_text(value: Any) -> str:
+    """How a sampled value reads in a table or a TensorBoard column: lists and dicts as
+    JSON (``[16, 32]``, ``{"scale": 2}``), other values as ``str`` does."""
+    value = decode_choice(value)
+    return json.dumps(value) if isinstance(value, (list, tuple, Mapping)) else str(value)
 
 
 def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -254,7 +306,7 @@ def configured_point(cfg: SweepConfig, space: Mapping[str, BaseDistribution]) ->
         section = getattr(cfg, group)
         value = section.get(name) if isinstance(section, Mapping) else getattr(section, name)
         if isinstance(distribution, CategoricalDistribution):
-            inside = value in distribution.choices
+            inside = encode_choice(value) in distribution.choices
         else:
             inside = (_fits_type(value, float) and distribution.low <= value <= distribution.high
                       and (distribution.step is None
@@ -267,7 +319,7 @@ def configured_point(cfg: SweepConfig, space: Mapping[str, BaseDistribution]) ->
                               "search.start_with_defaults=true trains the configured value "
                               "in the first trial; set one the space holds, or "
                               "search.start_with_defaults=false")
-        point[key] = value
+        point[key] = encode_choice(value)  # as the study holds it
     return point
 
 
@@ -306,7 +358,7 @@ def _check_bounds(cfg: SweepConfig, key: str, expression: Any,
     validation as a hand-written config."""
     group, _, name = key.partition(".")
     declared = declared_type(cfg, group, name)
-    for value in _extremes(distribution):
+    for value in map(decode_choice, _extremes(distribution)):
         if not _fits_type(value, declared):
             # A cast chose another type than the setting's, e.g. float(interval(...)) for an
             # integer setting: refuse rather than let a trial round the value.

@@ -352,8 +352,8 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         ranked = rank(records, cfg_t.search.mode)
         # Still on Ray: a retrain of the best config runs where the trials ran. A sweep whose
         # time budget ran out is scored too: its best so far is the answer it had time for.
-        test = (export_final(cfg_t, ranked[0], splits, layout.root)
-                if ranked and (done or budget_spent) else None)
+        test, export_error = (export_final(cfg_t, ranked[0], splits, layout.root)
+                              if ranked and (done or budget_spent) else (None, None))
     finally:
         if started_ray:
             ray.shutdown()
@@ -372,6 +372,11 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
     publish(summary, records, layout)
     if done and summary.best is None:
         raise SweepFailed(f"{summary.error}; see {layout.summary}")
+    if export_error is not None:
+        # The trials are kept (summary.json, trials.csv, the report); the model is not usable.
+        raise SweepFailed(f"every trial ended, but the best trial {ranked[0].trial_id} could not "
+                          f"be exported or scored on the test split ({export_error}); the "
+                          f"trials' results are in {layout.summary}")
     return SweepResult(summary, layout, summary.state)
 
 
@@ -392,15 +397,20 @@ def log_plan(cfg: SweepConfig, root: Path, resuming: bool) -> None:
     logger.info("Results: %s", root)
 
 
-def export_final(cfg: SweepConfig, best, splits: Splits, sweep_dir: Path) -> dict[str, Any] | None:
-    """Export and test-score the best trial; a failure here is logged, never loses the results."""
+def export_final(cfg: SweepConfig, best, splits: Splits,
+                 sweep_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Export and test-score the best trial: its test block (None when ``final.evaluate`` is
+    false) and None, or None and why it failed, in one line (the traceback goes to the log at
+    debug level). A failure here never loses the trials' results."""
     from sweeper.compat import import_tensorflow
     from sweeper.evaluate import export_best
     from sweeper.trial import retrain_on_cluster
 
     try:
         import_tensorflow()
-        return export_best(cfg, best, splits, sweep_dir, retrainer=retrain_on_cluster)
-    except Exception:
-        logger.exception("Could not export or evaluate the best trial %s", best.trial_id)
-        return None
+        return export_best(cfg, best, splits, sweep_dir, retrainer=retrain_on_cluster), None
+    except Exception as error:  # any failure of Keras, Ray or the user's code while exporting
+        logger.debug("Could not export or evaluate the best trial %s", best.trial_id,
+                     exc_info=True)
+        message = (str(error).strip().splitlines() or [""])[0]
+        return None, f"{type(error).__name__}: {message}"

@@ -37,6 +37,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from sweeper.metrics import DIVERGED, METRIC_NAMES
 from sweeper.progress import short_values, trial_number
+from sweeper.space import choice_text
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def hparam_info(name: str, distribution: BaseDistribution) -> api_pb2.HParamInfo
             info.domain_discrete.extend(float(c) for c in choices)
         else:
             info.type = api_pb2.DATA_TYPE_STRING
-            info.domain_discrete.extend(str(c) for c in choices)
+            info.domain_discrete.extend(choice_text(c) for c in choices)
     elif isinstance(distribution, (FloatDistribution, IntDistribution)):
         info.type = api_pb2.DATA_TYPE_FLOAT64
         info.domain_interval.min_value = float(distribution.low)
@@ -95,7 +96,7 @@ def hparam_value(value: Any) -> bool | float | str:
         return value
     if isinstance(value, (int, float)):
         return float(value)
-    return str(value)
+    return choice_text(value)  # a list or dict as the domain shows it: JSON
 
 
 # TensorBoard's own hparams.summary helpers import TensorFlow (seconds and hundreds of MB in the

@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sweeper.compat import custom_gradient_names, forget_custom_gradients, import_tensorflow
+from sweeper.compat import (
+    custom_gradient_names,
+    forget_custom_gradients,
+    import_tensorflow,
+    keras_global_seed_generator,
+)
 from sweeper.config import SweepConfig, TrainConfig, TrialSettings
 from sweeper.data import Splits
 from sweeper.metrics import METRIC_NAMES
@@ -197,6 +202,11 @@ def build_model(cfg: TrialSettings, input_shape: tuple[int, ...], num_classes: i
     network = build_cnn(cfg.model, input_shape, num_classes, augment=augmentation(cfg.train))
     model = compile_model(network, cfg.train, logits=from_logits(cfg.model))
     create_training_variables(model)
+    # Keras makes its global seed generator (keras.random calls with seed=None draw from it)
+    # at the first such draw, seeded from Python's random numbers then: here, at the same
+    # point of every build, where nothing draws from Python's generator before the training
+    # step is traced, so the numbers are those it would have had, and WarmModel can restart it.
+    keras_global_seed_generator()
     return model
 
 
@@ -233,18 +243,44 @@ def compiled_settings(train_cfg: TrainConfig) -> tuple[tuple[str, object], ...]:
                         if name not in fit_time))
 
 
-def draws_random_numbers(model) -> bool:
-    """Whether any layer of ``model`` (nested models' included) holds a Keras seed generator:
-    Dropout with a rate above 0, GaussianNoise, random augmentation layers."""
-    import keras
+def repeats_after_reset(model, state: list[np.ndarray], generator_state: np.ndarray) -> bool:
+    """Whether putting ``model``'s variables back to ``state`` (its weights and every Keras
+    seed generator's state, however deeply nested) and Keras' global seed generator back to
+    ``generator_state`` makes its training-mode forward pass repeat exactly.
 
-    layers = list(getattr(model, "layers", []))
-    while layers:
-        layer = layers.pop()
-        if any(isinstance(value, keras.random.SeedGenerator) for value in vars(layer).values()):
-            return True
-        layers += getattr(layer, "layers", [])
-    return False
+    True for models whose random numbers all come from Keras seed generators (Dropout,
+    GaussianNoise, random augmentation, ``keras.random.*`` with a layer's SeedGenerator or with
+    ``seed=None``), and for models that draw none. False where a layer draws random numbers
+    any other way (``tf.random.*`` stateful ops, a ``tf.random.Generator``, NumPy): a model
+    reused with those would not train as a fresh build does. The model's variables and the
+    global generator are left as ``state`` and ``generator_state`` say.
+    """
+    generator = keras_global_seed_generator()
+    # Not NumPy's global generator: drawing from it would change what the caller gets next.
+    images = np.random.default_rng(0).integers(0, 256, (4, *model.input_shape[1:]),
+                                               dtype=np.uint8)
+
+    def put_back() -> bool:
+        if len(model.variables) != len(state):
+            return False  # a layer made variables while training: nothing to put them back to
+        _restore(model.variables, state)
+        generator.state.assign(generator_state)
+        return True
+
+    outputs = []
+    for _ in range(2):
+        put_back()
+        outputs.append(np.asarray(model(images, training=True)))
+    return put_back() and bool(np.array_equal(outputs[0], outputs[1], equal_nan=True))
+
+
+def _snapshot(variables) -> list[np.ndarray]:
+    return [variable.numpy() for variable in variables]
+
+
+def _restore(variables, values: list[np.ndarray]) -> None:
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
 
 
 class WarmModel:
@@ -253,38 +289,43 @@ class WarmModel:
     Building the CNN and tracing its training step cost about as much as an epoch of a short
     trial. A trial with the same architecture, optimizer and seed as the previous one in this
     worker (a learning-rate search, for one) gets the same model back with the state a fresh
-    build would have: the seeded initial weights, the optimizer's slots and step counter at
-    zero, and the trial's learning rate (a variable, so nothing is traced again).
-    Models with layers that draw random numbers while training (dropout, noise, random
-    augmentation: the CNN with dropout, and any model of the user's with such layers) are
-    always built afresh: restoring the weights does not restart their random streams the way
-    a new build does, and a trial's result must not depend on which worker ran it.
+    build would have: the seeded initial weights, every Keras seed generator of the model
+    (dropout, noise, random augmentation, a user's layer with a SeedGenerator however deeply
+    nested) and Keras' global one (``keras.random`` calls with ``seed=None``) at the state a
+    build gives them, the optimizer's slots and step counter as built, and the trial's learning
+    rate (a variable, so nothing is traced again). It trains exactly as a fresh build would.
+
+    Whether that holds is tried once per architecture and worker (:func:`repeats_after_reset`):
+    a model whose layers draw random numbers some other way (``tf.random``, NumPy) is built
+    afresh for every trial, since a trial's result must not depend on which worker ran it.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._model = None
-        self._initial_weights: list[np.ndarray] = []
+        self._initial_state: list[np.ndarray] = []
+        self._initial_optimizer: list[np.ndarray] = []
+        self._generator = None
+        self._generator_state: np.ndarray | None = None
+        self._reusable: dict[tuple, bool] = {}  # by key: what repeats_after_reset found
         self._gradients_before: frozenset[str] | None = None
 
     def get(self, cfg: TrialSettings, input_shape: tuple[int, ...], num_classes: int):
         """A model as :func:`build_model` would build it for these arguments."""
-        import keras
-
-        from sweeper.model import jit_compile_setting, reset_optimizer, uses_schedule
+        from sweeper.model import jit_compile_setting, uses_schedule
 
         key = (repr(cfg.model), tuple(input_shape), num_classes,
                compiled_settings(cfg.train), jit_compile_setting(cfg.train))
-        if key != self._key or draws_random_numbers(self._model):
-            self._model = None
-            keras.backend.clear_session()
-            # The previous model's graphs are gone now; TensorFlow's gradient registry would
-            # keep them in memory for good (tensorflow/tensorflow#97697).
-            if self._gradients_before is not None:
-                forget_custom_gradients(self._gradients_before)
-            self._gradients_before = custom_gradient_names()
-            self._model = build_model(cfg, input_shape, num_classes)
-            self._initial_weights = self._model.get_weights()
+        if (key != self._key or not self._reusable.get(key, False)
+                # Someone called keras.utils.set_random_seed: the traced step holds the old one.
+                or keras_global_seed_generator() is not self._generator):
+            self._build(cfg, input_shape, num_classes)
+            if key not in self._reusable:
+                self._reusable[key] = repeats_after_reset(self._model, self._initial_state,
+                                                          self._generator_state)
+                if not self._reusable[key]:
+                    # The trial above drew random numbers that no reset restarts.
+                    self._build(cfg, input_shape, num_classes)
             self._key = key
             return self._model
         # TensorFlow's global seed is still cfg.train.seed (part of the key; build_model set
@@ -292,12 +333,29 @@ class WarmModel:
         # (benchmarks/fixed_costs.py).
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
-        self._model.set_weights(self._initial_weights)
+        _restore(self._model.variables, self._initial_state)
+        self._generator.state.assign(self._generator_state)
         optimizer = self._model.optimizer
-        reset_optimizer(optimizer)
+        _restore(optimizer.variables, self._initial_optimizer)
         if not uses_schedule(cfg.train):  # a schedule's learning rate is part of the key
             optimizer.learning_rate = cfg.train.lr
         return self._model
+
+    def _build(self, cfg: TrialSettings, input_shape: tuple[int, ...], num_classes: int) -> None:
+        import keras
+
+        self._model = None
+        keras.backend.clear_session()
+        # The previous model's graphs are gone now; TensorFlow's gradient registry would
+        # keep them in memory for good (tensorflow/tensorflow#97697).
+        if self._gradients_before is not None:
+            forget_custom_gradients(self._gradients_before)
+        self._gradients_before = custom_gradient_names()
+        self._model = build_model(cfg, input_shape, num_classes)
+        self._initial_state = _snapshot(self._model.variables)
+        self._initial_optimizer = _snapshot(self._model.optimizer.variables)
+        self._generator = keras_global_seed_generator()
+        self._generator_state = self._generator.state.numpy()
 
 
 def train(cfg: TrialSettings | SweepConfig, splits: Splits,

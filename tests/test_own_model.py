@@ -80,11 +80,102 @@ MY_MODELS = textwrap.dedent('''
 
     def needs_depth(input_shape, num_classes, depth):
         return mlp(input_shape, num_classes)
+
+
+    class Unregistered(layers.Layer):
+        """Not registered: a saved model that holds it does not load."""
+
+        def call(self, inputs):
+            return inputs
+
+
+    @keras.saving.register_keras_serializable(package="my_models")
+    class NoConfig(layers.Layer):
+        """Registered, but its get_config leaves out the argument it needs."""
+
+        def __init__(self, factor, **kwargs):
+            super().__init__(**kwargs)
+            self.factor = factor
+
+        def call(self, inputs):
+            return inputs * self.factor
+
+        def get_config(self):
+            return super().get_config()  # without factor
+
+
+    @keras.saving.register_keras_serializable(package="my_models")
+    class Forgetful(NoConfig):
+        """Loads, as a layer of factor 1: the loaded model computes something else."""
+
+        def __init__(self, factor=1.0, **kwargs):
+            super().__init__(factor, **kwargs)
+
+
+    def with_layer(input_shape, num_classes, layer="unregistered"):
+        custom = {"unregistered": Unregistered, "no_config": lambda: NoConfig(3.0),
+                  "forgetful": lambda: Forgetful(3.0)}[layer]()
+        inputs = keras.Input(shape=input_shape)
+        x = custom(layers.Flatten()(inputs))
+        return keras.Model(inputs, layers.Dense(num_classes, activation="softmax")(x))
+
+
+    @keras.saving.register_keras_serializable(package="my_models")
+    class NoisyDense(layers.Layer):
+        """Dropout of its own: from a SeedGenerator held in a list, from Keras' global one
+        (seed=None) or from TensorFlow's stateful random ops."""
+
+        def __init__(self, units=16, rate=0.5, source="generator", **kwargs):
+            super().__init__(**kwargs)
+            self.units, self.rate, self.source = units, rate, source
+            self.dense = layers.Dense(units, activation="relu")
+            self.generators = [keras.random.SeedGenerator()]
+
+        def build(self, input_shape):
+            self.dense.build(input_shape)
+
+        def call(self, inputs, training=False):
+            x = self.dense(inputs)
+            if not training:
+                return x
+            if self.source == "generator":
+                return keras.random.dropout(x, self.rate, seed=self.generators[0])
+            if self.source == "global":
+                return keras.random.dropout(x, self.rate)
+            import tensorflow as tf
+
+            keep = tf.cast(tf.random.uniform(tf.shape(x)) >= self.rate, x.dtype)
+            return x * keep / (1 - self.rate)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "rate": self.rate,
+                    "source": self.source}
+
+
+    def noisy_mlp(input_shape, num_classes, source="generator", widths=(16,), options=None,
+                  flag=False, label="a"):
+        """An MLP whose dropout sits in a custom layer inside a nested model; fails unless
+        each setting arrives with the type the search space gives it."""
+        _record("noisy_mlp", widths=widths, options=options, flag=flag, label=label)
+        types = {"widths": (widths, (list, tuple)), "options": (options, (dict, type(None))),
+                 "flag": (flag, bool), "label": (label, str)}
+        for name, (value, wanted) in types.items():
+            if not isinstance(value, wanted):
+                raise TypeError(f"{name}={value!r} is a {type(value).__name__}")
+        if not all(isinstance(width, int) for width in widths):
+            raise TypeError(f"widths={widths!r} holds no integers")
+        scale = (options or {}).get("scale", 1)
+        inner = keras.Sequential([layers.Flatten()] + [
+            NoisyDense(width * scale, source=source) for width in widths], name="inner")
+        inputs = keras.Input(shape=input_shape)
+        outputs = layers.Dense(num_classes, activation="softmax")(inner(inputs))
+        return keras.Model(inputs, outputs, name="noisy_mlp")
 ''')
 BROKEN_MODELS = "import torchvision_is_not_here\n"
 CONFIGS = {
     "resnet.yaml": "_target_: my_models.small_resnet\nwidth: 16\ndepth: 1\n",
     "mlp.yaml": "_target_: my_models.mlp\nwidth: 32\nfrom_logits: true\n",
+    "noisy.yaml": "_target_: my_models.noisy_mlp\nwidths: [16]\n",
 }
 EXPERIMENT = textwrap.dedent("""\
     # @package _global_
@@ -142,10 +233,12 @@ def test_the_cnn_builder_gives_the_classic_network_through_the_one_path():
 
     model = build_cnn({"_target_": CNN_TARGET}, (28, 28), 10)
     assert model.count_params() == 93_322
-    assert [type(layer).__name__ for layer in model.layers] == [
-        "Rescaling", "Reshape", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D",
+    assert [layer.name for layer in model.layers[:1]] == ["pixel_scale"]
+    assert [type(layer).__name__ for layer in model.layers[1:]] == [
+        "Reshape", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D",
         "Flatten", "Dense", "Dropout", "Dense"]
-    assert (model.input_shape, model.inputs[0].dtype) == ((None, 28, 28), "uint8")
+    # float32: Keras casts inputs to the input's dtype, and uint8 made [0, 1] floats black.
+    assert (model.input_shape, model.inputs[0].dtype) == ((None, 28, 28), "float32")
 
 
 def test_a_model_config_of_the_users_own_composes_with_its_keys_and_searched_types(
@@ -205,6 +298,16 @@ OWN_MODEL_MISTAKES = [
       "~model.from_logits"], "its output shape is (None, 3); the data has 10 classes"),
     (["model=mlp", "model._target_=my_models.not_a_model", "~model.width",
       "~model.from_logits"], "returned a Dense, not a keras.Model"),
+    # Issue 41: these trained every trial, then could not be exported.
+    (["model=mlp", "model._target_=my_models.with_layer", "~model.width", "~model.from_logits"],
+     "model._target_='my_models.with_layer' is invalid: its model does not survive save and "
+     "load: Could not locate class 'Unregistered'; register custom layers with "
+     "@keras.saving.register_keras_serializable and give them a get_config"),
+    (["model=mlp", "model._target_=my_models.with_layer", "~model.width", "~model.from_logits",
+      "+model.layer=no_config"], "does not survive save and load: NoConfig.__init__() missing "
+                                 "1 required positional argument: 'factor'; register"),
+    (["model=mlp", "model._target_=my_models.with_layer", "~model.width", "~model.from_logits",
+      "+model.layer=forgetful"], "its model gives other outputs after save and load"),
 ]
 
 
@@ -236,6 +339,31 @@ def test_check_network_refuses_a_builder_that_raises(user_folder):
     with pytest.raises(ConfigError, match=r"failed to build the model for \(28, 28\) images "
                                           r"and 10 classes \(ValueError: .*units=wide"):
         check_network({"_target_": "my_models.mlp", "width": "wide"}, (28, 28), 10)
+
+
+def test_an_export_that_fails_after_training_is_one_line_not_a_traceback(monkeypatch, caplog,
+                                                                         tmp_path):
+    """Issue 41: three tracebacks, then state complete and exit 0; now export_final gives the
+    reason in one line, which run_sweep raises as SweepFailed (exit 1) after writing the
+    trials' results."""
+    import logging
+
+    import sweeper.evaluate
+    from sweeper.config import SweepConfig
+    from sweeper.sweep import export_final
+
+    def fails(*args, **kwargs):
+        raise ValueError("Could not locate class 'Unregistered'.\nFull object config: {...}")
+
+    monkeypatch.setattr(sweeper.evaluate, "export_best", fails)
+
+    class Best:
+        trial_id = "abc123"
+
+    with caplog.at_level(logging.INFO):
+        test, error = export_final(SweepConfig(), Best(), None, tmp_path)
+    assert (test, error) == (None, "ValueError: Could not locate class 'Unregistered'.")
+    assert "Traceback" not in caplog.text
 
 
 def hparams_of(logdir: Path) -> dict[str, dict[str, object]]:
@@ -360,7 +488,7 @@ def test_a_sweep_of_an_own_model_resumes_only_with_the_same_model(user_folder, t
         check_sweep_dir(cfg, tmp_path / "sweep")
 
 
-def test_a_worker_reuses_an_own_model_unless_its_layers_draw_random_numbers(user_folder):
+def test_a_worker_reuses_an_own_model_only_as_a_fresh_build(user_folder):
     from sweeper.config import apply_params
     from sweeper.sweep import validate
     from sweeper.trainer import WarmModel
@@ -370,5 +498,81 @@ def test_a_worker_reuses_an_own_model_unless_its_layers_draw_random_numbers(user
     first = warm.get(cfg, (28, 28), 10)
     again = warm.get(apply_params(cfg, {"train.lr": 0.01}), (28, 28), 10)
     assert again is first and float(again.optimizer.learning_rate) == pytest.approx(0.01)
-    noisy = apply_params(cfg, {"model.dropout": 0.2})
+    # Dropout from TensorFlow's stateful random ops cannot be restarted: built every time.
+    noisy = apply_params(cfg, {"model._target_": "my_models.noisy_mlp",
+                               "model.source": "tensorflow"})
+    for key in ("width", "depth"):
+        noisy.model.pop(key)
     assert warm.get(noisy, (28, 28), 10) is not warm.get(noisy, (28, 28), 10)
+
+
+@pytest.mark.parametrize("model", [
+    {"_target_": "my_models.noisy_mlp", "source": "generator"},
+    {"_target_": "my_models.noisy_mlp", "source": "global"},
+    {"_target_": "my_models.noisy_mlp", "source": "tensorflow"},
+    {"_target_": "my_models.noisy_mlp", "source": "generator", "flip": "horizontal"},
+], ids=["seed_generator_in_a_list", "global_seed_generator", "tf_random", "random_flip"])
+def test_a_reused_model_trains_to_the_weights_of_a_fresh_build(user_folder, small_splits,
+                                                               model):
+    """Issue 41: three trials of one config of a model with dropout in a nested custom layer
+    scored 0.650, 0.595 and 0.653; whatever draws the random numbers, a trial in a reused
+    worker trains to exactly the weights a fresh build gets."""
+    import numpy as np
+
+    from sweeper.config import TrainConfig, TrialSettings
+    from sweeper.trainer import WarmModel, build_model, train
+
+    model = dict(model)
+    flip = model.pop("flip", "none")
+    settings = TrialSettings(model=model, train=TrainConfig(epochs=1, batch_size=64, flip=flip))
+    shape, classes = small_splits.input_shape, small_splits.num_classes
+    fresh = train(settings, small_splits, model=build_model(settings, shape, classes))
+    expected = fresh.get_weights()
+    warm = WarmModel()
+    for _ in range(3):  # the first trial builds it; the others get it back
+        trained = train(settings, small_splits, model=warm.get(settings, shape, classes))
+        for got, want in zip(trained.get_weights(), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_identical_trials_of_a_model_with_nested_dropout_and_list_settings_agree(
+        tmp_path, fashion_mnist_dir):
+    """Issue 41, through a real sweep in one reused Ray worker: (1) three trials of one config
+    of a model whose dropout sits in a custom layer of a nested model scored 0.650, 0.595 and
+    0.653; they score the same (the first one is a fresh build, the others reuse it). (2)
+    ``choice`` over lists passed strings to the builder, and every trial failed; a list, a dict,
+    a bool and a text that reads as a number reach the builder (which checks) and the summary
+    with their types."""
+    folder = write_user_folder(tmp_path / "user")
+    calls = tmp_path / "calls.jsonl"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "MY_MODELS_CALLS": str(calls)}
+    command = [sys.executable, "-m", "sweeper", "--config-dir", "conf_mine", "model=noisy",
+               f"data.path={fashion_mnist_dir}", "name=noisy", "data=fashion_mnist",
+               "data.max_train_samples=1000", "data.max_test_samples=200", "train.epochs=2",
+               "train.batch_size=64", "search.num_trials=3", "resources.max_concurrent_trials=1",
+               "scheduler=none", "search.space.train.lr=choice(0.003)",
+               "search.space.model.widths=choice([16, 8])",
+               "search.space.model.options=choice({scale: 2})",
+               "search.space.model.flag=choice(true)", "search.space.model.label=choice('1')"]
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep_dir = folder / "sweeps" / "noisy"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    sampled = {"train.lr": 0.003, "model.widths": [16, 8], "model.options": {"scale": 2},
+               "model.flag": True, "model.label": "1"}
+    trials = summary["trials"]
+    assert [trial["status"] for trial in trials] == ["completed"] * 3, trials
+    assert all(trial["config"] == sampled for trial in trials)
+    scores = {(trial["best_metric_value"], trial["last_metric_value"]) for trial in trials}
+    assert len(scores) == 1, scores
+    built = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert {"widths": [16, 8], "options": {"scale": 2}, "flag": True, "label": "1"} in [
+        {key: call.get(key) for key in ("widths", "options", "flag", "label")}
+        for call in built]
+    assert "widths=[16, 8]" in result.stdout + result.stderr  # the console's trial line
+    assert "Skipped the search_space plot" not in result.stdout + result.stderr
+    pinned = (sweep_dir / "best_config.yaml").read_text()
+    assert "widths: choice([16, 8])" in pinned and "label: choice('1')" in pinned

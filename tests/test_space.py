@@ -300,3 +300,79 @@ def test_apply_params_fills_a_copy_and_keeps_declared_types():
     assert trial.train.optimizer == "sgd"
     # The base config is untouched: every trial starts from the same settings.
     assert (cfg.train.lr, cfg.model.filters, cfg.train.optimizer) == (1e-3, 32, "adam")
+
+
+def _typed(value):
+    """A value with the type of every part spelled out: 1 and 1.0 and True and '1' differ."""
+    if isinstance(value, dict):
+        return ("dict", {name: _typed(item) for name, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return ("list", [_typed(item) for item in value])
+    return (type(value).__name__, value)
+
+
+# (expression, the setting's declared type (None: a user's builder setting without one),
+# what each trial must get, with its type). Issue 41: choice([16,32],[32,64]) gave strings.
+SAMPLED_VALUES = [
+    ("choice([16,32],[32,64])", None, [[16, 32], [32, 64]]),
+    ("choice([[1,2],[3]], [4])", None, [[[1, 2], [3]], [4]]),
+    ("choice({scale: 2, names: [a, b]}, {scale: 1.5})", None,
+     [{"scale": 2, "names": ["a", "b"]}, {"scale": 1.5}]),
+    ("choice([1, 2], 3, x, true)", None, [[1, 2], 3, "x", True]),
+    ("choice(true, false)", None, [True, False]),
+    ("choice(true, false)", bool, [True, False]),
+    ("choice(true, false)", str, ["true", "false"]),
+    ("choice('1', '2.5')", None, ["1", "2.5"]),
+    ("choice(1, 2)", str, ["1", "2"]),
+    ("choice('[1, 2]', '{}')", None, ["[1, 2]", "{}"]),
+    ("choice(1, 2.5)", None, [1, 2.5]),
+    ("choice(0, 1)", float, [0.0, 1.0]),
+    ("choice(8, 16)", int, [8, 16]),
+    ("choice(1e-3, 0.01)", None, [0.001, 0.01]),
+]
+
+
+@pytest.mark.parametrize(("expression", "declared", "expected"), SAMPLED_VALUES,
+                         ids=[f"{e}-{getattr(d, '__name__', d)}" for e, d, _ in SAMPLED_VALUES])
+def test_every_sampled_value_reaches_the_trial_with_its_type(expression, declared, expected):
+    """Through the study (its journal file, reopened), the searcher's decoding, the summary's
+    JSON, TensorBoard's column and best_config.yaml's pinned choice, each value keeps the type
+    the console shows."""
+    import json
+    import tempfile
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from sweeper.evaluate import _hydra_literal
+    from sweeper.space import choice_text, decode_choice, decode_params, encode_choice
+    from sweeper.tensorboard import hparam_value
+
+    distribution = parse_distribution("model.setting", expression, declared)
+    assert isinstance(distribution, CategoricalDistribution)
+    with tempfile.TemporaryDirectory() as folder:
+        storage = JournalStorage(JournalFileBackend(f"{folder}/optuna.log"))
+        study = optuna.create_study(storage=storage, study_name="s")
+        for index in range(len(expected)):
+            study.enqueue_trial({"model.setting": distribution.choices[index]})
+            study.ask({"model.setting": distribution})
+        reopened = optuna.load_study(study_name="s", storage=JournalStorage(
+            JournalFileBackend(f"{folder}/optuna.log")))
+        sampled = [trial.params["model.setting"] for trial in reopened.trials]
+    got = [decode_params({"model.setting": value})["model.setting"] for value in sampled]
+    assert [_typed(value) for value in got] == [_typed(value) for value in expected]
+    for value in got:
+        assert _typed(json.loads(json.dumps(value))) == _typed(value)  # summary.json
+        assert encode_choice(value) in distribution.choices  # warm start, report, defaults
+        shown = hparam_value(value)
+        if isinstance(shown, str):
+            assert shown in [choice_text(choice) for choice in distribution.choices]
+        pinned = parse_distribution("model.setting", f"choice({_hydra_literal(value)})",
+                                    declared)
+        assert [_typed(decode_choice(c)) for c in pinned.choices] == [_typed(value)]
+
+
+def test_a_text_choice_may_not_look_like_an_encoded_list():
+    with pytest.raises(ConfigError, match="may not start with 'json:'"):
+        parse_distribution("model.setting", "choice('json:[1]', a)", None)

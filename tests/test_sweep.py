@@ -168,3 +168,42 @@ def test_the_study_named_for_optuna_dashboard_is_a_file_of_the_folder_or_nothing
                            ("postgresql://user:secret@host/db", None)):
         other = dataclasses.replace(summary, study={"storage": storage, "study_name": "smoke"})
         assert study_file(other, layout) == shown
+
+
+def test_the_exported_model_reads_floats_in_0_1_as_meant_and_refuses_a_wrong_size(
+        finished, fashion_mnist_dir):
+    """Issue 41: best_model.keras given floats in [0, 1] instead of uint8 pixels scored 0.10
+    without a word (Keras cast them to uint8: 0 or 1, black images). In plain Keras, in a
+    fresh process: floats in [0, 1] and in [0, 255], and the channel axis added, give what the
+    uint8 pixels give; an image of another size is refused."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from pathlib import Path
+import keras, numpy as np
+from sweeper.data import load_idx_folder
+pixels = load_idx_folder(Path(sys.argv[2]))["x_test"][:200]
+reference = keras.models.load_model(sys.argv[1]).predict(pixels, verbose=0)
+variants = {"floats_0_1": pixels / 255.0, "float32_0_255": pixels.astype("float32"),
+            "channel_axis": pixels[..., None]}
+# A fresh load for each, as a user's script would have (Keras' predict, traced for one rank,
+# does not take another rank afterwards).
+same = {name: float(np.abs(keras.models.load_model(sys.argv[1]).predict(images, verbose=0)
+                           - reference).max()) for name, images in variants.items()}
+try:
+    keras.models.load_model(sys.argv[1]).predict(pixels[:, :20, :20], verbose=0)
+    refused = False
+except Exception:
+    refused = True
+print(json.dumps({"same": same, "refused": refused}))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(finished.sweep_dir / "best_model.keras"),
+                          str(fashion_mnist_dir)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(difference < 1e-5 for difference in found["same"].values()), found
+    assert found["refused"]
