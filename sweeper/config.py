@@ -86,9 +86,10 @@ class DataConfig:
     # Seeded random subsets, for smoke runs and tests; None keeps everything.
     max_train_samples: int | None = per_sweep(None)
     max_test_samples: int | None = per_sweep(None)
-    # Image folders only: [height, width] every image is resized to (None: the images' own
-    # size, when they all share one), and rgb | grayscale (None: rgb if any image has colour).
+    # [height, width] every image is resized to, bilinear, once when the data is loaded
+    # (None: the images' own size; an image folder's must then all share one).
     image_size: list[int] | None = per_sweep(None)
+    # Image folders only: rgb | grayscale (None: rgb if any image has colour).
     color_mode: str | None = per_sweep(None)
     # Image folders of one level of class folders: the share of each class held out as the
     # test split, chosen with this seed (always the same images for the same folder).
@@ -378,8 +379,6 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
         _require(bool(data.path), "data.path", data.path, f"data={data.name} reads {reads}")
     folder = data.name == "image_folder"
     if data.image_size is not None:
-        _require(folder, "data.image_size", data.image_size,
-                 "only data=image_folder resizes images; leave it null")
         _require(len(data.image_size) == 2 and all(side >= 1 for side in data.image_size),
                  "data.image_size", data.image_size, "must be [height, width] in pixels, or null")
     if data.color_mode is not None:

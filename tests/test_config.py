@@ -87,6 +87,7 @@ MISTAKES = [
     (["data=image_folder", "data.path={mixed_sizes_folder}"], "data.image_size=None is invalid"),
     (["data=image_folder"], "data.path=None is invalid: data=image_folder reads"),
     (["data=image_folder", "data.path={fashion}", "data.image_size=[28]"], "data.image_size"),
+    (["data=npz", "data.path={small_npz}", "data.image_size=[0,32]"], "data.image_size"),
     (["data=image_folder", "data.path={fashion}", "data.color_mode=cmyk"], "data.color_mode"),
     (["data=npz", "data.path={lengths_differ_npz}"], "y_train has shape (39,)"),
     (["data=npz", "data.path={wrong_keys_npz}"], "npz lacks x_train"),
