@@ -40,6 +40,11 @@ SCHEDULERS = ("asha", "none")
 MODES = ("min", "max")
 # The builder of the classic CNN; a model config's _target_ names any other (sweeper.builder).
 CNN_TARGET = "sweeper.model.cnn"
+# The builder of a pretrained keras.applications backbone with a head (model=backbone), and the
+# backbones it builds, as keras.applications names them.
+BACKBONE_TARGET = "sweeper.backbone.backbone"
+BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetV2B0", "ResNet50V2")
+IMAGENET = "imagenet"
 
 
 class ConfigError(ValueError):
@@ -404,6 +409,9 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
         _require(0.0 <= model.conv_dropout < 1.0, "model.conv_dropout", model.conv_dropout,
                  "must be in [0, 1)")
 
+    elif model.get("_target_") == BACKBONE_TARGET:
+        validate_backbone(model)
+
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
     _one_of("train.optimizer", train.optimizer, OPTIMIZERS)
@@ -435,6 +443,46 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
              "must be in [0, 1] (the chance an image gets a patch erased; 0: off)")
     _require(train.patience >= 0, "train.patience", train.patience,
              "must be >= 0 epochs (0: no early stopping within a trial)")
+
+
+def validate_backbone(model: Mapping[str, Any]) -> None:
+    """Check the settings of ``model=backbone`` (sweeper.backbone.backbone); the keys it lacks
+    take the builder's defaults. Whether a weights file fits the backbone is checked when the
+    model is first built, on the driver before Ray starts (sweeper.model.check_network).
+
+    Raises:
+        ConfigError: an unknown backbone, weights that are neither ``imagenet``, null nor an
+            existing file, or a head or fine-tuning setting out of its range.
+    """
+    _one_of("model.name", model.get("name", BACKBONES[0]), BACKBONES)
+    weights = model.get("weights", IMAGENET)
+    if weights is not None and weights != IMAGENET:
+        import os
+
+        _require(os.path.isfile(os.path.expanduser(str(weights))), "model.weights", weights,
+                 "no such file; give imagenet (Keras' download and cache, ~/.keras/models/), "
+                 "null (random initialization) or the path of a weights file")
+    dropout = model.get("dropout", 0.0)
+    _require(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0, "model.dropout",
+             dropout, "must be in [0, 1)")
+    units = model.get("dense_units", 0)
+    _require(isinstance(units, int) and units >= 0, "model.dense_units", units,
+             "must be >= 0 (0: no hidden layer in the head)")
+    fraction = model.get("trainable_fraction", 0.0)
+    _require(isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0,
+             "model.trainable_fraction", fraction,
+             "must be in [0, 1] (0: the backbone frozen, 1: all of it trained)")
+
+
+def with_absolute_weights(model: dict[str, Any]) -> dict[str, Any]:
+    """A backbone's config with a relative ``model.weights`` path made absolute: trials build
+    the model in their own working folder, not the one the sweep was started from."""
+    weights = model.get("weights")
+    if model.get("_target_") != BACKBONE_TARGET or weights in (None, IMAGENET):
+        return model
+    import os
+
+    return {**model, "weights": os.path.abspath(os.path.expanduser(str(weights)))}
 
 
 def cnn_stages(model: ModelConfig) -> list[str]:
@@ -574,6 +622,8 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
         raise ConfigError(key, value, f"no such setting{closest_setting(key)}")
     typed: SweepConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     typed.model = as_model_config(typed.model)
+    if isinstance(typed.model, dict):
+        typed.model = with_absolute_weights(typed.model)
     return typed
 
 

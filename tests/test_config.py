@@ -115,6 +115,10 @@ MISTAKES = [
     (["search.time_budget_s=0"], "search.time_budget_s"),
     (["data=fashion_mnist", "data.path=/usr/share/datasets/fashion-mnist",
       "data.max_train_samples=100", "model.blocks=4"], "model.blocks=4 is invalid: 28x28 images"),
+    # Issue 42: a pretrained backbone's settings.
+    (["model=backbone", "model.name=VGG16"], "model.name='VGG16' is invalid: must be one of"),
+    (["model=backbone", "model.weights=/no/such/weights.h5"], "model.weights"),
+    (["model=backbone", "model.trainable_fraction=1.5"], "model.trainable_fraction"),
 ]
 
 
