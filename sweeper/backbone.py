@@ -17,12 +17,15 @@ The head: global average pooling, dropout, an optional hidden ReLU layer of ``de
 
 Fine-tuning follows the Keras transfer-learning guide: ``trainable_fraction`` 0 freezes the
 backbone (only the head trains), 1 trains all of it, and values between train the top
-fraction of its layers. Batch normalization stays in inference mode throughout: the guide
+fraction of its layers. With pretrained weights (``imagenet`` or a file) batch normalization
+stays in inference mode throughout: the guide
 calls the backbone with ``training=False``, which Keras 3 overrides when the outer model
 trains (keras-team/keras#20285, seen in Keras 3.15), so every batch-norm layer of the
 backbone is also set not trainable, which keeps it in inference mode (its moving statistics
 and its scale and shift stay as pretrained). A backbone trained with batch statistics of a
-few small batches is what trained to 10% on Fashion-MNIST in issue 42.
+few small batches is what trained to 10% on Fashion-MNIST in issue 42. A randomly
+initialized backbone (``weights: null``) has no statistics to keep: its batch normalization
+trains as in any network trained from scratch.
 
 A per-layer learning rate for the backbone against the head is not offered: Keras 3 has no
 optimizer over two variable groups with their own rates (no MultiOptimizer), and scaling the
@@ -66,7 +69,8 @@ def backbone(input_shape: tuple[int, int, int], num_classes: int,
         dropout: Dropout rate after the pooling (and after the hidden layer).
         dense_units: Units of a hidden ReLU layer in the head; 0: none.
         trainable_fraction: Share of the backbone's layers trained, from the top: 0 freezes
-            it, 1 trains all. Batch normalization is never trained (module docstring).
+            it, 1 trains all. Batch normalization of pretrained weights is never trained
+            (module docstring).
 
     Raises:
         ConfigError: images with 4 channels; ImageNet weights that cannot be downloaded (no
@@ -88,8 +92,10 @@ def backbone(input_shape: tuple[int, int, int], num_classes: int,
     else:  # preprocess_input's "tf" mode: [-1, 1]
         x = layers.Rescaling(2.0, offset=-1.0, name="to_minus1_1")(x)
     network = pretrained(name, weights, (*size, 3))
-    freeze(network, trainable_fraction)
-    x = network(x, training=False)
+    freeze(network, trainable_fraction, keep_batch_norm=weights is not None)
+    # Pretrained: batch norm in inference mode (the guide's training=False; freeze() makes it
+    # hold in Keras 3). Randomly initialized: its statistics are learnt like any weight.
+    x = network(x, training=False) if weights is not None else network(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     if dense_units > 0:
@@ -158,16 +164,17 @@ def pretrained(name: str, weights: str | None, input_shape: tuple[int, int, int]
     return network
 
 
-def freeze(network: keras.Model, trainable_fraction: float) -> None:
-    """Train the top ``trainable_fraction`` of ``network``'s layers (0: none); batch
-    normalization never (it stays in inference mode: the module docstring says why)."""
+def freeze(network: keras.Model, trainable_fraction: float, keep_batch_norm: bool = True) -> None:
+    """Train the top ``trainable_fraction`` of ``network``'s layers (0: none); with
+    ``keep_batch_norm`` (pretrained weights) batch normalization never: it stays in inference
+    mode with its pretrained statistics (the module docstring says why)."""
     if trainable_fraction <= 0:
         network.trainable = False
         return
     frozen = len(network.layers) - round(trainable_fraction * len(network.layers))
     for index, layer in enumerate(network.layers):
-        layer.trainable = (index >= frozen
-                           and not isinstance(layer, layers.BatchNormalization))
+        layer.trainable = index >= frozen and not (
+            keep_batch_norm and isinstance(layer, layers.BatchNormalization))
 
 
 def _first_line(error: BaseException) -> str:

@@ -133,26 +133,42 @@ def batch_norm_statistics(network) -> list[np.ndarray]:
             for variable in (layer.moving_mean, layer.moving_variance)]
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.5])
-def test_batch_norm_stays_in_inference_mode_frozen_or_fine_tuned(few_splits, tmp_path,
-                                                                 fraction):
-    """Moving statistics unchanged after an epoch of training, the backbone frozen or its top
-    half trained (Keras 3 trains them when the backbone is only called with training=False,
-    keras-team/keras#20285); the frozen backbone's weights unchanged, the fine-tuned one's
-    top changed. The saved model predicts raw uint8 images as the trained one does."""
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    """Weights of MobileNetV3Small without its top, saved with Keras' save_weights: the
+    backbone a user would have pretrained."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v3_small.weights.h5"
+    keras.applications.MobileNetV3Small(include_top=False, weights=None,
+                                        input_shape=(32, 32, 3)).save_weights(str(path))
+    return path
+
+
+@pytest.mark.parametrize(("fraction", "pretrained"), [(0.0, True), (0.5, True), (1.0, False)])
+def test_batch_norm_of_pretrained_weights_stays_in_inference_mode(few_splits, tmp_path,
+                                                                  weights_file, fraction,
+                                                                  pretrained):
+    """Pretrained weights: moving statistics unchanged after an epoch of training, the
+    backbone frozen or its top half trained (Keras 3 trains them when the backbone is only
+    called with training=False, keras-team/keras#20285); the frozen backbone's weights
+    unchanged, the fine-tuned one's changed. Random initialization: batch norm learns its
+    statistics. The saved model predicts raw uint8 images as the trained one does."""
     import keras
 
     from sweeper.model import save_portable
     from sweeper.trainer import build_model, train
 
-    settings = backbone_settings(trainable_fraction=fraction)
+    settings = backbone_settings(trainable_fraction=fraction,
+                                 weights=str(weights_file) if pretrained else None)
     model = build_model(settings, few_splits.input_shape, few_splits.num_classes)
     network = backbone_of(model)
     statistics, weights = batch_norm_statistics(network), network.get_weights()
     head = model.get_layer("backbone_MobileNetV3Small").get_layer("classes").get_weights()[0]
     train(settings, few_splits, model=model)
-    assert all(np.array_equal(before, after) for before, after in
-               zip(statistics, batch_norm_statistics(network), strict=True))
+    assert pretrained == all(np.array_equal(before, after) for before, after in
+                             zip(statistics, batch_norm_statistics(network), strict=True))
     changed = [not np.array_equal(before, after)
                for before, after in zip(weights, network.get_weights(), strict=True)]
     assert any(changed) == (fraction > 0)
@@ -187,3 +203,57 @@ def test_each_backbone_scales_pixels_as_its_preprocess_input_does():
             np.testing.assert_allclose(seen, expected, atol=1e-4)
         else:
             np.testing.assert_allclose(seen / 127.5 - 1.0, expected, atol=1e-4)
+
+
+# Loads the sweep's best_model.keras with plain Keras (no sweeper import) and predicts raw
+# uint8 images of the data's shape.
+PLAIN_KERAS_PREDICT = textwrap.dedent("""
+    import sys
+    import keras, numpy as np
+    model = keras.models.load_model(sys.argv[1])
+    images = np.load(sys.argv[2])
+    probabilities = model.predict(images, verbose=0)
+    assert model.input_shape == (None, 28, 28), model.input_shape
+    assert probabilities.shape == (len(images), 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    print("predicted", len(images))
+""")
+
+
+@pytest.mark.slow
+def test_a_backbone_sweep_from_the_cached_imagenet_file_exports_a_model_for_raw_images(
+        tmp_path, fashion_mnist_dir):
+    """The real CLI, offline: 2 trials of 1 epoch of MobileNetV3Small on 300 Fashion-MNIST
+    images, model.weights=imagenet read from the cache (made here), dropout searched; the
+    exported model loads with plain Keras and classifies raw uint8 28x28 images."""
+    import tempfile
+
+    from cli_helpers import cli_env
+
+    home = tmp_path / "keras"
+    made = subprocess.run([sys.executable, "-c", MAKE_AND_LOAD, str(home), "imagenet",
+                           str(tmp_path / "made.json")], env=keras_env(home),
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    env = {**cli_env(ray_tmp), **OFFLINE, "KERAS_HOME": str(home)}
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(["+experiment=smoke", "model=backbone", "model.weights=imagenet",
+                      "data=fashion_mnist", f"data.path={fashion_mnist_dir}",
+                      "data.max_train_samples=300", "data.max_test_samples=100",
+                      "search.num_trials=2", "train.epochs=1", "train.batch_size=32",
+                      "search.space.model.dropout=interval(0.1, 0.5)",
+                      f"sweep_dir={sweep_dir}"], tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["best"] is not None and len(summary["trials"]) == 2
+    dropouts = {trial["config"]["model.dropout"] for trial in summary["trials"]}
+    assert len(dropouts) == 2
+    raw = tmp_path / "raw.npy"
+    from sweeper.data import load_idx_folder
+
+    np.save(raw, load_idx_folder(fashion_mnist_dir)["x_test"][:16])
+    predicted = subprocess.run([sys.executable, "-c", PLAIN_KERAS_PREDICT,
+                                str(sweep_dir / "best_model.keras"), str(raw)],
+                               env=keras_env(home), capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0 and "predicted 16" in predicted.stdout, predicted.stderr
