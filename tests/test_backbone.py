@@ -257,3 +257,17 @@ def test_a_backbone_sweep_from_the_cached_imagenet_file_exports_a_model_for_raw_
                                 str(sweep_dir / "best_model.keras"), str(raw)],
                                env=keras_env(home), capture_output=True, text=True, timeout=300)
     assert predicted.returncode == 0 and "predicted 16" in predicted.stdout, predicted.stderr
+
+
+def test_a_relative_weights_path_is_made_absolute_for_the_trials(tmp_path, monkeypatch, compose,
+                                                                weights_file):
+    """Trials build the model in their own working folder: model.weights=FILE given relative
+    to where the sweep starts reaches them as an absolute path."""
+    from sweeper.sweep import validate
+
+    monkeypatch.chdir(weights_file.parent)
+    cfg, _ = validate(compose("model=backbone", f"model.weights={weights_file.name}",
+                              "data=fashion_mnist"))
+    assert cfg.model["weights"] == str(weights_file)
+    cfg, _ = validate(compose("model=backbone", "data=fashion_mnist"))
+    assert cfg.model["weights"] == "imagenet"
