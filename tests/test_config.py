@@ -119,6 +119,8 @@ MISTAKES = [
     (["model=backbone", "model.name=VGG16"], "model.name='VGG16' is invalid: must be one of"),
     (["model=backbone", "model.weights=/no/such/weights.h5"], "model.weights"),
     (["model=backbone", "model.trainable_fraction=1.5"], "model.trainable_fraction"),
+    (["model=backbone", "search.space.model.trainable_fraction=interval(0, 2)"],
+     "search.space.model.trainable_fraction='interval(0, 2)' is invalid: includes 2.0"),
 ]
 
 
