@@ -297,6 +297,49 @@ def drop_colorama_reset_at_exit() -> None:
         atexit.unregister(initialise.reset_all)
 
 
+# --- Keras applications: where Keras caches a backbone's ImageNet weights --------------------
+# keras.applications downloads a backbone's ImageNet weights with keras.utils.get_file into
+# <KERAS_HOME or ~/.keras>/models/<file name>, the file names built inside each family's module
+# (no public accessor; no upstream issue found). sweeper.backbone loads that very file when it
+# is there (so an offline machine with the file in its cache, or a test that put it there,
+# needs no network), and lets keras.applications download it when it is not. Keras 3.15.
+IMAGENET_NO_TOP_FILES = {
+    "MobileNetV3Small": ("mobilenet_v3", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+    "MobileNetV3Large": ("mobilenet_v3", "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
+    "EfficientNetV2B0": ("efficientnet_v2", "efficientnetv2-b0_notop.h5"),
+    "ResNet50V2": ("resnet", "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+}
+# How each family's module spells the file name it asks get_file for (checked by check_installed).
+_IMAGENET_NAME_PATTERNS = {
+    "mobilenet_v3": 'f"weights_mobilenet_v3_{model_name}_no_top_v2.h5"',
+    "efficientnet_v2": 'file_suffix = "_notop.h5"',
+    "resnet": 'f"{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"',
+}
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where ``keras.applications.<backbone>(include_top=False, weights="imagenet")`` caches
+    its weights file (it may not be there yet): ``$KERAS_HOME/models/`` (``~/.keras/models/``
+    by default), as Keras' get_file uses it.
+
+    Raises:
+        KeyError: a backbone without an entry in :data:`IMAGENET_NO_TOP_FILES`.
+    """
+    from keras.src.backend import config
+
+    keras_home = _attribute(config, "keras_home", "the ImageNet weights' cache path")()
+    return Path(keras_home).expanduser() / "models" / IMAGENET_NO_TOP_FILES[backbone][1]
+
+
+def _imagenet_file_names_known() -> bool:
+    for module_name, pattern in _IMAGENET_NAME_PATTERNS.items():
+        module = __import__(f"keras.src.applications.{module_name}", fromlist=["_"])
+        if pattern not in inspect.getsource(module) or 'cache_subdir="models"' not in (
+                inspect.getsource(module)):
+            return False
+    return True
+
+
 # --- Optuna through Ray's OptunaSearch --------------------------------------------------------
 # sweeper.searcher.PruningOptunaSearch tells Optuna what Ray's OptunaSearch does not (early-
 # stopped trials as PRUNED, every epoch as an intermediate value; ray-project/ray#15283 set
@@ -436,6 +479,8 @@ def check_installed() -> list[str]:
     check("Optuna's TPESampler._sample and Study._get_trials (WindowedTPESampler)",
           lambda: callable(getattr(__import__("optuna").samplers.TPESampler, "_sample", None))
           and callable(getattr(__import__("optuna").Study, "_get_trials", None)))
+    check("keras.applications' ImageNet weight file names and cache (sweeper.backbone)",
+          _imagenet_file_names_known)
     check("Tune's Ctrl-C handler (search.time_budget_s ends a run through it)",
           lambda: "def signal_interrupt_tune_run" in inspect.getsource(
               __import__("ray.tune.tune", fromlist=["tune"])))

@@ -41,6 +41,11 @@ SCHEDULERS = ("asha", "none")
 MODES = ("min", "max")
 # The builder of the classic CNN; a model config's _target_ names any other (sweeper.builder).
 CNN_TARGET = "sweeper.model.cnn"
+# The builder of a pretrained keras.applications backbone with a head (model=backbone), and the
+# backbones it builds, as keras.applications names them.
+BACKBONE_TARGET = "sweeper.backbone.backbone"
+BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetV2B0", "ResNet50V2")
+IMAGENET = "imagenet"
 
 
 class ConfigError(ValueError):
@@ -87,9 +92,10 @@ class DataConfig:
     # Seeded random subsets, for smoke runs and tests; None keeps everything.
     max_train_samples: int | None = per_sweep(None)
     max_test_samples: int | None = per_sweep(None)
-    # Image folders only: [height, width] every image is resized to (None: the images' own
-    # size, when they all share one), and rgb | grayscale (None: rgb if any image has colour).
+    # [height, width] every image is resized to, bilinear, once when the data is loaded
+    # (None: the images' own size; an image folder's must then all share one).
     image_size: list[int] | None = per_sweep(None)
+    # Image folders only: rgb | grayscale (None: rgb if any image has colour).
     color_mode: str | None = per_sweep(None)
     # Image folders of one level of class folders: the share of each class held out as the
     # test split, chosen with this seed (always the same images for the same folder).
@@ -380,8 +386,6 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
         _require(bool(data.path), "data.path", data.path, f"data={data.name} reads {reads}")
     folder = data.name == "image_folder"
     if data.image_size is not None:
-        _require(folder, "data.image_size", data.image_size,
-                 "only data=image_folder resizes images; leave it null")
         _require(len(data.image_size) == 2 and all(side >= 1 for side in data.image_size),
                  "data.image_size", data.image_size, "must be [height, width] in pixels, or null")
     if data.color_mode is not None:
@@ -406,6 +410,9 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
         _one_of("model.pooling", model.pooling, POOLINGS)
         _require(0.0 <= model.conv_dropout < 1.0, "model.conv_dropout", model.conv_dropout,
                  "must be in [0, 1)")
+
+    elif model.get("_target_") == BACKBONE_TARGET:
+        validate_backbone(model)
 
     _require(train.epochs >= 1, "train.epochs", train.epochs, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
@@ -438,6 +445,46 @@ def validate_trial_settings(data: DataConfig, model: ModelConfig | Mapping[str, 
              "must be in [0, 1] (the chance an image gets a patch erased; 0: off)")
     _require(train.patience >= 0, "train.patience", train.patience,
              "must be >= 0 epochs (0: no early stopping within a trial)")
+
+
+def validate_backbone(model: Mapping[str, Any]) -> None:
+    """Check the settings of ``model=backbone`` (sweeper.backbone.backbone); the keys it lacks
+    take the builder's defaults. Whether a weights file fits the backbone is checked when the
+    model is first built, on the driver before Ray starts (sweeper.model.check_network).
+
+    Raises:
+        ConfigError: an unknown backbone, weights that are neither ``imagenet``, null nor an
+            existing file, or a head or fine-tuning setting out of its range.
+    """
+    _one_of("model.name", model.get("name", BACKBONES[0]), BACKBONES)
+    weights = model.get("weights", IMAGENET)
+    if weights is not None and weights != IMAGENET:
+        import os
+
+        _require(os.path.isfile(os.path.expanduser(str(weights))), "model.weights", weights,
+                 "no such file; give imagenet (Keras' download and cache, ~/.keras/models/), "
+                 "null (random initialization) or the path of a weights file")
+    dropout = model.get("dropout", 0.0)
+    _require(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0, "model.dropout",
+             dropout, "must be in [0, 1)")
+    units = model.get("dense_units", 0)
+    _require(isinstance(units, int) and units >= 0, "model.dense_units", units,
+             "must be >= 0 (0: no hidden layer in the head)")
+    fraction = model.get("trainable_fraction", 0.0)
+    _require(isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0,
+             "model.trainable_fraction", fraction,
+             "must be in [0, 1] (0: the backbone frozen, 1: all of it trained)")
+
+
+def with_absolute_weights(model: dict[str, Any]) -> dict[str, Any]:
+    """A backbone's config with a relative ``model.weights`` path made absolute: trials build
+    the model in their own working folder, not the one the sweep was started from."""
+    weights = model.get("weights")
+    if model.get("_target_") != BACKBONE_TARGET or weights in (None, IMAGENET):
+        return model
+    import os
+
+    return {**model, "weights": os.path.abspath(os.path.expanduser(str(weights)))}
 
 
 def cnn_stages(model: ModelConfig) -> list[str]:
@@ -577,6 +624,8 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
         raise ConfigError(key, value, f"no such setting{closest_setting(key)}")
     typed: SweepConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     typed.model = as_model_config(typed.model)
+    if isinstance(typed.model, dict):
+        typed.model = with_absolute_weights(typed.model)
     return typed
 
 

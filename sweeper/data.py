@@ -487,20 +487,21 @@ def check_source(cfg: DataConfig, validation_fraction: float | None = None,
     The full check (labels, values, decoding) happens when the data is loaded.
 
     Returns:
-        The images' (height, width) where the headers tell it, else None.
+        The images' (height, width) as the model gets them: ``data.image_size`` when set,
+        else the headers' where they tell it, else None.
     """
     if cfg.name == "image_folder":
         from sweeper.image_folder import find_layout
 
         find_layout(Path(cfg.path or "").expanduser())
-        return tuple(cfg.image_size) if cfg.image_size else None
+        return _after_resize(cfg, None)
     if cfg.name in CIFAR:
         if cfg.path is not None and not Path(cfg.path).expanduser().exists():
             raise ConfigError("data.path", cfg.path, f"no such file or folder; give the "
                               f"{cfg.name} archive Keras downloads or its extracted folder")
-        return (32, 32)
+        return _after_resize(cfg, (32, 32))
     if cfg.path is None:
-        return None
+        return _after_resize(cfg, None)
     path = Path(cfg.path).expanduser()
     try:
         if path.is_dir():
@@ -528,7 +529,12 @@ def check_source(cfg: DataConfig, validation_fraction: float | None = None,
         sizes = split_sizes(shapes["x_train"][0], shapes["x_test"][0], validation_fraction,
                             cfg.max_train_samples, cfg.max_test_samples)
         check_split_sizes(sizes, validation_fraction, batch_size, source=str(path))
-    return shapes["x_train"][1], shapes["x_train"][2]
+    return _after_resize(cfg, (shapes["x_train"][1], shapes["x_train"][2]))
+
+
+def _after_resize(cfg: DataConfig, size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The (height, width) the model gets: ``data.image_size`` when set, else ``size``."""
+    return (int(cfg.image_size[0]), int(cfg.image_size[1])) if cfg.image_size else size
 
 
 def _subset(x: np.ndarray, y: np.ndarray, limit: int | None, rng: np.random.Generator):
@@ -654,6 +660,25 @@ def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return changes
 
 
+def resized(splits: Splits, cfg: DataConfig) -> Splits:
+    """``splits`` with every split's images resized to ``data.image_size`` (when set and not
+    already their size) by the rule image folders decode with
+    (:func:`sweeper.image_folder.resize_images`: Pillow, bilinear, uint8 and the channel
+    axis kept): once, on the driver, after the subsets are drawn (only the images used are
+    resized), before anything is sent to a trial."""
+    if not cfg.image_size or splits.x_train.shape[1:3] == tuple(cfg.image_size):
+        return splits
+    from sweeper.image_folder import resize_images
+
+    before = splits.x_train.shape[1:3]
+    splits = dataclasses.replace(splits, **{key: resize_images(getattr(splits, key),
+                                                               cfg.image_size)
+                                            for key in ("x_train", "x_val", "x_test")})
+    logger.info("Resized the %s images from %dx%d to %dx%d (data.image_size, bilinear)",
+                cfg.name, *before, *splits.x_train.shape[1:3])
+    return splits
+
+
 def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Splits:
     """Load the dataset ``cfg`` names and split it; raises ConfigError on a bad source."""
     arrays = load_arrays(cfg)
@@ -667,6 +692,7 @@ def load_splits(cfg: DataConfig, validation_fraction: float, seed: int) -> Split
     splits = make_splits(arrays, validation_fraction, seed, cfg.max_train_samples,
                          cfg.max_test_samples, source=cfg.path or cfg.url, name=cfg.name)
     splits = dataclasses.replace(splits, fingerprint=data_fingerprint(arrays))
+    splits = resized(splits, cfg)
     logger.info("Loaded %s: %s images of shape %s, %d classes", cfg.name, splits.sizes(),
                 splits.input_shape, splits.num_classes)
     return splits

@@ -318,6 +318,37 @@ def decode_image(path: str | Path, color_mode: str,
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
+def resize_images(images: np.ndarray, image_size: tuple[int, int] | list[int],
+                  workers: int | None = None) -> np.ndarray:
+    """uint8 images (N, H, W) or (N, H, W, C) resized to ``image_size`` = (height, width) by
+    the rule :func:`decode_image` resizes image files with: Pillow's bilinear resampling,
+    each channel on its own (a fourth channel is resized as it is, never taken as alpha to
+    premultiply). The dtype and the channel axis (or its absence) stay; images already of that
+    size come back as they are, not copied.
+
+    Args:
+        images: uint8 pixels of an npz, IDX or CIFAR source (sweeper.data.check_arrays).
+        image_size: [height, width] in pixels (``data.image_size``).
+        workers: Threads (Pillow resizes without holding the GIL); None: every core.
+    """
+    from PIL import Image
+
+    height, width = int(image_size[0]), int(image_size[1])
+    if images.shape[1:3] == (height, width):
+        return images
+    planes = images.reshape(*images.shape[:3], -1)
+    resized = np.empty((len(images), height, width, planes.shape[3]), dtype=np.uint8)
+
+    def resize_one(index: int) -> None:
+        for channel in range(planes.shape[3]):
+            plane = Image.fromarray(np.ascontiguousarray(planes[index, :, :, channel]))
+            resized[index, :, :, channel] = np.asarray(
+                plane.resize((width, height), Image.Resampling.BILINEAR))
+
+    _in_pool(resize_one, range(len(images)), workers or _cpu_count())
+    return resized.reshape(len(images), height, width, *images.shape[3:])
+
+
 def _target_size(headers: list[tuple[tuple[int, int], str]], cfg: DataConfig,
                  root: Path) -> tuple[int, int]:
     if cfg.image_size:

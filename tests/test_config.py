@@ -87,6 +87,7 @@ MISTAKES = [
     (["data=image_folder", "data.path={mixed_sizes_folder}"], "data.image_size=None is invalid"),
     (["data=image_folder"], "data.path=None is invalid: data=image_folder reads"),
     (["data=image_folder", "data.path={fashion}", "data.image_size=[28]"], "data.image_size"),
+    (["data=npz", "data.path={small_npz}", "data.image_size=[0,32]"], "data.image_size"),
     (["data=image_folder", "data.path={fashion}", "data.color_mode=cmyk"], "data.color_mode"),
     (["data=npz", "data.path={lengths_differ_npz}"], "y_train has shape (39,)"),
     (["data=npz", "data.path={wrong_keys_npz}"], "npz lacks x_train"),
@@ -114,6 +115,12 @@ MISTAKES = [
     (["search.time_budget_s=0"], "search.time_budget_s"),
     (["data=fashion_mnist", "data.path=/usr/share/datasets/fashion-mnist",
       "data.max_train_samples=100", "model.blocks=4"], "model.blocks=4 is invalid: 28x28 images"),
+    # Issue 42: a pretrained backbone's settings.
+    (["model=backbone", "model.name=VGG16"], "model.name='VGG16' is invalid: must be one of"),
+    (["model=backbone", "model.weights=/no/such/weights.h5"], "model.weights"),
+    (["model=backbone", "model.trainable_fraction=1.5"], "model.trainable_fraction"),
+    (["model=backbone", "search.space.model.trainable_fraction=interval(0, 2)"],
+     "search.space.model.trainable_fraction='interval(0, 2)' is invalid: includes 2.0"),
 ]
 
 

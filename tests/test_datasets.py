@@ -203,6 +203,54 @@ def test_a_search_over_padding_checks_each_padding(tmp_path, compose):
                          "search.space.model.padding=choice(same, valid)"))
 
 
+def test_the_8x8_message_suggests_data_image_size_and_it_resizes_an_npz(tmp_path, compose):
+    """Issue 42: the 8x8 error names data.image_size, which data=npz refused; now the npz
+    loads as 32x32 colour images, each pixel as an image folder would decode the same image
+    saved as a PNG (Pillow, bilinear), and the model is built for 32x32."""
+    from PIL import Image
+
+    from sweeper.sweep import validate
+    from sweeper.trainer import build_model
+
+    path = colour_npz(tmp_path / "small.npz", train=100, test=40, side=8)
+    with pytest.raises(ConfigError) as caught:
+        validate(compose("data=npz", f"data.path={path}"))
+    assert "data.image_size=[height,width]" in str(caught.value)
+    cfg, _ = validate(compose("data=npz", f"data.path={path}", "data.image_size=[32,32]"))
+    splits = load_splits(cfg.data, 0.2, seed=0)
+    assert splits.input_shape == (32, 32, 3)
+    assert splits.x_train.dtype == splits.x_val.dtype == splits.x_test.dtype == np.uint8
+    assert splits.x_val.shape[1:] == splits.x_test.shape[1:] == (32, 32, 3)
+    original = np.load(path)["x_test"][0]
+    Image.fromarray(original).save(tmp_path / "first.png")
+    assert np.array_equal(splits.x_test[0], decode_image(tmp_path / "first.png", "rgb", (32, 32)))
+    assert build_model(cfg, splits.input_shape, splits.num_classes).input_shape == (
+        None, 32, 32, 3)
+
+
+def test_fashion_mnist_idx_resized_keeps_grayscale_without_a_channel_axis(fashion_mnist_dir):
+    """IDX images (N, 28, 28) resized to 36x32 stay (N, 36, 32) uint8, each split; the same
+    images as resizing the 28x28 ones one by one with Pillow."""
+    from PIL import Image
+
+    from sweeper.config import TrialSettings
+    from sweeper.trainer import build_model
+
+    data = DataConfig(name="fashion_mnist", path=str(fashion_mnist_dir), max_train_samples=100,
+                      max_test_samples=20)
+    plain = load_splits(data, 0.2, seed=0)
+    splits = load_splits(DataConfig(**{**data.__dict__, "image_size": [36, 32]}), 0.2, seed=0)
+    assert splits.input_shape == (36, 32)
+    assert splits.x_val.shape == (20, 36, 32) and splits.x_test.shape == (20, 36, 32)
+    assert splits.x_train.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(plain.x_val[3]).resize((32, 36),
+                                                                 Image.Resampling.BILINEAR))
+    assert np.array_equal(splits.x_val[3], expected)
+    assert np.array_equal(splits.y_train, plain.y_train)
+    model = build_model(TrialSettings(), splits.input_shape, splits.num_classes)
+    assert model.input_shape == (None, 36, 32)
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_from_a_local_archive_or_its_extracted_folder_as_keras_reads_it(tmp_path, name):
     """The archive is built here in the exact format Keras reads (``cifar_archive``); Keras'
@@ -225,6 +273,8 @@ def test_cifar_from_a_local_archive_or_its_extracted_folder_as_keras_reads_it(tm
         assert np.array_equal(arrays["x_test"], keras_x.transpose(0, 2, 3, 1))
         assert np.array_equal(arrays["y_test"], np.asarray(keras_y))
         assert arrays["class_names"].tolist() == [f"class_{i}" for i in range(10)]
+    small = load_splits(DataConfig(name=name, path=str(archive), image_size=[16, 16]), 0.2, 0)
+    assert small.input_shape == (16, 16, 3) and small.x_test.dtype == np.uint8
 
 
 CIFAR_THROUGH_KERAS = """
