@@ -184,7 +184,7 @@ def test_help_says_what_the_tool_does_its_subcommand_and_most_used_settings(tmp_
         assert text in result.stdout, text
     assert "powered by Hydra" not in result.stdout
     # Every option listed for a group is one a user may choose (no schema entries).
-    assert "\nmodel: cnn\n" in result.stdout and "schema" not in result.stdout
+    assert "\nmodel: backbone, cnn\n" in result.stdout and "schema" not in result.stdout
 
 
 # What the command line itself can get wrong, each with the config otherwise valid: one line,
@@ -204,8 +204,8 @@ COMMAND_LINE_MISTAKES = [
     (["--cfg"], "--cfg is invalid: it needs a value: --cfg job|hydra|all"),
     (["--help=yes"], "--help=yes is invalid: --help takes no value"),
     (["--cfg", "job", "model=cnn_schema"],
-     "model=cnn_schema is invalid: not a config option; allowed: cnn"),
-    (["model=cnn_schema"], "model=cnn_schema is invalid: not a config option; allowed: cnn"),
+     "model=cnn_schema is invalid: not a config option; allowed: backbone, cnn"),
+    (["model=cnn_schema"], "model=cnn_schema is invalid: not a config option; allowed: backbone, cnn"),
 ]
 VALID_REST = ["+experiment=mine", "data=fashion_mnist", f"data.path={DEBIAN_FASHION_MNIST}"]
 
