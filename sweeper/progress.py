@@ -25,7 +25,7 @@ from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 from sweeper import compat
 from sweeper.compat import trial_creation_number
 from sweeper.metrics import METRIC_NAMES
-from sweeper.summary import counted
+from sweeper.summary import counted, value_text
 
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
@@ -144,12 +144,10 @@ def console_for_api(verbose: int | None) -> Iterator[None]:
 
 
 def short_values(params: dict[str, Any]) -> str:
-    """``lr=0.00123 batch_size=64``: each sampled setting by its last name, floats in 3 digits."""
-    parts = []
-    for key, value in params.items():
-        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key.rsplit('.', 1)[-1]}={shown}")
-    return " ".join(parts)
+    """``lr=0.00123 batch_size=64 dropout=0.0``: each sampled setting by its last name, floats
+    in 3 digits and shown as floats (:func:`sweeper.summary.value_text`)."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value_text(value, 3)}"
+                    for key, value in params.items())
 
 
 def trial_number(trials: list[Trial], trial: Trial) -> int:
