@@ -173,12 +173,31 @@ class TrialEvents(Callback):
         self.scheduler = scheduler
         self._decisions_seen = 0
         self._best: tuple[float, int] | None = None  # value, trial number
+        self._restored_seen = False
         self._started_at: dict[str, float] = {}
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
 
+    def _remember_restored(self, trials: list[Trial]) -> None:
+        """On a resumed sweep, the best value the trials Tune restored had reached (their
+        metric history comes back with them), so the first line shows the sweep's best so far
+        and not only the resumed run's. Done once, at the first event; a new sweep has no
+        results then."""
+        if self._restored_seen:
+            return
+        self._restored_seen = True
+        reached = []
+        for trial in trials:
+            value = (trial.metric_analysis.get(self.metric) or {}).get(self.mode)
+            if value is not None:
+                reached.append((trial_number(trials, trial), float(value)))
+        for number, value in sorted(reached):  # a tie goes to the earlier trial
+            if self._best is None or self._better(value, self._best[0]):
+                self._best = (value, number)
+
     def _status(self, trials: list[Trial], ended: Trial | None = None) -> str:
+        self._remember_restored(trials)
         done = sum(trial.status in (Trial.TERMINATED, Trial.ERROR) or trial is ended
                    for trial in trials)
         running = sum(trial.status == Trial.RUNNING and trial is not ended for trial in trials)
@@ -202,6 +221,7 @@ class TrialEvents(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
+        self._remember_restored(trials)
         number, epoch = trial_number(trials, trial), result.get(TRAINING_ITERATION)
         value = result.get(self.metric)
         if value is not None and (self._best is None or self._better(value, self._best[0])):
