@@ -104,6 +104,12 @@ INTEGER_WRITTEN = [
     ("model.dropout", "choice(0, 0.5)", CategoricalDistribution([0.0, 0.5])),
     ("train.lr", "tag(log, interval(1, 2))", FloatDistribution(1.0, 2.0, log=True)),
     ("train.lr", "float(choice(1, 2))", CategoricalDistribution([1.0, 2.0])),
+    # int(...) on a number setting: whole numbers, sampled as the floats the trial gets (issue
+    # 41: integers, shown as 1 where the trial got 1.0).
+    ("train.lr", "int(choice(1, 2))", CategoricalDistribution([1.0, 2.0])),
+    ("model.l2", "int(interval(0.4, 3.6))", FloatDistribution(0.0, 3.0, step=1.0)),
+    ("model.l2", "int(range(0, 3))", FloatDistribution(0.0, 2.0, step=1.0)),
+    ("train.lr", "tag(log, int(interval(1, 2)))", "no log-uniform float steps; drop int(...)"),
 ]
 
 
@@ -333,6 +339,7 @@ SAMPLED_VALUES = [
     ("choice(1e-3, 0.01)", None, [0.001, 0.01]),
     ("choice(1, 2, 100, 1e5)", float, [1.0, 2.0, 100.0, 100000.0]),
     ("choice(0, 0.5)", float, [0.0, 0.5]),
+    ("int(choice(1, 2))", float, [1.0, 2.0]),
 ]
 
 
