@@ -25,7 +25,7 @@ from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 from sweeper import compat
 from sweeper.compat import trial_creation_number
 from sweeper.metrics import METRIC_NAMES
-from sweeper.summary import counted
+from sweeper.summary import counted, value_text
 
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
@@ -144,12 +144,10 @@ def console_for_api(verbose: int | None) -> Iterator[None]:
 
 
 def short_values(params: dict[str, Any]) -> str:
-    """``lr=0.00123 batch_size=64``: each sampled setting by its last name, floats in 3 digits."""
-    parts = []
-    for key, value in params.items():
-        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key.rsplit('.', 1)[-1]}={shown}")
-    return " ".join(parts)
+    """``lr=0.00123 batch_size=64 dropout=0.0``: each sampled setting by its last name, floats
+    in 3 digits and shown as floats (:func:`sweeper.summary.value_text`)."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value_text(value, 3)}"
+                    for key, value in params.items())
 
 
 def trial_number(trials: list[Trial], trial: Trial) -> int:
@@ -175,12 +173,31 @@ class TrialEvents(Callback):
         self.scheduler = scheduler
         self._decisions_seen = 0
         self._best: tuple[float, int] | None = None  # value, trial number
+        self._restored_seen = False
         self._started_at: dict[str, float] = {}
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
 
+    def _remember_restored(self, trials: list[Trial]) -> None:
+        """On a resumed sweep, the best value the trials Tune restored had reached (their
+        metric history comes back with them), so the first line shows the sweep's best so far
+        and not only the resumed run's. Done once, at the first event; a new sweep has no
+        results then."""
+        if self._restored_seen:
+            return
+        self._restored_seen = True
+        reached = []
+        for trial in trials:
+            value = (trial.metric_analysis.get(self.metric) or {}).get(self.mode)
+            if value is not None:
+                reached.append((trial_number(trials, trial), float(value)))
+        for number, value in sorted(reached):  # a tie goes to the earlier trial
+            if self._best is None or self._better(value, self._best[0]):
+                self._best = (value, number)
+
     def _status(self, trials: list[Trial], ended: Trial | None = None) -> str:
+        self._remember_restored(trials)
         done = sum(trial.status in (Trial.TERMINATED, Trial.ERROR) or trial is ended
                    for trial in trials)
         running = sum(trial.status == Trial.RUNNING and trial is not ended for trial in trials)
@@ -204,6 +221,7 @@ class TrialEvents(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
+        self._remember_restored(trials)
         number, epoch = trial_number(trials, trial), result.get(TRAINING_ITERATION)
         value = result.get(self.metric)
         if value is not None and (self._best is None or self._better(value, self._best[0])):

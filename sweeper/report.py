@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,17 @@ def plot_param_importance(summary: Summary, records: list[TrialRecord]):
     return figure
 
 
+def _as_sampled(choices: Sequence[Any], values: list[Any]) -> list[Any]:
+    """A choice's values as the trials got them. summary.json keeps the expression, whose
+    numbers became floats for a float setting: the schema says so for sweeper's own settings,
+    but for a user's builder only its default did (``ratio=0.5``: ``choice(1, 2)`` gave
+    2.0), so the trials' own values tell."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not numbers or not all(isinstance(v, float) for v in numbers):
+        return list(choices)
+    return [float(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in choices]
+
+
 def plot_search_space(summary: Summary, records: list[TrialRecord]):
     """Where the searcher sampled each parameter, and the score each sample reached."""
     from matplotlib.ticker import NullFormatter
@@ -294,7 +305,7 @@ def plot_search_space(summary: Summary, records: list[TrialRecord]):
         distribution = parse_distribution(key, text)
         values = [r.config.get(key) for r in scored]
         if isinstance(distribution, CategoricalDistribution):
-            labels = [choice_text(c) for c in distribution.choices]
+            labels = [choice_text(c) for c in _as_sampled(distribution.choices, values)]
             positions = [labels.index(choice_text(v)) for v in values]
             axes.set_xticks(range(len(labels)), labels)
             values = positions

@@ -10,7 +10,8 @@ A search space is written in Hydra's sweep grammar, keyed by the setting it samp
 
 Hydra's parser reads the expression (casts, keyword arguments, ``tag``, ``sort`` and
 ``shuffle`` included), and the setting's declared type decides the distribution's type;
-an explicit ``int(...)`` or ``float(...)`` cast wins over it. (The hydra-optuna-sweeper
+an explicit ``int(...)`` or ``float(...)`` cast wins over it (``int(...)`` on a float setting
+samples whole numbers, as floats: the trial gets the setting's type). (The hydra-optuna-sweeper
 plugin guesses the type from how the bounds are written instead, so ``interval(0, 1)`` for
 a float setting became an integer distribution there, and here until issue 19.) Unlike the
 plugin, ``range`` keeps Hydra's meaning (the stop is excluded), so ``range(16, 65,
@@ -117,6 +118,12 @@ def parse_distribution(key: str, expression: Any, declared: type | None = None) 
     if unknown_tags:
         raise _fail(key, expression, f"unknown tag {sorted(unknown_tags)[0]!r} (only 'log')")
     kind = cast or declared
+    # int(...) on a float setting asks for whole numbers, and the trial gets them as floats
+    # (apply_params): sampled as floats here, so that the console, the summary and the trial
+    # see one value (issue 41: int(choice(1, 2)) for train.lr showed 1, the trial got 1.0).
+    whole_floats = cast is int and declared is float
+    if whole_floats:
+        kind = float
 
     if isinstance(sweep, ChoiceSweep):
         if tags:
@@ -152,6 +159,11 @@ def parse_distribution(key: str, expression: Any, declared: type | None = None) 
                 raise _fail(key, expression, f"{key} is an integer setting; give integer bounds "
                                              "or cast with int(...)")
             return IntDistribution(int(low), int(high), log=log)
+        if whole_floats:
+            if log:
+                raise _fail(key, expression, "tag(log, int(...)) of a number setting: Optuna has "
+                                             "no log-uniform float steps; drop int(...)")
+            return FloatDistribution(float(low), float(high), step=1.0)
         return FloatDistribution(float(low), float(high), log=log)
 
     raise _fail(key, expression, f"{type(sweep).__name__} sweeps are not supported")

@@ -540,13 +540,21 @@ def study_file(summary: Summary, layout: SweepLayout) -> str | None:
     return None
 
 
-def cell(value: Any) -> str:
-    """A value as a table shows it: floats to 4 significant digits, None as nothing."""
-    if value is None:
-        return ""
+def value_text(value: Any, digits: int = 4) -> str:
+    """How a sampled value reads on the console and in tables: floats to ``digits``
+    significant digits and still a float (``2.0``, not ``2``, for a float setting sampled from
+    ``choice(1, 2)``: the trial gets 2.0, and the summary and best_config.yaml say so), other
+    values as ``str`` writes them."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        text = f"{value:.{digits}g}"
+        return text + ".0" if text.lstrip("-").isdigit() else text
     return str(value)
+
+
+def cell(value: Any) -> str:
+    """A value as a table shows it: floats to 4 significant digits and as floats (``2.0``),
+    None as nothing."""
+    return "" if value is None else value_text(value, 4)
 
 
 def counted(count: float, noun: str, plural: str | None = None) -> str:

@@ -153,12 +153,13 @@ MY_MODELS = textwrap.dedent('''
 
 
     def noisy_mlp(input_shape, num_classes, source="generator", widths=(16,), options=None,
-                  flag=False, label="a"):
+                  flag=False, label="a", ratio=0.5):
         """An MLP whose dropout sits in a custom layer inside a nested model; fails unless
         each setting arrives with the type the search space gives it."""
-        _record("noisy_mlp", widths=widths, options=options, flag=flag, label=label)
+        _record("noisy_mlp", widths=widths, options=options, flag=flag, label=label,
+                ratio=ratio)
         types = {"widths": (widths, (list, tuple)), "options": (options, (dict, type(None))),
-                 "flag": (flag, bool), "label": (label, str)}
+                 "flag": (flag, bool), "label": (label, str), "ratio": (ratio, float)}
         for name, (value, wanted) in types.items():
             if not isinstance(value, wanted):
                 raise TypeError(f"{name}={value!r} is a {type(value).__name__}")
@@ -555,23 +556,33 @@ def test_identical_trials_of_a_model_with_nested_dropout_and_list_settings_agree
                "scheduler=none", "search.space.train.lr=choice(0.003)",
                "search.space.model.widths=choice([16, 8])",
                "search.space.model.options=choice({scale: 2})",
-               "search.space.model.flag=choice(true)", "search.space.model.label=choice('1')"]
+               "search.space.model.flag=choice(true)", "search.space.model.label=choice('1')",
+               "search.space.model.ratio=choice(1)"]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep_dir = folder / "sweeps" / "noisy"
     summary = json.loads((sweep_dir / "summary.json").read_text())
     sampled = {"train.lr": 0.003, "model.widths": [16, 8], "model.options": {"scale": 2},
-               "model.flag": True, "model.label": "1"}
+               "model.flag": True, "model.label": "1", "model.ratio": 1.0}
     trials = summary["trials"]
     assert [trial["status"] for trial in trials] == ["completed"] * 3, trials
     assert all(trial["config"] == sampled for trial in trials)
+    # ratio is a float by its builder's default: the trials got 1.0 from choice(1), and the
+    # console, the table and report.md say 1.0 too (issue 41: they said 1, and the search
+    # space plot was skipped).
+    assert all(type(trial["config"]["model.ratio"]) is float for trial in trials)
+    started = [line for line in result.stdout.splitlines() if " started (id " in line]
+    assert started and all(" ratio=1.0 " in f"{line} " for line in started), started
+    assert "model.ratio=1.0" in (sweep_dir / "report" / "report.md").read_text()
+    assert (sweep_dir / "report" / "search_space.png").is_file()
     scores = {(trial["best_metric_value"], trial["last_metric_value"]) for trial in trials}
     assert len(scores) == 1, scores
     built = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert {"widths": [16, 8], "options": {"scale": 2}, "flag": True, "label": "1"} in [
-        {key: call.get(key) for key in ("widths", "options", "flag", "label")}
-        for call in built]
+    assert {"widths": [16, 8], "options": {"scale": 2}, "flag": True, "label": "1",
+            "ratio": 1.0} in [{key: call.get(key) for key in ("widths", "options", "flag",
+                                                              "label", "ratio")}
+                              for call in built]
     assert "widths=[16, 8]" in result.stdout + result.stderr  # the console's trial line
     assert "Skipped the search_space plot" not in result.stdout + result.stderr
     pinned = (sweep_dir / "best_config.yaml").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,17 @@ def _resumed_after_kill(process, args, cwd):
     resumed = run_cli(args, cwd=cwd)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return resumed
+
+
+def _bests_shown(output):
+    """Each "; best <metric> 0.1234 (trial N)" of the console's status lines, in order."""
+    return re.findall(r"; best \S+ [0-9.]+ \(trial \d+\)", output)
+
+
+def _first_status(output):
+    """The first console line with the running count of trials (a trial started or
+    continued, on a resumed run before any epoch of its own)."""
+    return next(line for line in output.splitlines() if " pending" in line and "running," in line)
 
 
 def _latest(folder, pattern):
@@ -254,6 +266,10 @@ def test_ctrl_c_or_sigterm_leaves_a_resumable_sweep(tmp_path, stop):
 
     resumed = run_cli(args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # The resumed run's first line shows the best the first run had reached (issue 41: it
+    # showed none, then the resumed trials' own best as the sweep's).
+    if _bests_shown(output):
+        assert _bests_shown(output)[-1] in _first_status(resumed.stdout), resumed.stdout[-3000:]
     summary = _summary(sweep_dir)
     assert summary["state"] == "complete" and summary["num_trials"] == 3
 
@@ -534,6 +550,8 @@ def test_time_budget_ends_a_sweep_with_results_and_a_rerun_resumes_it(tmp_path, 
 
     resumed = run_cli([*args, "search.time_budget_s=null"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    if _bests_shown(first.stdout):  # the best so far is the first run's, from the first line
+        assert _bests_shown(first.stdout)[-1] in _first_status(resumed.stdout), resumed.stdout
     summary = _summary(sweep_dir)
     assert summary["state"] == "complete" and summary["num_trials"] == 5
     after = {trial: [row["epoch"] for row in epochs]

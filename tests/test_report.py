@@ -412,6 +412,36 @@ def test_learning_curves_are_coloured_by_the_most_important_parameter(tmp_path):
     assert colourbars == ["train.lr"]
 
 
+# (search space, each trial's sampled value, the axis labels). Issue 41: a user's setting typed
+# by its builder's default (ratio=0.5) sampled 2.0 from choice(1, 2), which summary.json keeps
+# as written: the plot was skipped ("'2.0' is not in list").
+CHOICE_PLOTS = [
+    ({"model.ratio": "choice(1, 2)"}, [2.0, 1.0, 2.0], ["1.0", "2.0"]),
+    ({"model.dropout": "choice(0, 0.5)"}, [0.0, 0.5, 0.0], ["0.0", "0.5"]),
+    ({"model.width": "choice(8, 16)"}, [8, 16, 16], ["8", "16"]),
+    ({"model.flag": "choice(true, false)"}, [True, False, True], ["True", "False"]),
+    ({"model.widths": "choice([16, 8], [4])"}, [[16, 8], [4], [4]], ["[16, 8]", "[4]"]),
+]
+
+
+@pytest.mark.parametrize(("space", "sampled", "labels"), CHOICE_PLOTS,
+                         ids=[next(iter(space.values())) for space, _, _ in CHOICE_PLOTS])
+def test_the_search_space_plot_places_each_choice_as_the_trials_got_it(
+        tmp_path, space, sampled, labels):
+    (key,) = space
+    records = [TrialRecord(str(i), {key: value}, COMPLETED, 1, 0.5 + i / 10, 0.5 + i / 10, 1,
+                           [{"epoch": 1.0, "val_accuracy": 0.5 + i / 10, "time_total_s": 1.0,
+                             "timestamp": 100.0 + i}], wall_time_s=1.0)
+               for i, value in enumerate(sampled)]
+    summary = build_summary("exp", "val_accuracy", "max", 1, records, SweepLayout(tmp_path),
+                            search_space=space)
+    figure = PLOTS["search_space"][1](summary, records)
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_xticklabels()] == labels
+    positions = [labels.index(json.dumps(v) if isinstance(v, list) else str(v)) for v in sampled]
+    assert axes.collections[0].get_offsets()[:, 0].tolist() == positions
+
+
 def test_fashion_mnist_classes_have_their_names(fashion_mnist_dir):
     from sweeper.config import DataConfig
     from sweeper.data import load_splits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -102,6 +104,12 @@ INTEGER_WRITTEN = [
     ("model.dropout", "choice(0, 0.5)", CategoricalDistribution([0.0, 0.5])),
     ("train.lr", "tag(log, interval(1, 2))", FloatDistribution(1.0, 2.0, log=True)),
     ("train.lr", "float(choice(1, 2))", CategoricalDistribution([1.0, 2.0])),
+    # int(...) on a number setting: whole numbers, sampled as the floats the trial gets (issue
+    # 41: integers, shown as 1 where the trial got 1.0).
+    ("train.lr", "int(choice(1, 2))", CategoricalDistribution([1.0, 2.0])),
+    ("model.l2", "int(interval(0.4, 3.6))", FloatDistribution(0.0, 3.0, step=1.0)),
+    ("model.l2", "int(range(0, 3))", FloatDistribution(0.0, 2.0, step=1.0)),
+    ("train.lr", "tag(log, int(interval(1, 2)))", "no log-uniform float steps; drop int(...)"),
 ]
 
 
@@ -329,6 +337,9 @@ SAMPLED_VALUES = [
     ("choice(0, 1)", float, [0.0, 1.0]),
     ("choice(8, 16)", int, [8, 16]),
     ("choice(1e-3, 0.01)", None, [0.001, 0.01]),
+    ("choice(1, 2, 100, 1e5)", float, [1.0, 2.0, 100.0, 100000.0]),
+    ("choice(0, 0.5)", float, [0.0, 0.5]),
+    ("int(choice(1, 2))", float, [1.0, 2.0]),
 ]
 
 
@@ -346,7 +357,9 @@ def test_every_sampled_value_reaches_the_trial_with_its_type(expression, declare
     from optuna.storages.journal import JournalFileBackend
 
     from sweeper.evaluate import _hydra_literal
+    from sweeper.progress import short_values
     from sweeper.space import choice_text, decode_choice, decode_params, encode_choice
+    from sweeper.summary import cell
     from sweeper.tensorboard import hparam_value
 
     distribution = parse_distribution("model.setting", expression, declared)
@@ -364,6 +377,12 @@ def test_every_sampled_value_reaches_the_trial_with_its_type(expression, declare
     assert [_typed(value) for value in got] == [_typed(value) for value in expected]
     for value in got:
         assert _typed(json.loads(json.dumps(value))) == _typed(value)  # summary.json
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # The console's trial line and the tables (report.md's too) show a float as one:
+            # dropout=0.0, not dropout=0 (issue 41).
+            shown_on_console = short_values({"model.setting": value}).partition("=")[2]
+            for text in (shown_on_console, cell(value)):
+                assert type(ast.literal_eval(text)) is type(value), text
         assert encode_choice(value) in distribution.choices  # warm start, report, defaults
         shown = hparam_value(value)
         if isinstance(shown, str):
