@@ -176,6 +176,7 @@ class TrialEvents(Callback):
         self._decisions_seen = 0
         self._best: tuple[float, int] | None = None  # value, trial number
         self._started_at: dict[str, float] = {}
+        self._retrying: set[str] = set()  # trials that failed and wait for their retry
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
@@ -194,8 +195,9 @@ class TrialEvents(Callback):
         self._started_at[trial.trial_id] = time.time()
         checkpoint = trial.latest_checkpoint_result  # set when Tune restores the trial
         epoch = None if checkpoint is None else checkpoint.metrics.get("epoch")
-        failures = compat.trial_failures(trial)
-        if failures and trial.status != Trial.ERROR:  # a retry after a failure
+        if trial.trial_id in self._retrying:  # failed in this run (a resume says continued)
+            self._retrying.discard(trial.trial_id)
+            failures = compat.trial_failures(trial)
             attempts = "" if trial.max_failures < 0 else f" of {trial.max_failures + 1}"
             where = "the start" if epoch is None else f"its checkpoint of epoch {epoch}"
             events.warning("Trial %d retried (attempt %d%s) from %s (id %s): %s  %s",
@@ -242,6 +244,7 @@ class TrialEvents(Callback):
                          **info: Any) -> None:
         """A failure Tune retries (``recovery.max_failures``): said as it happens, with its
         reason; the retry's start says so too."""
+        self._retrying.add(trial.trial_id)
         events.warning("Trial %d failed: %s (attempt %d; it is retried; details: %s in %s)  %s",
                        trial_number(trials, trial), failure_reason(trial),
                        compat.trial_failures(trial), compat.trial_error_file(trial) or "sweep.log",
