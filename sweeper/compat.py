@@ -170,6 +170,12 @@ def trial_error_files(trial: Any) -> list[tuple[Path, Path]]:
     return [(Path(trial.local_path, name), Path(trial.path, name)) for name in names if name]
 
 
+def trial_failures(trial: Any) -> int:
+    """How many times the trial has failed so far (Tune counts them to decide on a retry)."""
+    metadata = _attribute(trial, "run_metadata", _FAILED_WORKAROUND)
+    return int(_attribute(metadata, "num_failures", _FAILED_WORKAROUND))
+
+
 def trial_error_file(trial: Any) -> str | None:
     """The name of the file Tune wrote the trial's last error to (None: none yet)."""
     metadata = _attribute(trial, "run_metadata", _FAILED_WORKAROUND)
@@ -1149,3 +1155,31 @@ class _WithoutMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.start)
+
+
+# --- Keras: the message of an exception raised inside a layer's call --------------------------
+# Keras re-raises an exception from a layer's call as the same type with its message wrapped:
+# "Exception encountered when calling <Layer>.call().\n\n\x1b[1m<message>\x1b[0m\n\n
+# Arguments received by ...". The trial's one-line reason is the user's own message. Keras'
+# traceback_utils.inject_argument_info_in_traceback and, for a call while the model is built,
+# Operation.compute_output_spec's "... Error encountered:" (no upstream issue: a display choice).
+# Keras 3.15.
+KERAS_CALL_CONTEXT = "Exception encountered when calling "
+KERAS_BUILD_CONTEXT = "Error encountered:"
+
+
+def keras_layer_message(message: list[str]) -> str | None:
+    """The first line of the user's own message in a message Keras wrapped (its lines after
+    the exception type), without Keras' bold; None where Keras did not wrap it."""
+    import re
+
+    if not message or not message[0].startswith(KERAS_CALL_CONTEXT):
+        return None
+    lines = [line for line in (re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+                               for line in message[1:]) if line]
+    # A call that failed as Keras built the model is wrapped once more: "Could not
+    # automatically infer the output shape ... Error encountered:", then the message.
+    while len(lines) > 1 and lines[0].endswith(KERAS_BUILD_CONTEXT):
+        lines = lines[1:]
+    inner = lines[0] if lines else ""
+    return None if inner.startswith("Arguments received by ") else inner

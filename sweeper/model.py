@@ -246,11 +246,14 @@ def _check_save_and_load(model: keras.Model, target: str) -> None:
 def _first_line(error: BaseException) -> str:
     """The part of an error message that says what went wrong, on one line: Keras wraps the
     cause of a failed deserialization after "Exception encountered:" and appends the whole
-    config of the layer to "Could not locate class ..."."""
+    config of the layer to "Could not locate class ..."; an error raised in a layer's call
+    is wrapped in "Exception encountered when calling <layer>" (the user's message follows)."""
+    from sweeper.compat import keras_layer_message
+
     text = str(error).strip()
     if "Exception encountered:" in text:
         text = text.rsplit("Exception encountered:", 1)[1].strip()
-    line = (text.splitlines() or [""])[0]
+    line = keras_layer_message(text.splitlines()) or (text.splitlines() or [""])[0]
     return line.split(". Make sure custom classes", 1)[0].rstrip(".")
 
 

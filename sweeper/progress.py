@@ -25,7 +25,7 @@ from ray.tune.result import TIME_THIS_ITER_S, TRAINING_ITERATION
 from sweeper import compat
 from sweeper.compat import trial_creation_number
 from sweeper.metrics import METRIC_NAMES
-from sweeper.summary import counted, value_text
+from sweeper.summary import counted, error_line, value_text
 
 EVENTS_LOGGER = "sweeper.events"
 RECORD_LOGGER = "sweeper.record"
@@ -175,6 +175,7 @@ class TrialEvents(Callback):
         self._best: tuple[float, int] | None = None  # value, trial number
         self._restored_seen = False
         self._started_at: dict[str, float] = {}
+        self._retrying: set[str] = set()  # trials that failed and wait for their retry
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
@@ -210,6 +211,16 @@ class TrialEvents(Callback):
                        **info: Any) -> None:
         self._started_at[trial.trial_id] = time.time()
         checkpoint = trial.latest_checkpoint_result  # set when Tune restores the trial
+        epoch = None if checkpoint is None else checkpoint.metrics.get("epoch")
+        if trial.trial_id in self._retrying:  # failed in this run (a resume says continued)
+            self._retrying.discard(trial.trial_id)
+            failures = compat.trial_failures(trial)
+            attempts = "" if trial.max_failures < 0 else f" of {trial.max_failures + 1}"
+            where = "the start" if epoch is None else f"its checkpoint of epoch {epoch}"
+            events.warning("Trial %d retried (attempt %d%s) from %s (id %s): %s  %s",
+                           trial_number(trials, trial), failures + 1, attempts, where,
+                           trial.trial_id, short_values(trial.config), self._status(trials))
+            return
         if checkpoint is not None and checkpoint.metrics.get("epoch") is not None:
             # Said here instead of Tune's "Restored on <ip> from checkpoint" worker line.
             events.info("Trial %d continued from its checkpoint of epoch %d (id %s): %s  %s",
@@ -247,11 +258,33 @@ class TrialEvents(Callback):
         events.info("Trial %d ended after %s (%.0f s)  %s", number, counted(epochs, "epoch"),
                     took, self._status(trials, ended=trial))
 
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
+                         **info: Any) -> None:
+        """A failure Tune retries (``recovery.max_failures``): said as it happens, with its
+        reason; the retry's start says so too."""
+        self._retrying.add(trial.trial_id)
+        events.warning("Trial %d failed: %s (attempt %d; it is retried; details: %s in %s)  %s",
+                       trial_number(trials, trial), failure_reason(trial),
+                       compat.trial_failures(trial), compat.trial_error_file(trial) or "sweep.log",
+                       trial.path, self._status(trials))
+
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         where = compat.trial_error_file(trial) or "sweep.log"
-        events.error("Trial %d failed (details: %s in %s)  %s", trial_number(trials, trial),
-                     where, trial.path, self._status(trials, ended=trial))
+        failures = compat.trial_failures(trial)
+        attempts = f"attempt {failures}, the last; " if failures > 1 else ""
+        events.error("Trial %d failed: %s (%sdetails: %s in %s)  %s", trial_number(trials, trial),
+                     failure_reason(trial), attempts, where, trial.path,
+                     self._status(trials, ended=trial))
+
+
+def failure_reason(trial: Trial) -> str:
+    """The trial's last failure in one line (:func:`sweeper.summary.error_line`), read from
+    the error file Tune has just written; "see sweep.log" where there is none."""
+    for written, _ in compat.trial_error_files(trial):
+        if written.suffix == ".txt" and written.is_file():
+            return error_line(written.read_text(errors="replace"))
+    return "its error is in sweep.log"
 
 
 def describe_decision(decision: dict, metric: str) -> str:

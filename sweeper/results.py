@@ -26,6 +26,7 @@ from sweeper.summary import (
     BestTrial,
     Summary,
     TrialSummary,
+    error_line,
     finite,
 )
 
@@ -226,9 +227,8 @@ def _checkpoint_at(result, epoch: int) -> str | None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    # Ray wraps the trial's exception; its last line names the real cause.
-    return text[-1] if text else type(error).__name__
+    # Ray wraps the trial's exception (RayTaskError(ValueError)): its text names the cause.
+    return error_line(str(error), type(error).__name__)
 
 
 def rank(records: list[TrialRecord], mode: str) -> list[TrialRecord]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -284,8 +285,9 @@ class Summary:
         if self.trials and len(failed) == len(self.trials):
             every = "the trial" if len(failed) == 1 else f"all {len(failed)} trials"
             return f"{every} failed (first error: {failed[0].error})"
+        first = f"; first error: {failed[0].error}" if failed else ""
         return (f"no trial produced a finite {self.metric} "
-                f"({len(failed)} of {len(self.trials)} failed)")
+                f"({len(failed)} of {len(self.trials)} failed{first})")
 
     @property
     def warnings(self) -> list[str]:
@@ -641,3 +643,60 @@ def write_trials_csv(summary: Summary, path: Path) -> None:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+# Where Python (and Ray's RayTaskError text) begins the next exception of a chain.
+_CHAINED = ("The above exception was the direct cause of the following exception:",
+            "During handling of the above exception, another exception occurred:")
+_FRAME = re.compile(r'^\s+File "')
+_RAY_TASK = re.compile(r"^ray::\S+ \(pid=")  # where the task ran, before its frames
+_TUNE_FAILURE = re.compile(r"^Failure # \d+ \(occurred at ")
+
+
+def error_line(text: str, type_name: str | None = None) -> str:
+    """A trial's failure in one line: the raised exception's own ``Type: message`` (the first
+    line of its message), from the text of its error.
+
+    Args:
+        text: The error's text as Ray keeps it: ``str()`` of a RayTaskError or TuneError, or
+            the trial's ``error.txt`` (its last ``Failure # N`` section is read). Of a chain of
+            exceptions the last (the one raised) is taken; Ray's ``ray::...(pid=...)`` line,
+            the traceback's frames, further message lines and Keras' "Arguments received"
+            block are left out, and Keras' "Exception encountered when calling" wrapper gives
+            way to the user's own message. Colour codes are removed.
+        type_name: The exception's type, put before a text that has no traceback (Ray's
+            RayActorError says only "The actor died ...").
+
+    Returns:
+        e.g. ``ValueError: boom: this layer cannot train``; ``type_name`` or ``"unknown
+        error"`` where ``text`` is empty.
+    """
+    from sweeper.compat import keras_layer_message
+
+    lines = _COLOUR.sub("", text).splitlines()
+    starts = [i for i, line in enumerate(lines) if _TUNE_FAILURE.match(line)]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    chained = [i for i, line in enumerate(lines) if line.strip() in _CHAINED]
+    lines = lines[chained[-1] + 1:] if chained else lines
+    frames = [i for i, line in enumerate(lines) if _FRAME.match(line)]
+    if not frames:
+        first = next((line.strip() for line in lines
+                      if line.strip() and not _RAY_TASK.match(line)), "")
+        if not first:
+            return type_name or "unknown error"
+        return f"{type_name}: {first}" if type_name else first
+    # After the last frame come its source lines (indented), then the exception's lines.
+    at = frames[-1] + 1
+    while at < len(lines) and (not lines[at].strip() or lines[at][:1].isspace()):
+        at += 1
+    if at == len(lines):
+        return type_name or "unknown error"
+    name, colon, first = lines[at].partition(": ")
+    if not colon:
+        return lines[at].strip()
+    message = [first, *lines[at + 1:]]
+    inner = keras_layer_message(message)
+    if inner is None:  # a message that begins with a newline: its first words
+        inner = next((line.strip() for line in message if line.strip()), "")
+    return f"{name}: {inner}"

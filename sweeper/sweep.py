@@ -50,9 +50,11 @@ from sweeper.study import (
     sweep_attrs,
 )
 from sweeper.summary import (
+    FAILED,
     STATE_COMPLETE,
     STATE_INTERRUPTED,
     STATE_TIME_BUDGET,
+    UNFINISHED,
     Summary,
     TestScores,
     counted,
@@ -370,8 +372,14 @@ def run_sweep(cfg: DictConfig | SweepConfig) -> SweepResult:
         reproducible=cfg_t.search.reproducible,
         scheduler_decisions=read_scheduler_decisions(layout))
     publish(summary, records, layout)
-    if done and summary.best is None:
+    if summary.best is None and done:
         raise SweepFailed(f"{summary.error}; see {layout.summary}")
+    if summary.best is None and budget_spent and any(r.status == FAILED for r in records):
+        # Failures and no result: said as where every trial ended, not as a table of none.
+        unfinished = sum(r.status == UNFINISHED for r in records)
+        rest = (f" (the time budget ran out with {counted(unfinished, 'trial')} not yet ended; "
+                "the same command continues the sweep)" if unfinished else "")
+        raise SweepFailed(f"{summary.error}; see {layout.summary}{rest}")
     if export_error is not None:
         # The trials are kept (summary.json, trials.csv, the report); the model is not usable.
         raise SweepFailed(f"every trial ended, but the best trial {ranked[0].trial_id} could not "

@@ -205,7 +205,8 @@ COMMAND_LINE_MISTAKES = [
     (["--help=yes"], "--help=yes is invalid: --help takes no value"),
     (["--cfg", "job", "model=cnn_schema"],
      "model=cnn_schema is invalid: not a config option; allowed: backbone, cnn"),
-    (["model=cnn_schema"], "model=cnn_schema is invalid: not a config option; allowed: backbone, cnn"),
+    (["model=cnn_schema"],
+     "model=cnn_schema is invalid: not a config option; allowed: backbone, cnn"),
 ]
 VALID_REST = ["+experiment=mine", "data=fashion_mnist", f"data.path={DEBIAN_FASHION_MNIST}"]
 

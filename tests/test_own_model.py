@@ -69,6 +69,29 @@ MY_MODELS = textwrap.dedent('''
                                  layers.Dense(num_classes)], name="mlp")
 
 
+    @keras.saving.register_keras_serializable(package="my_models")
+    class Fragile(layers.Layer):
+        """Fine at inference (the checks before Ray pass); raises as soon as it trains."""
+
+        def __init__(self, always=False, **kwargs):
+            super().__init__(**kwargs)
+            self.always = always
+
+        def call(self, inputs, training=False):
+            if training or self.always:
+                raise ValueError("boom: this layer cannot train")
+            return inputs
+
+        def get_config(self):
+            return {**super().get_config(), "always": self.always}
+
+
+    def failing(input_shape, num_classes, always=False):
+        return keras.Sequential([keras.Input(shape=input_shape), layers.Flatten(),
+                                 Fragile(always=always),
+                                 layers.Dense(num_classes, activation="softmax")])
+
+
     def three_outputs(input_shape, num_classes):
         return keras.Sequential([keras.Input(shape=input_shape), layers.Flatten(),
                                  layers.Dense(3, activation="softmax")])
@@ -177,6 +200,7 @@ CONFIGS = {
     "resnet.yaml": "_target_: my_models.small_resnet\nwidth: 16\ndepth: 1\n",
     "mlp.yaml": "_target_: my_models.mlp\nwidth: 32\nfrom_logits: true\n",
     "noisy.yaml": "_target_: my_models.noisy_mlp\nwidths: [16]\n",
+    "failing.yaml": "_target_: my_models.failing\n",
 }
 EXPERIMENT = textwrap.dedent("""\
     # @package _global_
@@ -340,6 +364,10 @@ def test_check_network_refuses_a_builder_that_raises(user_folder):
     with pytest.raises(ConfigError, match=r"failed to build the model for \(28, 28\) images "
                                           r"and 10 classes \(ValueError: .*units=wide"):
         check_network({"_target_": "my_models.mlp", "width": "wide"}, (28, 28), 10)
+    # A layer that raises as the model is built: its own message, not Keras' wrapper line
+    # "Exception encountered when calling Fragile.call()" (issue 41).
+    with pytest.raises(ConfigError, match=r"\(ValueError: boom: this layer cannot train\)$"):
+        check_network({"_target_": "my_models.failing", "always": True}, (28, 28), 10)
 
 
 def test_an_export_that_fails_after_training_is_one_line_not_a_traceback(monkeypatch, caplog,
@@ -476,6 +504,38 @@ def test_a_sweep_of_an_own_model_on_fashion_mnist(tmp_path, fashion_mnist_dir, m
     assert best.model["_target_"] == builder
     for key in searched:
         assert best_space[f"model.{key}"].choices == (summary["best"]["config"][f"model.{key}"],)
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_in_training_says_why_on_the_console_and_in_the_summary(
+        tmp_path, fashion_mnist_dir):
+    """A layer that raises only in training (issue 41): each failure's console line names the
+    exception's own line, not the last line of Keras' "Arguments received" block; the retry
+    says it is one; the sweep ends as every sweep whose trials all failed."""
+    folder = write_user_folder(tmp_path / "user")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeper", "--config-dir", "conf_mine", "model=failing",
+         "name=failing", "data=fashion_mnist", f"data.path={fashion_mnist_dir}",
+         "data.max_train_samples=200", "data.max_test_samples=100", "search.num_trials=1",
+         "train.epochs=1", "recovery.max_failures=1"],
+        cwd=folder, env={**os.environ, "RAY_TMPDIR": str(ray_tmp)}, capture_output=True,
+        text=True, timeout=600)
+    reason = "ValueError: boom: this layer cannot train"
+    lines = (result.stdout + result.stderr).splitlines()
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    failed = [line for line in lines if "Trial 1 failed" in line]
+    assert len(failed) == 2 and all(f"Trial 1 failed: {reason} (" in line for line in failed), \
+        failed
+    assert any(line.startswith("warning: Trial 1 retried (attempt 2 of 2) from the start")
+               for line in lines), lines
+    assert lines[-1].startswith(f"error: the trial failed (first error: {reason}); see ")
+    assert not any(line.startswith("Best ") for line in lines)
+    sweep_dir = folder / "sweeps" / "failing"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert [trial["error"] for trial in summary["trials"]] == [reason]
+    log = (sweep_dir / "sweep.log").read_text()
+    assert log.count(f"Trial 1 failed: {reason}") == 2
 
 
 def test_a_sweep_of_an_own_model_resumes_only_with_the_same_model(user_folder, tmp_path):

@@ -92,7 +92,10 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path):
     assert before + after == [1, 2, 3]
     # The console says so in sweeper's words, not with Tune's worker line.
     console = (tmp_path / "run.log").read_text()
-    assert f"continued from its checkpoint of epoch {before[-1]} (id {trial_id})" in console
+    # A retry after a failure says it is one (issue 41: it looked like a second start).
+    retried = next(line for line in console.splitlines() if " retried (attempt 2 of " in line)
+    assert f"from its checkpoint of epoch {before[-1]} (id {trial_id})" in retried
+    assert "failed: The actor died unexpectedly" in console and "it is retried" in console
     assert "Restored on" not in console
 
     summary = _summary(sweep_dir)

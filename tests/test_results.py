@@ -167,7 +167,9 @@ def test_no_finite_score_without_failures_is_named_too(tmp_path):
     summary = build_summary("exp", "val_accuracy", "max", 3,
                             [record("a", 1.0, [math.nan]), record("b", 1.0, [0.5], FAILED, "x")],
                             SweepLayout(tmp_path)).to_dict()
-    assert summary["error"] == "no trial produced a finite val_accuracy (1 of 2 failed)"
+    # The failure's reason too (issue 41: a user saw none).
+    assert summary["error"] == ("no trial produced a finite val_accuracy "
+                                "(1 of 2 failed; first error: x)")
 
 
 def tune_result(trial_id: str, values: list[float], done: bool,
@@ -432,3 +434,91 @@ def test_counts_read_right_for_one_and_for_zero(tmp_path):
                         [record("a", 1e-3, [0.1]), record("b", 1e-3, [0.2])],
                         SweepLayout(tmp_path))
     assert table_heading(two) == "All 2 trials, best first by val_accuracy (max):"
+
+
+def _fit_a_layer_that_raises() -> None:
+    """Train a real Keras model one of whose layers raises as soon as it trains."""
+    import keras
+
+    class Fragile(keras.layers.Layer):
+        def call(self, inputs, training=False):
+            if training:
+                raise ValueError("boom: this layer cannot train")
+            return inputs
+
+    model = keras.Sequential([keras.Input((4,)), Fragile(), keras.layers.Dense(2)])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(np.zeros((8, 4)), np.zeros(8), epochs=1, verbose=0)
+
+
+def _chained() -> None:
+    try:
+        _fit_a_layer_that_raises()
+    except ValueError as error:
+        raise RuntimeError("trial setup failed") from error
+
+
+def _multi_line() -> None:
+    raise ValueError("first line of the message\nsecond line\n\nthird")
+
+
+def _bare_assert() -> None:
+    raise AssertionError  # as a bare assert outside pytest's rewritten test modules
+
+
+def _as_ray_stores_it(raise_it) -> tuple[str, str]:
+    """(str() of the RayTaskError Ray raises on the driver, the trial's error.txt as Tune
+    writes it after a retried failure: one ``Failure # N`` section per failure)."""
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise_it()
+    except Exception as error:  # the worker's side: Ray keeps the formatted traceback
+        ray_error = RayTaskError("ImplicitFunc.train", traceback.format_exc(), error,
+                                 pid=4242, ip="10.0.0.1")
+    text = str(ray_error)
+    error_txt = (f"Failure # 1 (occurred at 2026-12-08_00-00-01)\n"
+                 f"{str(RayTaskError('ImplicitFunc.train', 'AssertionError: earlier', None))}\n"
+                 f"Failure # 2 (occurred at 2026-12-08_00-00-09)\n{text}\n")
+    return text, error_txt
+
+
+@pytest.mark.parametrize(("raise_it", "line"), [
+    (_fit_a_layer_that_raises, "ValueError: boom: this layer cannot train"),
+    (_chained, "RuntimeError: trial setup failed"),
+    (_multi_line, "ValueError: first line of the message"),
+    (_bare_assert, "AssertionError"),
+], ids=["keras_layer_in_fit", "chained", "multi_line", "bare_assert"])
+def test_a_failed_trials_reason_is_the_exceptions_own_line(raise_it, line):
+    """Issue 41: Keras' "Arguments received" block ("  • training=True") was the reason."""
+    import traceback
+
+    from sweeper.results import _one_line
+    from sweeper.summary import error_line
+
+    ray_text, error_txt = _as_ray_stores_it(raise_it)
+    try:
+        raise_it()
+    except Exception:
+        plain = traceback.format_exc()
+    assert error_line(plain) == line
+    assert error_line(ray_text) == line
+    assert error_line(error_txt) == line  # the last failure's section
+    from ray.exceptions import RayTaskError
+
+    assert _one_line(RayTaskError("ImplicitFunc.train", plain, None)) == line
+
+
+@pytest.mark.parametrize(("text", "type_name", "line"), [
+    ("The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc",
+     "RayActorError", "RayActorError: The actor died unexpectedly before finishing this task."),
+    ("", "TuneError", "TuneError"),
+    ("Failure # 1 (occurred at 2026-12-08_00-00-01)\nInvalid trainable: x\n", None,
+     "Invalid trainable: x"),
+])
+def test_an_error_without_a_traceback_is_its_first_line(text, type_name, line):
+    from sweeper.summary import error_line
+
+    assert error_line(text, type_name) == line
