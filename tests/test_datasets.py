@@ -342,7 +342,7 @@ def test_class_names_label_the_confusion_matrix_and_the_report():
     assert [t.get_text() for t in axes.get_xticklabels()] == ["3", "7"]
     assert [t.get_text() for t in axes.get_yticklabels()] == ["3", "7"]
     report = report_markdown(summary, [])
-    assert "| 7 | 0.75 | 1 | 0.8571 | 3 |" in report
+    assert "| 7 | 0.75 | 1.0 | 0.8571 | 3 |" in report
     assert "- Data: npz, images of shape 28x28, 2 classes, 8 training / 2 validation / 5 test" \
         in report
 
